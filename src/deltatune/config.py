@@ -1,0 +1,198 @@
+"""Run configuration: one flat, typed, validated record of what a run does.
+
+YAML keys are the field names below; where Hugging Face `TrainingArguments` has a name for
+a setting we use that name, so configs read familiar. Unknown keys are errors with a
+did-you-mean, and values are checked before anything touches the disk. The loaded config is
+never changed afterwards: values derived from it (warm-up steps, the bf16 decision) are
+computed where they are used and logged, not written back.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from deltatune.errors import UserError
+
+Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "classification"]
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    # --- what to train -------------------------------------------------------------------
+    model: str = "smollm2-135m-instruct"
+    """Base model: an embedded name (`smollm2-135m-instruct`, `minilm-l6`), a local Hugging Face folder, a `.gguf` file, or a hub id."""
+    method: Literal["full"] = "full"
+    """Which parameters train: `full` updates every weight."""
+    task: Literal["sft"] = "sft"
+    """Objective: `sft` trains a causal LM on the assistant turns of conversations."""
+
+    # --- data ----------------------------------------------------------------------------
+    train_file: str | None = None
+    """Training data: JSONL, JSON (array) or CSV."""
+    validation_file: str | None = None
+    """Held-out data for validation loss; when absent, `validation_split` of the training file is held out."""
+    validation_split: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of the training file held out for validation (seeded) when there is no `validation_file`."""
+    test_file: str | None = None
+    """Held-out prompts with reference answers, scored with `metric` before and after training."""
+    format: Format = "auto"
+    """Record format; `auto` detects it from the first record's fields."""
+    max_seq_length: int = Field(1024, ge=8)
+    """Longer examples are truncated on the right; examples left with no trained token are dropped."""
+    train_on_inputs: bool = False
+    """Train on every token (prompts too) instead of the assistant turns only."""
+
+    # --- optimisation (Hugging Face TrainingArguments names) ----------------------------
+    learning_rate: float = Field(2e-5, gt=0.0, le=1.0)
+    """Peak learning rate of AdamW."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """Decoupled weight decay (not applied to biases and norms)."""
+    num_train_epochs: float = Field(3.0, gt=0.0)
+    """Passes over the training data; ignored when `max_steps` > 0."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 means use `num_train_epochs`."""
+    per_device_train_batch_size: int = Field(8, ge=1)
+    """Examples per forward/backward pass."""
+    per_device_eval_batch_size: int = Field(8, ge=1)
+    """Examples per evaluation pass."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step; the loss is normalised by the label tokens of the whole step."""
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of the steps with a linear warm-up; `warmup_steps` wins when > 0."""
+    warmup_steps: int = Field(0, ge=0)
+    """Steps of linear warm-up."""
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warm-up."""
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    seed: int = 42
+    """Seeds the data split, shuffling and initialisation."""
+    bf16: Literal["auto"] | bool = "auto"
+    """bfloat16 autocast with float32 master weights; `auto` uses it where the hardware runs it natively."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop after this many evaluations without a lower validation loss, and keep the best weights."""
+
+    # --- logging, evaluation, checkpoints -----------------------------------------------
+    output_dir: str = "runs/deltatune"
+    """Where the run writes `final/`, `metrics.jsonl`, `summary.md` and checkpoints."""
+    overwrite_output_dir: bool = False
+    """Allow writing into a non-empty `output_dir`."""
+    logging_steps: int = Field(10, ge=1)
+    """Log training loss every this many optimizer steps."""
+    eval_steps: int | None = Field(None, ge=1)
+    """Evaluate every this many steps; by default at the end of each epoch."""
+    save_steps: int | None = Field(None, ge=1)
+    """Write a checkpoint every this many steps; by default none before `final/`."""
+    save_total_limit: int | None = Field(None, ge=1)
+    """Keep at most this many checkpoints, deleting the oldest."""
+    metric: Literal["exact_match", "none"] = "exact_match"
+    """Task metric on `test_file`: greedy generation compared with the reference answer."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Generation length limit for the task metric."""
+
+    # --- safety --------------------------------------------------------------------------
+    allow_pickle: bool = False
+    """Allow loading pickle checkpoints (.bin/.pt), which can run arbitrary code."""
+    trust_remote_code: bool = False
+    """Allow a model folder's own Python code to run."""
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> "RunConfig":
+        if self.train_file is None:
+            raise ValueError("train_file is required (path to a JSONL, JSON or CSV file)")
+        return self
+
+
+def _did_you_mean(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"]
+    if first["type"] == "literal_error":
+        msg = f"got {first['input']!r}; {msg[0].lower()}{msg[1:]}"
+    elif "input" in first and first["type"] not in ("missing", "value_error"):
+        msg = f"got {first['input']!r}; {msg[0].lower()}{msg[1:]}"
+    if first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    return f"{origin}: key '{key}': {msg}"
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`key=value` command-line overrides; values are parsed as YAML scalars (1e-4, true, null)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"override '{pair}' is not key=value (e.g. learning_rate=1e-4)")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value) if value != "" else None
+    return out
+
+
+def _rebase_paths(raw: dict, base_dir: Path) -> dict:
+    """Make relative file paths in a config file relative to that file, not to the cwd."""
+    raw = dict(raw)
+    for key in ("train_file", "validation_file", "test_file", "output_dir", "model"):
+        value = raw.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            candidate = base_dir / value
+            # `model` may be a name or hub id: only rebase it when it names a local path.
+            if key != "model" or candidate.exists():
+                raw[key] = str(candidate)
+    return raw
+
+
+def build_config(raw: dict, origin: str) -> RunConfig:
+    """Validate a mapping into a RunConfig, with errors that name the key."""
+    fields = RunConfig.model_fields
+    for key in raw:
+        if key not in fields:
+            raise UserError(f"{origin}: unknown key '{key}'{_did_you_mean(key, fields)}")
+    try:
+        return RunConfig(**raw)
+    except ValidationError as err:
+        raise UserError(_format_validation_error(err, origin)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config file (or none) and apply `key=value` overrides on top of it."""
+    raw: dict = {}
+    origin = "command line"
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        if not path.is_file():
+            raise UserError(f"{path}: config file not found (pass the path to a YAML file)")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise UserError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', err)})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not UTF-8 text (save the config as UTF-8)") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: a config must be a mapping of key: value lines")
+        for key in raw:
+            if key not in RunConfig.model_fields:
+                raise UserError(f"{path}: unknown key '{key}'{_did_you_mean(key, RunConfig.model_fields)}")
+        raw = _rebase_paths(raw, path.parent)
+    cli = parse_overrides(list(overrides))
+    for key in cli:
+        if key not in RunConfig.model_fields:
+            raise UserError(f"override '{key}': unknown key{_did_you_mean(key, RunConfig.model_fields)}")
+    return build_config({**raw, **cli}, origin)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config, every key, as YAML (written next to the run's outputs)."""
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)

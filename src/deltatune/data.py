@@ -1,0 +1,177 @@
+"""From canonical records to token ids, labels and batches.
+
+The label mask is the heart of SFT: the loss must count the assistant's tokens only,
+including each turn's end-of-turn token (or the tuned model never learns to stop). We derive
+the trained spans by *rendering* the conversation with the tokenizer's own chat template:
+the text added by each assistant turn is the difference between the conversation rendered
+up to that turn and the same prefix rendered with the generation prompt. No marker strings
+are searched for, so the mask is right for any template that renders prefixes consistently,
+and a template that does not is reported instead of silently mis-masked.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from deltatune.errors import UserError
+from deltatune.formats import Record
+
+IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
+
+# Used (and saved with the model) when a tokenizer has no chat template of its own.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss is taken
+    source: str = ""
+
+
+@dataclass
+class DatasetStats:
+    examples: int = 0
+    truncated: int = 0
+    dropped_no_labels: int = 0
+    label_tokens: int = 0
+    tokens: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_char_spans(tokenizer, messages: list[dict], source: str = "") -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation; return the text and the [start, end) character spans the loss covers.
+
+    Each span is the text an assistant turn adds (its content and end-of-turn token), with the
+    template's trailing whitespace after the end-of-turn token left out.
+    """
+    full = render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        upto = render(tokenizer, messages[: i + 1])
+        if not full.startswith(upto) or not upto.startswith(before):
+            raise UserError(
+                f"{source}: the model's chat template renders this conversation differently turn by turn, "
+                "so the assistant tokens cannot be located (use a template that renders prefixes "
+                "consistently, or set train_on_inputs: true)")
+        spans.append((len(before), len(upto.rstrip())))
+    return full, spans
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], *, train_on_inputs: bool = False,
+                          source: str = "") -> Example:
+    """Token ids and labels for one conversation (not yet truncated)."""
+    text, spans = assistant_char_spans(tokenizer, messages, source)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    if train_on_inputs:
+        return Example(ids, list(ids), source)
+    labels = [IGNORE_INDEX] * len(ids)
+    for t, (start, _end) in enumerate(enc["offset_mapping"]):
+        if any(s <= start < e for s, e in spans):
+            labels[t] = ids[t]
+    return Example(ids, labels, source)
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the conversation up to (not including) its last assistant turn, ready to generate."""
+    history = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
+    text = render(tokenizer, history, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def build_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int,
+                       train_on_inputs: bool = False, name: str = "data") -> tuple[list[Example], DatasetStats]:
+    """Tokenise, mask, truncate; drop (and count) examples left with no trained token."""
+    if tokenizer.chat_template is None:
+        raise UserError("the tokenizer has no chat template (the model loader sets ChatML; this is a bug)")
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError("the tokenizer is not a fast (Rust) tokenizer, so token offsets are unavailable "
+                        "(provide tokenizer.json with the model)")
+    stats = DatasetStats()
+    examples = []
+    for record in records:
+        if not record.messages:
+            raise UserError(f"{record.source}: record has no conversation; task 'sft' needs chat records "
+                            "(messages, conversations, instruction/output or prompt/completion)")
+        ex = tokenize_conversation(tokenizer, record.messages, train_on_inputs=train_on_inputs, source=record.source)
+        if len(ex.input_ids) > max_seq_length:
+            stats.truncated += 1
+            ex = Example(ex.input_ids[:max_seq_length], ex.labels[:max_seq_length], ex.source)
+        n_labels = sum(1 for x in ex.labels[1:] if x != IGNORE_INDEX)  # position 0 is never predicted
+        if n_labels == 0:
+            stats.dropped_no_labels += 1
+            continue
+        stats.label_tokens += n_labels
+        stats.tokens += len(ex.input_ids)
+        examples.append(ex)
+    stats.examples = len(examples)
+    if not examples:
+        raise UserError(f"{name}: every example lost all its trained tokens to truncation at "
+                        f"max_seq_length={max_seq_length} (raise max_seq_length or shorten the prompts)")
+    return examples, stats
+
+
+def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Seeded hold-out: the same seed and file always give the same split."""
+    if fraction <= 0 or len(records) < 2:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(records) * fraction))
+    held = set(order[:n_val])
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+# --- batching -------------------------------------------------------------------------------
+
+def step_groups(n_examples: int, examples_per_step: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled example indices for one epoch, cut into optimizer steps.
+
+    The order depends on the seed and epoch only, not on how a step is split into
+    micro-batches, so batch 8 x accumulation 1 and batch 2 x accumulation 4 see the same data.
+    """
+    order = list(range(n_examples))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return [order[i: i + examples_per_step] for i in range(0, n_examples, examples_per_step)]
+
+
+def micro_batches(indices: list[int], examples: list[Example], batch_size: int) -> list[list[int]]:
+    """Split a step's examples into micro-batches of similar length (less padding, same step)."""
+    by_length = sorted(indices, key=lambda i: len(examples[i].input_ids))
+    return [by_length[i: i + batch_size] for i in range(0, len(by_length), batch_size)]
+
+
+def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding gets attention 0 and label IGNORE_INDEX."""
+    width = max(len(ex.input_ids) for ex in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = torch.tensor(ex.input_ids)
+        labels[row, :n] = torch.tensor(ex.labels)
+        attention[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def length_batches(examples: list[Example], batch_size: int) -> list[list[int]]:
+    """Evaluation batches of similar lengths (order does not matter for a summed loss)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]

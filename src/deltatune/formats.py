@@ -1,0 +1,265 @@
+"""Read training files and turn every supported format into one canonical record type.
+
+Supported: OpenAI `messages`, ShareGPT `conversations` (from/value), Alpaca
+(instruction/input/output), `prompt`/`completion`, raw `text`, and `text`/`label`
+(+ optional `text_pair`) for classification. Files: JSONL, JSON (an array) and CSV.
+
+Every problem is reported as `FILE:LINE: what is wrong (how to fix)`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deltatune.errors import UserError, where
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "model": "assistant", "chatgpt": "assistant", "bing": "assistant"}
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "classification")
+CHAT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
+
+
+@dataclass
+class Record:
+    """One training example, whatever file format it came from."""
+
+    messages: list[dict] = field(default_factory=list)  # [{"role": ..., "content": ...}]
+    text: str | None = None
+    text_pair: str | None = None
+    label: str | None = None
+    source: str = ""  # FILE:LINE, for messages about this record
+
+
+# --- reading files: each yields (line number, raw object) --------------------------------
+
+def _read_text(path: Path) -> str:
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; expected a data file (.jsonl, .json or .csv)")
+    if not path.exists():
+        raise UserError(f"{path}: file not found (check the path; relative paths are relative to the config file)")
+    data = path.read_bytes()
+    if not data.strip():
+        raise UserError(f"{path}: file is empty (add at least one record)")
+    try:
+        # utf-8-sig: a byte-order mark from a Windows editor is harmless, so accept it.
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        column = err.start - data.rfind(b"\n", 0, err.start)
+        raise UserError(f"{where(path, line)}: bytes that are not UTF-8 at column {column} "
+                        "(re-save the file as UTF-8)") from None
+
+
+def _jsonl_items(path: Path, text: str):
+    for number, line in enumerate(text.splitlines(), start=1):  # splitlines also eats \r of CRLF
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{where(path, number)}: invalid JSON ({err.msg} at column {err.colno}); "
+                            "each line must hold one JSON object") from None
+
+
+def _json_array_items(path: Path, text: str):
+    decoder = json.JSONDecoder()
+    pos = len(text) - len(text.lstrip())
+    if not text.startswith("[", pos):
+        # A single object per line is the JSONL convention even when the file says .json.
+        yield from _jsonl_items(path, text)
+        return
+    pos += 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text):
+            raise UserError(f"{where(path, text.count(chr(10)) + 1)}: JSON array is not closed (add ']')")
+        if text[pos] == "]":
+            return
+        line = text.count("\n", 0, pos) + 1
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{where(path, err.lineno)}: invalid JSON ({err.msg} at column {err.colno})") from None
+        yield line, obj
+
+
+def _csv_items(path: Path, text: str):
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames:
+        raise UserError(f"{where(path, 1)}: CSV has no header row (first line must name the columns)")
+    for row in reader:
+        if None in row:
+            raise UserError(f"{where(path, reader.line_num)}: more values than header columns (quote fields with commas)")
+        yield reader.line_num, {k: v for k, v in row.items() if v is not None}
+
+
+def read_raw(path: str | Path):
+    """Yield (line, object) for every record of a JSONL, JSON or CSV file."""
+    path = Path(path)
+    text = _read_text(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        items = _csv_items(path, text)
+    elif suffix == ".json":
+        items = _json_array_items(path, text)
+    elif suffix in (".jsonl", ".ndjson"):
+        items = _jsonl_items(path, text)
+    else:
+        raise UserError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json or .csv)")
+    for line, obj in items:
+        if not isinstance(obj, dict):
+            raise UserError(f"{where(path, line)}: expected a JSON object, got {type(obj).__name__}")
+        yield line, obj
+
+
+# --- format detection and normalisation ------------------------------------------------------
+
+def detect_format(obj: dict) -> str | None:
+    keys = set(obj)
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca"
+    if "prompt" in keys and "completion" in keys:
+        return "prompt_completion"
+    if "text" in keys and "label" in keys:
+        return "classification"
+    if "text" in keys:
+        return "text"
+    return None
+
+
+def _need_str(obj: dict, key: str, loc: str, *, label: str | None = None, allow_empty=True) -> str:
+    name = label or key
+    if key not in obj:
+        raise UserError(f"{loc}: missing field '{name}'")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise UserError(f"{loc}: field '{name}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise UserError(f"{loc}: field '{name}' is empty (give it text or remove the record)")
+    return value
+
+
+def _check_conversation(messages: list[dict], loc: str, field_name: str) -> None:
+    if not messages:
+        raise UserError(f"{loc}: field '{field_name}' is an empty list (add user and assistant turns)")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"{loc}: field '{field_name}' has no assistant turn (nothing to train on)")
+    if messages[-1]["role"] != "assistant":
+        raise UserError(f"{loc}: field '{field_name}' does not end with an assistant turn "
+                        "(end with the response to train on, or drop the trailing turn)")
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise UserError(f"{loc}: field '{field_name}[{i}].content' is an empty assistant response "
+                            "(write the response or remove the record)")
+        if m["role"] == "system" and i != 0:
+            raise UserError(f"{loc}: field '{field_name}[{i}]' is a system turn after the start "
+                            "(move it to the first position)")
+
+
+def _messages(obj: dict, loc: str) -> list[dict]:
+    turns = obj["messages"]
+    if not isinstance(turns, list):
+        raise UserError(f"{loc}: field 'messages' must be a list of {{role, content}} objects")
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise UserError(f"{loc}: field 'messages[{i}]' must be an object with 'role' and 'content'")
+        role = _need_str(turn, "role", loc, label=f"messages[{i}].role")
+        if role not in ROLES:
+            raise UserError(f"{loc}: field 'messages[{i}].role' is '{role}'; expected one of {', '.join(ROLES)}")
+        content = _need_str(turn, "content", loc, label=f"messages[{i}].content")
+        out.append({"role": role, "content": content})
+    _check_conversation(out, loc, "messages")
+    return out
+
+
+def _sharegpt(obj: dict, loc: str) -> list[dict]:
+    turns = obj["conversations"]
+    if not isinstance(turns, list):
+        raise UserError(f"{loc}: field 'conversations' must be a list of {{from, value}} objects")
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise UserError(f"{loc}: field 'conversations[{i}]' must be an object with 'from' and 'value'")
+        who = _need_str(turn, "from", loc, label=f"conversations[{i}].from")
+        if who not in SHAREGPT_ROLES:
+            raise UserError(f"{loc}: field 'conversations[{i}].from' is '{who}'; "
+                            "expected one of system, human, gpt")
+        value = _need_str(turn, "value", loc, label=f"conversations[{i}].value")
+        out.append({"role": SHAREGPT_ROLES[who], "content": value})
+    _check_conversation(out, loc, "conversations")
+    return out
+
+
+def _alpaca(obj: dict, loc: str) -> list[dict]:
+    instruction = _need_str(obj, "instruction", loc)
+    extra = obj.get("input", "") or ""
+    if not isinstance(extra, str):
+        raise UserError(f"{loc}: field 'input' must be a string, got {type(extra).__name__}")
+    output = _need_str(obj, "output", loc, allow_empty=False)
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    if isinstance(obj.get("system"), str) and obj["system"].strip():
+        messages.insert(0, {"role": "system", "content": obj["system"]})
+    return messages
+
+
+def _prompt_completion(obj: dict, loc: str) -> list[dict]:
+    prompt = _need_str(obj, "prompt", loc)
+    completion = _need_str(obj, "completion", loc, allow_empty=False)
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+
+
+def to_record(obj: dict, fmt: str, loc: str) -> Record:
+    """Validate one raw object in format `fmt` and return the canonical Record."""
+    if fmt == "messages":
+        if "messages" not in obj:
+            raise UserError(f"{loc}: missing field 'messages' (format is 'messages')")
+        return Record(messages=_messages(obj, loc), source=loc)
+    if fmt == "sharegpt":
+        if "conversations" not in obj:
+            raise UserError(f"{loc}: missing field 'conversations' (format is 'sharegpt')")
+        return Record(messages=_sharegpt(obj, loc), source=loc)
+    if fmt == "alpaca":
+        return Record(messages=_alpaca(obj, loc), source=loc)
+    if fmt == "prompt_completion":
+        return Record(messages=_prompt_completion(obj, loc), source=loc)
+    if fmt == "text":
+        return Record(text=_need_str(obj, "text", loc, allow_empty=False), source=loc)
+    if fmt == "classification":
+        text = _need_str(obj, "text", loc, allow_empty=False)
+        pair = obj.get("text_pair")
+        if pair is not None and not isinstance(pair, str):
+            raise UserError(f"{loc}: field 'text_pair' must be a string, got {type(pair).__name__}")
+        label = obj.get("label")
+        if label is None or isinstance(label, (dict, list)) or isinstance(label, float):
+            raise UserError(f"{loc}: field 'label' must be a string or an integer class name")
+        return Record(text=text, text_pair=pair, label=str(label), source=loc)
+    raise UserError(f"{loc}: unknown format '{fmt}' (use one of {', '.join(FORMATS)})")
+
+
+def load_records(path: str | Path, fmt: str = "auto") -> tuple[list[Record], str]:
+    """Read and validate every record of a data file; returns (records, detected format)."""
+    records: list[Record] = []
+    for line, obj in read_raw(path):
+        loc = where(path, line)
+        if fmt == "auto":
+            fmt = detect_format(obj) or ""
+            if not fmt:
+                raise UserError(f"{loc}: cannot tell the format from fields {sorted(obj)} "
+                                "(expected 'messages', 'conversations', 'instruction'+'output', "
+                                "'prompt'+'completion', 'text' or 'text'+'label'; or set format:)")
+        records.append(to_record(obj, fmt, loc))
+    if not records:
+        raise UserError(f"{path}: no records found (add at least one)")
+    return records, fmt

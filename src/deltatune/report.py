@@ -1,0 +1,62 @@
+"""Write what a run did: `summary.md` and the before/after table printed at the end."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+METRIC_ROWS = (("loss", "validation loss"), ("perplexity", "validation perplexity"), ("exact_match", "exact match (test)"))
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def comparison_rows(before: dict, after: dict) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for key, label in METRIC_ROWS:
+        if key in before or key in after:
+            b, a = before.get(key), after.get(key)
+            delta = f"{a - b:+.4f}" if isinstance(a, float) and isinstance(b, float) else "-"
+            rows.append((label, _fmt(b), _fmt(a), delta))
+    return rows
+
+
+def print_comparison(before: dict, after: dict, title: str = "base → tuned") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("metric", "base", "tuned", "change"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for row in comparison_rows(before, after):
+        table.add_row(*row)
+    Console().print(table)
+
+
+def write_summary(out_dir: Path, *, model: str, before: dict, after: dict, fit, data_stats: dict) -> Path:
+    lines = [f"# deltatune run: {out_dir.name}", "", f"Base model: `{model}`", "",
+             "| metric | base | tuned | change |", "|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in comparison_rows(before, after)]
+    lines += ["", "## Training", "",
+              f"- optimizer steps: {fit.steps} ({fit.epochs:.2f} epochs){' — stopped early' if fit.stopped_early else ''}",
+              f"- final training loss: {_fmt(fit.train_loss)}",
+              f"- wall time: {fit.wall_seconds:.1f} s, {fit.tokens_per_second:.0f} trained tokens/s",
+              f"- trained (label) tokens: {fit.trained_tokens}"]
+    for split, stats in data_stats.items():
+        lines.append(f"- {split}: {stats.examples} examples, {stats.truncated} truncated, "
+                     f"{stats.dropped_no_labels} dropped (no trained tokens left)")
+    samples = after.get("predictions") or []
+    if samples:
+        base_out = {p["prompt"]: p["output"] for p in before.get("predictions", [])}
+        lines += ["", "## Side by side (test prompts)", ""]
+        for p in samples:
+            lines += [f"**Prompt:** {p['prompt']}", "", f"- reference: `{p['reference']}`",
+                      f"- base: `{base_out.get(p['prompt'], '')}`", f"- tuned: `{p['output']}`", ""]
+    path = out_dir / "summary.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
