@@ -2,9 +2,10 @@
 
 import json
 
+import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import chat, run_cli, write_jsonl
+from conftest import REPO, chat, run_cli, write_jsonl
 
 
 def test_train_end_to_end(tmp_path, tiny_model_dir, sft_file):
@@ -78,3 +79,30 @@ def test_pickle_weights_refused_without_flag(tmp_path):
     proc = run_cli("generate", "--model", str(folder), "hi")
     assert proc.returncode == 2 and "pickle" in proc.stderr
     assert not marker.exists()
+
+
+def test_example_configs_are_valid():
+    from conftest import REPO
+    from deltatune.config import load_config
+
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ") and "deltatune" in first, f"{path.name} must start with the command that runs it"
+        load_config(path)
+
+
+@pytest.mark.integration
+def test_real_smollm2_short_run(tmp_path):
+    from deltatune import demo_task
+
+    paths = demo_task.write(tmp_path / "data")
+    proc = run_cli("train", str(REPO / "configs" / "sft_smollm2.yaml"), f"train_file={paths['train']}",
+                   f"validation_file={paths['validation']}", f"test_file={paths['validation']}",
+                   f"output_dir={tmp_path / 'out'}", "max_steps=2", "per_device_train_batch_size=2",
+                   "max_new_tokens=4", "per_device_eval_batch_size=20")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "loss" in l and "event" not in l] == [2]
+    assert (tmp_path / "out" / "final" / "model.safetensors").is_file()

@@ -36,7 +36,7 @@ def test_out_of_range_values_name_the_key(tmp_path, line, message):
 
 def test_invalid_yaml_names_the_line(tmp_path):
     with pytest.raises(UserError, match=r"run.yaml:2: invalid YAML"):
-        load_config(write(tmp_path, "train_file: t.jsonl\nfoo: [1, 2\n"))
+        load_config(write(tmp_path, "train_file: t.jsonl\nfoo: bar: baz\nseed: 1\n"))
 
 
 def test_train_file_is_required(tmp_path):

@@ -56,7 +56,9 @@ def test_bom_and_crlf_are_accepted(tmp_path):
     (['{"prompt": "a", "completion": "b"}', '{"prompt": "a", "completion": "b"'], "d.jsonl:2: invalid JSON"),
     (['{"messages": [{"role": "bot", "content": "x"}]}'], "d.jsonl:1: field 'messages[0].role' is 'bot'"),
     (['{"messages": [{"role": "user", "content": 3}]}'], "field 'messages[0].content' must be a string"),
-    (['{"messages": [{"role": "user", "content": "q"}]}'], "does not end with an assistant turn"),
+    (['{"messages": [{"role": "user", "content": "q"}]}'], "has no assistant turn"),
+    (['{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, '
+      '{"role": "user", "content": "q2"}]}'], "does not end with an assistant turn"),
     (['{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}'],
      "empty assistant response"),
     (['{"prompt": "a"}'], "cannot tell the format"),

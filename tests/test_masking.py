@@ -67,14 +67,15 @@ def test_train_on_inputs_trains_everything(tiny_tokenizer):
 
 
 def test_truncation_drops_examples_without_labels_and_counts_them(tiny_tokenizer):
-    long_prompt = Record(messages=[{"role": "user", "content": "fox " * 60}, {"role": "assistant", "content": "dog"}],
+    long_prompt = Record(messages=[{"role": "user", "content": "fox " * 200}, {"role": "assistant", "content": "dog"}],
                          source="f:1")
     short = Record(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "dog"}], source="f:2")
-    examples, stats = build_sft_examples([long_prompt, short], tiny_tokenizer, max_seq_length=30)
+    assert len(tokenize_conversation(tiny_tokenizer, short.messages).input_ids) < 80
+    examples, stats = build_sft_examples([long_prompt, short], tiny_tokenizer, max_seq_length=80)
     assert len(examples) == 1 and examples[0].source == "f:2"
     assert stats.truncated == 1 and stats.dropped_no_labels == 1
     with pytest.raises(UserError, match="every example lost"):
-        build_sft_examples([long_prompt], tiny_tokenizer, max_seq_length=30)
+        build_sft_examples([long_prompt], tiny_tokenizer, max_seq_length=80)
 
 
 def test_template_that_rewrites_history_is_reported():

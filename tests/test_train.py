@@ -8,9 +8,9 @@ import torch
 
 from conftest import chat, make_tiny_llama
 from deltatune.config import build_config
-from deltatune.data import build_sft_examples
+from deltatune.data import build_sft_examples, collate, micro_batches
 from deltatune.formats import Record
-from deltatune.train import MetricsLog, causal_lm_loss, fit, lr_lambda
+from deltatune.train import MetricsLog, accumulate_gradients, causal_lm_loss, fit, lr_lambda
 
 CPU = torch.device("cpu")
 
@@ -54,27 +54,45 @@ def test_frozen_parameters_stay_bit_identical(tiny_tokenizer, tmp_path):
     assert torch.equal(frozen, model.model.embed_tokens.weight)
 
 
-def test_gradient_accumulation_matches_one_big_batch(tiny_tokenizer, tmp_path):
-    """batch 8 x accumulation 1 == batch 2 x accumulation 4 (token-normalised over the whole step)."""
+def test_accumulated_gradients_equal_one_big_batch(tiny_tokenizer):
+    """The gradient of batch 8 equals 4 accumulated micro-batches of 2 (uneven label counts)."""
+    examples, _ = build_sft_examples(records(8), tiny_tokenizer, max_seq_length=64)
+    assert len({sum(l != -100 for l in e.labels) for e in examples}) > 1
+    grads = []
+    for size in (8, 2):
+        model = make_tiny_llama(tiny_tokenizer, seed=1)
+        batches = [collate([examples[i] for i in mb], tiny_tokenizer.pad_token_id)
+                   for mb in micro_batches(list(range(8)), examples, size)]
+        accumulate_gradients(model, batches, causal_lm_loss, CPU, bf16=False)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_gradient_accumulation_gives_the_same_training_run(tiny_tokenizer, tmp_path):
+    """batch 8 x accumulation 1 == batch 2 x accumulation 4 through fit(), two optimizer steps."""
     examples, _ = build_sft_examples(records(16), tiny_tokenizer, max_seq_length=64)
-    assert len({sum(l != -100 for l in e.labels) for e in examples}) > 1  # uneven label counts matter here
+    lr = 1e-3
     weights = []
     for batch, accum in ((8, 1), (2, 4)):
         model = make_tiny_llama(tiny_tokenizer, seed=1)
         log = MetricsLog(tmp_path / f"{batch}x{accum}")
-        fit(model, tiny_tokenizer, examples, [], cfg(tmp_path, per_device_train_batch_size=batch,
+        fit(model, tiny_tokenizer, examples, [], cfg(tmp_path, per_device_train_batch_size=batch, learning_rate=lr,
                                                      gradient_accumulation_steps=accum, max_grad_norm=1.0),
             tmp_path, log, CPU)
         log.close()
         weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for name in weights[0]:
-        torch.testing.assert_close(weights[0][name], weights[1][name], atol=1e-5, rtol=1e-5, msg=name)
+        # Gradients match to float tolerance (test above). Adam divides by sqrt(v), so an entry whose
+        # gradient is ~0 can flip sign under rounding and move by up to lr per step: allow that for
+        # a handful of entries, demand float equality for the rest.
+        diff = (weights[0][name] - weights[1][name]).abs()
+        assert (diff > 1e-6).float().mean() < 1e-3, name
+        assert diff.max() <= 2 * 2 * lr, name
 
 
 def test_loss_at_label_positions_equals_reference(tiny_tokenizer):
     """Our head-at-label-positions loss equals transformers' own loss on the same labels."""
-    from deltatune.data import collate
-
     model = make_tiny_llama(tiny_tokenizer)
     examples, _ = build_sft_examples(records(4), tiny_tokenizer, max_seq_length=64)
     batch = collate(examples, tiny_tokenizer.pad_token_id)

@@ -131,12 +131,32 @@ def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int, devi
     return (total.item() / n_tokens if n_tokens else float("nan")), n_tokens
 
 
+def accumulate_gradients(model, batches: list[dict], loss_fn: LossFn, device: torch.device,
+                         bf16: bool) -> tuple[torch.Tensor, int]:
+    """Backward over a step's micro-batches; returns (summed loss, label tokens) of the step.
+
+    Each micro-batch's summed loss is divided by the label tokens of the *whole step*, not its
+    own: a micro-batch with few response tokens must not weigh as much as one with many, and
+    the gradient is then the same however the step is split.
+    """
+    step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast(device, bf16):
+            loss_sum, _ = loss_fn(model, batch)
+        (loss_sum / step_tokens).backward()
+        total += loss_sum.detach().double()
+    return total, step_tokens
+
+
 # --- logging ---------------------------------------------------------------------------------
 
 class MetricsLog:
     """metrics.jsonl (one object per logged event) plus TensorBoard scalars."""
 
     def __init__(self, out_dir: Path):
+        out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
         self._file = self.path.open("a", encoding="utf-8")
         from torch.utils.tensorboard import SummaryWriter
@@ -226,16 +246,9 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
             group = groups.pop(0)
             batches = [collate([train[i] for i in mb], pad_id)
                        for mb in micro_batches(group, train, cfg.per_device_train_batch_size)]
-            # Normalise by the label tokens of the whole step, not per micro-batch: a micro-batch
-            # with few response tokens must not weigh as much as one with many.
-            step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-            for batch in batches:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with autocast(device, bf16):
-                    loss_sum, _ = loss_fn(model, batch)
-                (loss_sum / step_tokens).backward()
-                window_loss += loss_sum.detach().double()
-                window_seen += int(batch["attention_mask"].sum())
+            step_loss, step_tokens = accumulate_gradients(model, batches, loss_fn, device, bf16)
+            window_loss += step_loss
+            window_seen += sum(int(b["attention_mask"].sum()) for b in batches)
             window_tokens += step_tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
             optimizer.step()
