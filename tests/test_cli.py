@@ -106,3 +106,21 @@ def test_real_smollm2_short_run(tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if "loss" in l and "event" not in l] == [2]
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
+
+
+def test_chat_keeps_history_and_ends_on_empty_line(tiny_model_dir, monkeypatch, capsys):
+    from deltatune import cli, evaluate
+
+    seen = []
+    real_generate = evaluate.generate
+
+    def spy(model, tok, conversations, **kw):
+        seen.append([m["content"] for m in conversations[0]])
+        return real_generate(model, tok, conversations, **kw)
+
+    monkeypatch.setattr(evaluate, "generate", spy)
+    lines = iter(["say fox", "say dog", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert cli.main(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "3"]) == 0
+    assert len(seen) == 2 and seen[1][0] == "say fox" and seen[1][-1] == "say dog" and len(seen[1]) == 3
+    assert capsys.readouterr().out.count("model>") == 2

@@ -45,8 +45,9 @@ def write_summary(out_dir: Path, *, model: str, before: dict, after: dict, fit, 
     lines += ["", "## Training", "",
               f"- optimizer steps: {fit.steps} ({fit.epochs:.2f} epochs){' — stopped early' if fit.stopped_early else ''}",
               f"- final training loss: {_fmt(fit.train_loss)}",
-              f"- wall time: {fit.wall_seconds:.1f} s, {fit.tokens_per_second:.0f} trained tokens/s",
-              f"- trained (label) tokens: {fit.trained_tokens}"]
+              f"- wall time: {fit.wall_seconds:.1f} s, {fit.tokens_per_second:.0f} tokens/s "
+              "(real tokens, evaluations included)",
+              f"- tokens: {fit.seen_tokens} fed forward, {fit.trained_tokens} trained (label tokens)"]
     for split, stats in data_stats.items():
         lines.append(f"- {split}: {stats.examples} examples, {stats.truncated} truncated, "
                      f"{stats.dropped_no_labels} dropped (no trained tokens left)")

@@ -184,8 +184,9 @@ class FitResult:
     best_eval_loss: float | None = None
     stopped_early: bool = False
     wall_seconds: float = 0.0
-    trained_tokens: int = 0
-    tokens_per_second: float = 0.0
+    trained_tokens: int = 0  # label tokens the loss was taken on
+    seen_tokens: int = 0  # real (non-padding) tokens fed forward
+    tokens_per_second: float = 0.0  # seen tokens per second of the whole fit
     history: list[dict] = field(default_factory=list)
 
 
@@ -248,7 +249,9 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
                        for mb in micro_batches(group, train, cfg.per_device_train_batch_size)]
             step_loss, step_tokens = accumulate_gradients(model, batches, loss_fn, device, bf16)
             window_loss += step_loss
-            window_seen += sum(int(b["attention_mask"].sum()) for b in batches)
+            seen = sum(int(b["attention_mask"].sum()) for b in batches)
+            window_seen += seen
+            result.seen_tokens += seen
             window_tokens += step_tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
             optimizer.step()
@@ -302,6 +305,6 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
                     p.copy_(best_state[name])
     result.epochs = result.steps / steps_per_epoch
     result.wall_seconds = time.perf_counter() - start
-    result.tokens_per_second = result.trained_tokens / max(result.wall_seconds, 1e-9)
+    result.tokens_per_second = result.seen_tokens / max(result.wall_seconds, 1e-9)
     model.eval()
     return result
