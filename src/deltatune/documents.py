@@ -354,7 +354,7 @@ def _markdown_blocks(text: str) -> list[Block]:
 
 # --- HTML -------------------------------------------------------------------------------------
 
-_HTML_SKIP = {"script", "style", "noscript", "template", "nav", "head", "svg", "button", "form"}
+_HTML_SKIP = {"script", "style", "noscript", "template", "nav", "svg", "button", "form"}
 _HTML_BLOCK = {"p", "div", "section", "article", "main", "blockquote", "header", "footer", "aside", "figure",
                "figcaption", "body", "br", "hr", "ul", "ol", "dl", "address"}
 
@@ -367,6 +367,7 @@ class _HtmlReader(HTMLParser):
         self.buf: list[str] = []
         self.skip = 0
         self.in_title = False
+        self.in_head = False
         self.heading_level = 0
         self.pre = 0
         self.list_items: list[str] | None = None
@@ -400,6 +401,8 @@ class _HtmlReader(HTMLParser):
             return
         if tag == "title":
             self.in_title = True
+        elif tag == "head":
+            self.in_head = True
         elif tag in ("h1", "h2", "h3", "h4", "h5", "h6"):
             self.flush()
             self.heading_level = int(tag[1])
@@ -452,6 +455,9 @@ class _HtmlReader(HTMLParser):
         if tag == "title":
             self.title = squash(self._text())
             self.in_title = False
+        elif tag == "head":
+            self.in_head = False
+            self.buf = []
         elif tag in ("h1", "h2", "h3", "h4", "h5", "h6") and self.heading_level:
             text = squash(self._text())
             if text:
@@ -500,7 +506,7 @@ class _HtmlReader(HTMLParser):
             self.flush()
 
     def handle_data(self, data):
-        if self.skip:
+        if self.skip or (self.in_head and not self.in_title):
             return
         if self.in_title:
             self.buf.append(data)
