@@ -5,6 +5,8 @@
     deltatune generate --model DIR "prompt"
     deltatune chat --model DIR
     deltatune demo
+    deltatune prepare SOURCES... --out pairs.jsonl [--strategy template|model]
+    deltatune lint DATA [--model M] [--max-seq-length N] [--validation FILE] [--json]
 """
 
 from __future__ import annotations
@@ -106,6 +108,48 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _load_tokenizer(name: str, trust_remote_code: bool):
+    """Only the tokenizer: prepare and lint count tokens but need no weights."""
+    from deltatune.model import load_tokenizer, resolve
+
+    return load_tokenizer(resolve(name), trust_remote_code=trust_remote_code)
+
+
+def cmd_prepare(args) -> int:
+    from deltatune.prepare import check_output, prepare
+
+    out = Path(args.out)
+    check_output(out, args.overwrite)  # before any work: an existing file is never replaced silently
+    generate = None
+    if args.strategy == "model" and args.task != "classification":
+        from deltatune.evaluate import generate as generate_text
+
+        model, tokenizer, device = _load_for_inference(args.model, args.allow_pickle, args.trust_remote_code)
+
+        def generate(conversations):
+            return generate_text(model, tokenizer, conversations, max_new_tokens=args.max_new_tokens,
+                                 device=device)
+    else:
+        tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
+    summary = prepare(args.sources, out, tokenizer=tokenizer, max_tokens=args.max_tokens, strategy=args.strategy,
+                      task=args.task, label_from=args.label_from, generate=generate)
+    print("\n".join(summary.lines(out, args.max_tokens)))
+    return 0
+
+
+def cmd_lint(args) -> int:
+    from deltatune.lint import lint, print_report
+
+    tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
+    report = lint(args.data, tokenizer, max_seq_length=args.max_seq_length, validation=args.validation,
+                  fmt=args.format, train_on_inputs=args.train_on_inputs)
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        print_report(report)
+    return 1 if report["errors"] else 0
+
+
 def _add_model_safety(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin/.pt) weights, which can run code")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
@@ -154,6 +198,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     _add_model_safety(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("prepare", help="turn documents (PDF, Markdown, HTML, text) into training records")
+    p.add_argument("sources", nargs="+", help="document files or folders of them")
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.add_argument("--strategy", default="template", choices=["template", "model"],
+                   help="template: deterministic pairs; model: a local instruct model writes questions")
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="whose tokenizer measures chunks, and the question writer for --strategy model")
+    p.add_argument("--max-tokens", type=int, default=256, help="token budget of one chunk (default 256)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generation limit for --strategy model")
+    p.add_argument("--task", default="sft", choices=["sft", "classification"])
+    p.add_argument("--label-from", choices=["folder"], help="classification labels: the class folder's name")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _add_model_safety(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("lint", help="check a data file the way training reads it, and report what it holds")
+    p.add_argument("data", help="JSONL/JSON/CSV data file")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="whose tokenizer and chat template to use")
+    p.add_argument("--max-seq-length", type=int, default=1024)
+    p.add_argument("--validation", help="validation file to check for overlap with DATA")
+    p.add_argument("--format", default="auto", help="data format (default: detect)")
+    p.add_argument("--train-on-inputs", action="store_true", help="count every token as trained, as training would")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
+    p.set_defaults(func=cmd_lint)
     return parser
 
 

@@ -55,15 +55,18 @@ def _read_text(path: Path) -> str:
                         "(re-save the file as UTF-8)") from None
 
 
-def _jsonl_items(path: Path, text: str):
+def _jsonl_items(path: Path, text: str, errors: list[str] | None = None):
     for number, line in enumerate(text.splitlines(), start=1):  # splitlines also eats \r of CRLF
         if not line.strip():
             continue
         try:
             yield number, json.loads(line)
         except json.JSONDecodeError as err:
-            raise UserError(f"{where(path, number)}: invalid JSON ({err.msg} at column {err.colno}); "
-                            "each line must hold one JSON object") from None
+            message = (f"{where(path, number)}: invalid JSON ({err.msg} at column {err.colno}); "
+                       "each line must hold one JSON object")
+            if errors is None:
+                raise UserError(message) from None
+            errors.append(message)  # lines are independent: report this one and read on
 
 
 def _json_array_items(path: Path, text: str):
@@ -99,8 +102,11 @@ def _csv_items(path: Path, text: str):
         yield reader.line_num, {k: v for k, v in row.items() if v is not None}
 
 
-def read_raw(path: str | Path):
-    """Yield (line, object) for every record of a JSONL, JSON or CSV file."""
+def read_raw(path: str | Path, errors: list[str] | None = None):
+    """Yield (line, object) for every record of a JSONL, JSON or CSV file.
+
+    With `errors` given (lint), a JSONL line that is not a JSON object is reported there and skipped.
+    """
     path = Path(path)
     text = _read_text(path)
     suffix = path.suffix.lower()
@@ -109,12 +115,16 @@ def read_raw(path: str | Path):
     elif suffix == ".json":
         items = _json_array_items(path, text)
     elif suffix in (".jsonl", ".ndjson"):
-        items = _jsonl_items(path, text)
+        items = _jsonl_items(path, text, errors)
     else:
         raise UserError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json or .csv)")
     for line, obj in items:
         if not isinstance(obj, dict):
-            raise UserError(f"{where(path, line)}: expected a JSON object, got {type(obj).__name__}")
+            message = f"{where(path, line)}: expected a JSON object, got {type(obj).__name__}"
+            if errors is None:
+                raise UserError(message)
+            errors.append(message)
+            continue
         yield line, obj
 
 
@@ -248,18 +258,28 @@ def to_record(obj: dict, fmt: str, loc: str) -> Record:
     raise UserError(f"{loc}: unknown format '{fmt}' (use one of {', '.join(FORMATS)})")
 
 
-def load_records(path: str | Path, fmt: str = "auto") -> tuple[list[Record], str]:
-    """Read and validate every record of a data file; returns (records, detected format)."""
+def load_records(path: str | Path, fmt: str = "auto",
+                 errors: list[str] | None = None) -> tuple[list[Record], str]:
+    """Read and validate every record of a data file; returns (records, detected format).
+
+    With `errors` given (lint), every bad record is reported there and skipped instead of stopping.
+    """
     records: list[Record] = []
-    for line, obj in read_raw(path):
+    for line, obj in read_raw(path, errors):
         loc = where(path, line)
-        if fmt == "auto":
-            fmt = detect_format(obj) or ""
-            if not fmt:
-                raise UserError(f"{loc}: cannot tell the format from fields {sorted(obj)} "
-                                "(expected 'messages', 'conversations', 'instruction'+'output', "
-                                "'prompt'+'completion', 'text' or 'text'+'label'; or set format:)")
-        records.append(to_record(obj, fmt, loc))
-    if not records:
+        try:
+            if fmt == "auto":
+                detected = detect_format(obj)
+                if not detected:
+                    raise UserError(f"{loc}: cannot tell the format from fields {sorted(obj)} "
+                                    "(expected 'messages', 'conversations', 'instruction'+'output', "
+                                    "'prompt'+'completion', 'text' or 'text'+'label'; or set format:)")
+                fmt = detected
+            records.append(to_record(obj, fmt, loc))
+        except UserError as err:
+            if errors is None:
+                raise
+            errors.append(str(err))
+    if not records and errors is None:
         raise UserError(f"{path}: no records found (add at least one)")
     return records, fmt

@@ -1,0 +1,237 @@
+"""`deltatune lint`: what training would make of a data file, before training on it.
+
+Records are validated by the same code as training (`formats.load_records`, collecting every
+bad record instead of stopping at the first) and tokenised by the same masking code
+(`data.tokenize_conversation`), so the figures are the ones a run would see: token lengths of
+prompts (untrained tokens) and responses (trained tokens), truncation at `max_seq_length`,
+examples left with no trained token, duplicates, train/validation overlap, short responses,
+labels, and one example rendered with its trained tokens marked.
+
+Errors (exit 1) are what makes training refuse the data; everything else is a figure or a warning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+from deltatune.data import IGNORE_INDEX, assistant_char_spans, tokenize_conversation
+from deltatune.dedupe import NEAR_DUPLICATE_THRESHOLD, find_duplicates, overlaps
+from deltatune.errors import UserError
+from deltatune.formats import CHAT_FORMATS, Record, detect_format, load_records, read_raw
+
+SHORT_RESPONSE_WORDS = 3  # responses with fewer words are listed (fine for labels, suspicious for prose)
+MARK_OPEN, MARK_CLOSE = "[[", "]]"  # trained text in plain output
+SHOWN = 5  # at most this many sources listed per finding
+
+
+def percentiles(values: list[int]) -> dict:
+    """min, p50, p90, p99, max by the nearest-rank method (always a value that occurs)."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def rank(p):
+        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+    return {"min": ordered[0], "p50": rank(50), "p90": rank(90), "p99": rank(99), "max": ordered[-1],
+            "mean": round(sum(ordered) / len(ordered), 2)}
+
+
+def record_text(record: Record) -> str:
+    """One string per record for duplicate checks: every turn with its role, or text and label."""
+    if record.messages:
+        return "\n".join(f"{m['role']}: {m['content']}" for m in record.messages)
+    return f"{record.text}\n{record.text_pair or ''}\n{record.label or ''}"
+
+
+def _share(count: int, total: int) -> float:
+    return round(count / total, 4) if total else 0.0
+
+
+def _read(path: str, fmt: str, errors: list[str]) -> tuple[list[Record], str, Counter]:
+    if not Path(path).is_file():
+        raise UserError(f"{path}: file not found")
+    formats = Counter(detect_format(obj) or "unknown" for _, obj in read_raw(path, []))
+    records, fmt = load_records(path, fmt, errors)
+    return records, fmt, formats
+
+
+def rendered_example(tokenizer, record: Record, max_seq_length: int, train_on_inputs: bool = False) -> dict:
+    """The record as the model sees it, trained characters wrapped in [[ ]] and the truncation point marked."""
+    text, _ = assistant_char_spans(tokenizer, record.messages, record.source)
+    example = tokenize_conversation(tokenizer, record.messages, train_on_inputs=train_on_inputs,
+                                    source=record.source)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    trained: list[list[int]] = []
+    for t, (start, end) in enumerate(offsets[:max_seq_length]):
+        if example.labels[t] != IGNORE_INDEX and end > start:
+            if trained and trained[-1][1] >= start:
+                trained[-1][1] = max(trained[-1][1], end)
+            else:
+                trained.append([start, end])
+    cut = offsets[max_seq_length][0] if len(offsets) > max_seq_length else None
+    pieces, pos = [], 0
+    for start, end in trained:
+        pieces += [text[pos:start], MARK_OPEN, text[start:end], MARK_CLOSE]
+        pos = end
+    pieces.append(text[pos:cut] if cut is not None else text[pos:])
+    plain = "".join(pieces) + (f"\n✂ truncated here at max_seq_length={max_seq_length}" if cut is not None else "")
+    return {"source": record.source, "text": text, "trained_spans": trained, "truncated_at": cut, "plain": plain}
+
+
+def lint(data: str, tokenizer, *, max_seq_length: int = 1024, validation: str | None = None, fmt: str = "auto",
+         train_on_inputs: bool = False, threshold: float = NEAR_DUPLICATE_THRESHOLD) -> dict:
+    errors: list[str] = []
+    warnings: list[str] = []
+    records, fmt, formats = _read(data, fmt, errors)
+    report: dict = {"data": str(data), "format": fmt, "records": len(records), "formats": dict(formats),
+                    "max_seq_length": max_seq_length}
+    roles = Counter(m["role"] for r in records for m in r.messages)
+    report["roles"] = dict(roles)
+
+    if fmt in CHAT_FORMATS:
+        prompt_lengths, response_lengths, total_lengths = [], [], []
+        truncated, no_trainable, short = [], [], []
+        for record in records:
+            try:
+                ex = tokenize_conversation(tokenizer, record.messages, train_on_inputs=train_on_inputs,
+                                           source=record.source)
+            except UserError as err:
+                errors.append(str(err))
+                continue
+            trained = sum(1 for x in ex.labels if x != IGNORE_INDEX)
+            response_lengths.append(trained)
+            prompt_lengths.append(len(ex.input_ids) - trained)
+            total_lengths.append(len(ex.input_ids))
+            if len(ex.input_ids) > max_seq_length:
+                truncated.append(record.source)
+            # The same rule as training: position 0 is never predicted, and truncation comes first.
+            if not any(x != IGNORE_INDEX for x in ex.labels[1:max_seq_length]):
+                no_trainable.append(record.source)
+            if len(record.messages[-1]["content"].split()) < SHORT_RESPONSE_WORDS:
+                short.append(record.source)
+        n = len(total_lengths)
+        report["tokens"] = {"prompt": percentiles(prompt_lengths), "response": percentiles(response_lengths),
+                            "total": percentiles(total_lengths)}
+        report["truncated"] = {"count": len(truncated), "share": _share(len(truncated), n), "records": truncated[:SHOWN]}
+        report["no_trainable_tokens"] = {"count": len(no_trainable), "share": _share(len(no_trainable), n),
+                                         "records": no_trainable[:SHOWN]}
+        report["short_responses"] = {"count": len(short), "share": _share(len(short), n), "records": short[:SHOWN],
+                                     "fewer_words_than": SHORT_RESPONSE_WORDS}
+        if truncated:
+            warnings.append(f"{len(truncated)} of {n} examples are longer than max_seq_length={max_seq_length} "
+                            "and will be truncated")
+        if no_trainable and len(no_trainable) == n:
+            errors.append(f"{data}: every example loses all its trained tokens at max_seq_length={max_seq_length} "
+                          "(raise max_seq_length or shorten the prompts)")
+        elif no_trainable:
+            warnings.append(f"{len(no_trainable)} examples keep no trained token after truncation and will be dropped")
+        example = next((r for r in records if r.source not in set(no_trainable)), records[0] if records else None)
+        if example is not None and n:
+            try:
+                report["example"] = rendered_example(tokenizer, example, max_seq_length, train_on_inputs)
+            except UserError:
+                pass  # already reported as an error above
+    else:
+        lengths = [len(tokenizer(r.text, add_special_tokens=False)["input_ids"]) for r in records]
+        report["tokens"] = {"text": percentiles(lengths)}
+        truncated = sum(1 for x in lengths if x > max_seq_length)
+        report["truncated"] = {"count": truncated, "share": _share(truncated, len(lengths))}
+        if fmt == "classification":
+            report["labels"] = dict(Counter(r.label for r in records).most_common())
+            if len(report["labels"]) < 2:
+                warnings.append(f"only {len(report['labels'])} label(s): a classifier needs two or more")
+        warnings.append(f"format '{fmt}' has no conversations: `deltatune train` with task 'sft' needs chat records")
+
+    texts = [record_text(r) for r in records]
+    dups = find_duplicates(texts, threshold)
+    report["duplicates"] = {
+        "exact": sum(d.kind == "exact" for d in dups), "near": sum(d.kind == "near" for d in dups),
+        "threshold": threshold,
+        "pairs": [{"record": records[d.index].source, "repeats": records[d.of].source, "kind": d.kind,
+                   "similarity": d.similarity} for d in dups[:SHOWN]]}
+    if dups:
+        warnings.append(f"{len(dups)} records repeat an earlier one "
+                        f"({report['duplicates']['exact']} exact, {report['duplicates']['near']} near)")
+
+    if validation:
+        val_errors: list[str] = []
+        val_records, _, _ = _read(validation, fmt, val_errors)
+        errors += val_errors
+        found = overlaps(texts, [record_text(r) for r in val_records], threshold)
+        report["validation"] = {
+            "file": str(validation), "records": len(val_records),
+            "overlap_exact": sum(d.kind == "exact" for d in found), "overlap_near": sum(d.kind == "near" for d in found),
+            "pairs": [{"record": val_records[d.index].source, "repeats": records[d.of].source, "kind": d.kind,
+                       "similarity": d.similarity} for d in found[:SHOWN]]}
+        if found:
+            warnings.append(f"{len(found)} validation records repeat training records: validation loss will "
+                            "look better than it is")
+
+    if not records and not errors:
+        errors.append(f"{data}: no records found (add at least one)")
+    report["errors"] = errors
+    report["warnings"] = warnings
+    return report
+
+
+def _fmt_percentiles(stats: dict) -> str:
+    return "  ".join(f"{k} {v}" for k, v in stats.items()) if stats else "-"
+
+
+def print_report(report: dict, console=None) -> None:
+    """Human-readable report; trained text highlighted on a terminal, in [[ ]] otherwise."""
+    from rich.console import Console
+    from rich.text import Text
+
+    console = console or Console(highlight=False)
+
+    def out(*parts, markup=False):
+        console.print(*parts, markup=markup, soft_wrap=True)  # soft_wrap: never re-wrap lines in a pipe
+    fmts = ", ".join(f"{k} {v}" for k, v in report["formats"].items())
+    out(f"{report['data']}: {report['records']} valid records, format {report['format']} (lines by format: {fmts})")
+    if report["roles"]:
+        out("turns by role: " + ", ".join(f"{k} {v}" for k, v in report["roles"].items()))
+    for name, stats in report.get("tokens", {}).items():
+        out(f"{name} tokens: {_fmt_percentiles(stats)}")
+    t = report.get("truncated", {})
+    out(f"truncated at max_seq_length={report['max_seq_length']}: {t.get('count', 0)} ({t.get('share', 0):.1%})")
+    if "no_trainable_tokens" in report:
+        z = report["no_trainable_tokens"]
+        out(f"no trained token left: {z['count']} ({z['share']:.1%})")
+        s = report["short_responses"]
+        out(f"responses under {s['fewer_words_than']} words: {s['count']} ({s['share']:.1%})"
+            + (f" e.g. {', '.join(s['records'])}" if s["records"] else ""))
+    if "labels" in report:
+        out("labels: " + ", ".join(f"{k} {v}" for k, v in report["labels"].items()))
+    d = report["duplicates"]
+    out(f"duplicates: {d['exact']} exact, {d['near']} near (Jaccard >= {d['threshold']})")
+    for p in d["pairs"]:
+        out(f"  {p['record']} repeats {p['repeats']} ({p['kind']}, {p['similarity']})")
+    if "validation" in report:
+        v = report["validation"]
+        out(f"validation {v['file']}: {v['records']} records, {v['overlap_exact']} exact and {v['overlap_near']} "
+            "near repeats of training records")
+        for p in v["pairs"]:
+            out(f"  {p['record']} repeats {p['repeats']} ({p['kind']}, {p['similarity']})")
+    example = report.get("example")
+    if example:
+        out(f"\nexample {example['source']} as the model sees it (trained tokens "
+            + ("highlighted" if console.is_terminal else f"in {MARK_OPEN} {MARK_CLOSE}") + "):")
+        if console.is_terminal:
+            text = Text(example["text"][: example["truncated_at"]] if example["truncated_at"] is not None
+                        else example["text"])
+            for start, end in example["trained_spans"]:
+                text.stylize("bold black on green", start, end)
+            out(text)
+            if example["truncated_at"] is not None:
+                out(f"✂ truncated here at max_seq_length={report['max_seq_length']}")
+        else:
+            out(example["plain"])
+    for w in report["warnings"]:
+        out(f"warning: {w}")
+    for e in report["errors"]:
+        out(f"error: {e}")
+    out(f"{len(report['errors'])} errors, {len(report['warnings'])} warnings")
