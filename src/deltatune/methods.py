@@ -241,3 +241,25 @@ def load_adapter_model(folder: Path, load_base, *, trainable: bool = False):
         return PeftModel.from_pretrained(base, folder, is_trainable=trainable)
     except Exception as err:  # shape mismatches, missing files
         raise UserError(f"{folder}: cannot apply this adapter to {base_name} ({str(err).splitlines()[0]})") from None
+
+
+def merge_adapter(adapter_dir: Path, out: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
+    """Fold an adapter into its base model's weights and save a plain model folder (+ tokenizer)."""
+    from deltatune.model import save_pretrained_atomic
+
+    if not is_adapter_dir(adapter_dir):
+        raise UserError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists and is not an empty folder (choose a new --out)")
+    opts = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if adapter_info(adapter_dir).get("task_type") == "SEQ_CLS":
+        from deltatune.classify import load_classifier
+
+        model, tokenizer = load_classifier(str(adapter_dir), None, **opts)
+    else:
+        from deltatune.model import load_causal_lm
+
+        model, tokenizer = load_causal_lm(str(adapter_dir), **opts)
+    merged = model.merge_and_unload()
+    save_pretrained_atomic(merged, tokenizer, out)
+    return out
