@@ -7,6 +7,8 @@
     deltatune demo
     deltatune prepare SOURCES... --out pairs.jsonl [--strategy template|model]
     deltatune lint DATA [--model M] [--max-seq-length N] [--validation FILE] [--json]
+    deltatune merge --adapter DIR --out DIR
+    deltatune export --model DIR --format gguf --out FILE.gguf
 """
 
 from __future__ import annotations
@@ -148,6 +150,21 @@ def cmd_lint(args) -> int:
     else:
         print_report(report)
     return 1 if report["errors"] else 0
+def cmd_merge(args) -> int:
+    from deltatune.methods import merge_adapter
+
+    out = merge_adapter(Path(args.adapter), Path(args.out), allow_pickle=args.allow_pickle,
+                        trust_remote_code=args.trust_remote_code)
+    print(f"merged model: {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from deltatune.export import export_gguf
+
+    out = export_gguf(args.model, Path(args.out), dtype=args.dtype, allow_pickle=args.allow_pickle)
+    print(f"written: {out}")
+    return 0
 
 
 def _add_model_safety(p: argparse.ArgumentParser) -> None:
@@ -224,6 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
     p.set_defaults(func=cmd_lint)
+    p = sub.add_parser("merge", help="fold a LoRA/DoRA adapter into its base model and save a full model")
+    p.add_argument("--adapter", required=True, help="adapter folder (a run's final/ with adapter_config.json)")
+    p.add_argument("--out", required=True, help="new folder for the merged model")
+    _add_model_safety(p)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="write a Llama-family model as a GGUF file (llama.cpp, transformers)")
+    p.add_argument("--model", required=True, help="model folder, adapter folder or embedded name")
+    p.add_argument("--format", default="gguf", choices=["gguf"])
+    p.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="tensor type of the weight matrices (default f16)")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin/.pt) weights, which can run code")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

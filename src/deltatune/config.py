@@ -10,6 +10,7 @@ computed where they are used and logged, not written back.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -27,10 +28,22 @@ class RunConfig(BaseModel):
     # --- what to train -------------------------------------------------------------------
     model: str = "smollm2-135m-instruct"
     """Base model: an embedded name (`smollm2-135m-instruct`, `minilm-l6`), a local Hugging Face folder, a `.gguf` file, or a hub id."""
-    method: Literal["full"] = "full"
-    """Which parameters train: `full` updates every weight."""
-    task: Literal["sft"] = "sft"
-    """Objective: `sft` trains a causal LM on the assistant turns of conversations."""
+    method: Literal["full", "lora", "dora", "qlora", "head_only", "freeze"] = "full"
+    """Which parameters train: `full` every weight; `lora`/`dora` low-rank adapters (peft); `qlora` LoRA on a 4-bit base (CUDA + bitsandbytes); `head_only` the output or classification head; `freeze` all but `freeze_layers`/`trainable_modules`."""
+    task: Literal["sft", "text", "classification"] = "sft"
+    """Objective: `sft` trains a causal LM on the assistant turns of conversations; `text` continues pre-training on raw text packed into blocks; `classification` trains a sequence classifier on text/label records."""
+    lora_r: int = Field(16, ge=1)
+    """LoRA rank (lora, dora, qlora)."""
+    lora_alpha: float | None = Field(None, gt=0.0)
+    """LoRA scaling numerator; the update is scaled by lora_alpha / lora_r. Default: 2 * lora_r."""
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    lora_target_modules: list[str] | None = None
+    """Module names (peft suffix match) that get adapters; default: every linear layer inside the transformer blocks."""
+    freeze_layers: int | None = Field(None, ge=0)
+    """method freeze: the bottom N transformer blocks (and the embeddings) stay frozen."""
+    trainable_modules: list[str] | None = None
+    """method freeze: regexes (re.search on parameter names); only matching parameters train. Embeddings train only if named."""
 
     # --- data ----------------------------------------------------------------------------
     train_file: str | None = None
@@ -102,10 +115,38 @@ class RunConfig(BaseModel):
     trust_remote_code: bool = False
     """Allow a model folder's own Python code to run."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _model_default_for_task(cls, raw):
+        # The base model's default depends on the objective: an encoder for classification.
+        if isinstance(raw, dict) and "model" not in raw and raw.get("task") == "classification":
+            raw = {**raw, "model": "minilm-l6"}
+        return raw
+
     @model_validator(mode="after")
     def _check_sources(self) -> "RunConfig":
         if self.train_file is None:
             raise ValueError("train_file is required (path to a JSONL, JSON or CSV file)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_method_keys(self) -> "RunConfig":
+        # Compared with the defaults, not "was it set": a dumped config.yaml lists every key.
+        lora_keys = [k for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+                     if getattr(self, k) != type(self).model_fields[k].default]
+        if lora_keys and self.method not in ("lora", "dora", "qlora"):
+            raise ValueError(f"{', '.join(lora_keys)} only apply to method lora, dora or qlora "
+                             f"(method is '{self.method}')")
+        freeze_keys = [k for k in ("freeze_layers", "trainable_modules") if getattr(self, k) is not None]
+        if freeze_keys and self.method != "freeze":
+            raise ValueError(f"{', '.join(freeze_keys)} only apply to method freeze (method is '{self.method}')")
+        if self.method == "freeze" and not freeze_keys:
+            raise ValueError("method freeze needs freeze_layers: N or trainable_modules: [regex, ...]")
+        for pattern in self.trainable_modules or []:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"trainable_modules: '{pattern}' is not a valid regex ({err})") from None
         return self
 
 

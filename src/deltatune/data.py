@@ -175,3 +175,30 @@ def length_batches(examples: list[Example], batch_size: int) -> list[list[int]]:
     """Evaluation batches of similar lengths (order does not matter for a summed loss)."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# --- continued pre-training ------------------------------------------------------------------
+
+def build_text_blocks(records: list[Record], tokenizer, *, max_seq_length: int,
+                      name: str = "data") -> tuple[list[Example], DatasetStats]:
+    """Concatenate documents, each followed by the end-of-text token, and cut fixed-length blocks.
+
+    Every token is trained (labels = input ids). The last, shorter block is kept rather than
+    thrown away; no document boundary needs padding. The separator is the tokenizer's eos token.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("the tokenizer has no eos token to separate documents (set eos_token in tokenizer_config.json)")
+    stream: list[int] = []
+    for record in records:
+        if record.text is None:
+            raise UserError(f"{record.source}: record has no 'text' field; task 'text' needs {{\"text\": ...}} records")
+        stream += tokenizer(record.text, add_special_tokens=False)["input_ids"] + [eos]
+    blocks = [stream[i: i + max_seq_length] for i in range(0, len(stream), max_seq_length)]
+    blocks = [b for b in blocks if len(b) > 1]  # a block of one token predicts nothing
+    if not blocks:
+        raise UserError(f"{name}: the text holds fewer than 2 tokens (add text)")
+    stats = DatasetStats(examples=len(blocks), tokens=sum(len(b) for b in blocks),
+                         label_tokens=sum(len(b) - 1 for b in blocks),
+                         notes=[f"{len(records)} documents packed into {len(blocks)} blocks of up to {max_seq_length} tokens"])
+    return [Example(list(b), list(b), f"{name}:block{i}") for i, b in enumerate(blocks)], stats

@@ -145,17 +145,29 @@ def load_tokenizer(folder: Path | str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_causal_lm(name: str, *, allow_pickle: bool = False, trust_remote_code: bool = False):
-    """Load (model in float32, tokenizer) for causal LM work; model in train mode is the caller's call."""
+def load_causal_lm(name: str, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+                   quantization_config=None):
+    """Load (model in float32, tokenizer) for causal LM work; model in train mode is the caller's call.
+
+    An adapter folder (adapter_config.json) loads its base model, then the adapter on top.
+    """
     from transformers import AutoModelForCausalLM
 
+    from deltatune.methods import is_adapter_dir, load_adapter_model
+
     folder = resolve(name)
+    if is_adapter_dir(folder):
+        model = load_adapter_model(folder, lambda base: load_causal_lm(
+            base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)[0])
+        has_tokenizer = (folder / "tokenizer_config.json").is_file()
+        base = model.peft_config["default"].base_model_name_or_path
+        return model, load_tokenizer(folder if has_tokenizer else resolve(base), trust_remote_code=trust_remote_code)
     check_weights_safe(folder, allow_pickle)
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32, trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle else True)
+            use_safetensors=None if allow_pickle else True, quantization_config=quantization_config)
     except Exception as err:
         raise _load_error(name, err) from None
     return model, tokenizer

@@ -6,20 +6,27 @@ created, so a mistake leaves nothing half-written on disk.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from deltatune.config import RunConfig, dump_config
-from deltatune.data import DatasetStats, Example, build_sft_examples, split_records
+from deltatune.classify import (build_classification_examples, classification_loss, evaluate_classifier,
+                                label_names, load_classifier, save_labels_if_adapter, summary_lines)
+from deltatune.data import DatasetStats, Example, build_sft_examples, build_text_blocks, split_records
 from deltatune.errors import UserError
 from deltatune.evaluate import evaluate
 from deltatune.formats import CHAT_FORMATS, Record, load_records
+from deltatune.methods import apply_method, check_method_available, quantization_config, trainable_summary
 from deltatune.model import load_causal_lm, save_pretrained_atomic
 from deltatune.report import print_comparison, write_summary
-from deltatune.train import FitResult, MetricsLog, fit, resolve_bf16
+from deltatune.train import FitResult, MetricsLog, causal_lm_loss, fit, resolve_bf16
+
+TASK_FORMATS = {"sft": CHAT_FORMATS, "text": ("text",), "classification": ("classification",)}
+PEFT_TASK_TYPES = {"sft": "CAUSAL_LM", "text": "CAUSAL_LM", "classification": "SEQ_CLS"}
 
 
 @dataclass
@@ -36,6 +43,7 @@ class Datasets:
     val: list[Example]
     test: list[Record]
     stats: dict[str, DatasetStats]
+    test_examples: list[Example] = field(default_factory=list)  # classification: scored test records
 
 
 @dataclass
@@ -52,9 +60,12 @@ def pick_device() -> torch.device:
 
 def read_splits(cfg: RunConfig) -> Splits:
     records, fmt = load_records(cfg.train_file, cfg.format)
-    if fmt not in CHAT_FORMATS:
-        raise UserError(f"{cfg.train_file}: format '{fmt}' has no conversations; task 'sft' needs "
-                        f"one of {', '.join(CHAT_FORMATS)}")
+    if fmt not in TASK_FORMATS[cfg.task]:
+        raise UserError(f"{cfg.train_file}: format '{fmt}' does not fit task '{cfg.task}', which needs "
+                        f"one of {', '.join(TASK_FORMATS[cfg.task])} (set task: or format:)")
+    if cfg.test_file and cfg.task == "text":
+        raise UserError(f"test_file: task 'text' is scored by validation loss and perplexity "
+                        f"(give {cfg.test_file} as validation_file instead)")
     if cfg.validation_file:
         train, val = records, load_records(cfg.validation_file, fmt)[0]
     else:
@@ -63,18 +74,39 @@ def read_splits(cfg: RunConfig) -> Splits:
     return Splits(train, val, test)
 
 
-def tokenize_splits(splits: Splits, cfg: RunConfig, tokenizer) -> Datasets:
-    opts = dict(max_seq_length=cfg.max_seq_length, train_on_inputs=cfg.train_on_inputs)
-    train, train_stats = build_sft_examples(splits.train, tokenizer, name=str(cfg.train_file), **opts)
+def load_for_task(cfg: RunConfig, splits: Splits):
+    """(model, tokenizer): a causal LM, or a classifier whose new head is sized to the training labels."""
+    opts = dict(allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code,
+                quantization_config=quantization_config(cfg.method))
+    if cfg.task == "classification":
+        return load_classifier(cfg.model, label_names(splits.train), seed=cfg.seed, **opts)
+    return load_causal_lm(cfg.model, **opts)
+
+
+def example_builder(cfg: RunConfig, tokenizer, model):
+    """records -> (examples, stats) for this task."""
+    if cfg.task == "text":
+        return functools.partial(build_text_blocks, tokenizer=tokenizer, max_seq_length=cfg.max_seq_length)
+    if cfg.task == "classification":
+        return functools.partial(build_classification_examples, tokenizer=tokenizer,
+                                 max_seq_length=cfg.max_seq_length, label2id=model.config.label2id)
+    return functools.partial(build_sft_examples, tokenizer=tokenizer, max_seq_length=cfg.max_seq_length,
+                             train_on_inputs=cfg.train_on_inputs)
+
+
+def tokenize_splits(splits: Splits, cfg: RunConfig, tokenizer, model=None) -> Datasets:
+    build = example_builder(cfg, tokenizer, model)
+    train, train_stats = build(splits.train, name=str(cfg.train_file))
     stats = {"train": train_stats}
     val: list[Example] = []
     if splits.val:
-        val, stats["validation"] = build_sft_examples(splits.val, tokenizer, name="validation data", **opts)
+        val, stats["validation"] = build(splits.val, name="validation data")
+    test_examples = build(splits.test, name=str(cfg.test_file))[0] if cfg.task == "classification" and splits.test else []
     for split, s in stats.items():
         if s.truncated or s.dropped_no_labels:
             print(f"{split}: {s.truncated} examples truncated at max_seq_length={cfg.max_seq_length}, "
                   f"{s.dropped_no_labels} dropped with no trained tokens left", flush=True)
-    return Datasets(train, val, splits.test, stats)
+    return Datasets(train, val, splits.test, stats, test_examples)
 
 
 def prepare_output_dir(cfg: RunConfig) -> Path:
@@ -89,6 +121,12 @@ def prepare_output_dir(cfg: RunConfig) -> Path:
 
 
 def _evaluate(model, tokenizer, data: Datasets, cfg: RunConfig, device, bf16) -> dict:
+    if cfg.task == "classification":
+        # Scored on the test file when there is one, else on the held-out validation data.
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        return evaluate_classifier(model, loss_examples=data.val, metric_examples=data.test_examples or data.val,
+                                   labels=labels, batch_size=cfg.per_device_eval_batch_size,
+                                   pad_id=tokenizer.pad_token_id, device=device, bf16=bf16)
     return evaluate(model, tokenizer, loss_examples=data.val, metric_records=data.test, metric=cfg.metric,
                     batch_size=cfg.per_device_eval_batch_size, max_new_tokens=cfg.max_new_tokens,
                     device=device, bf16=bf16, keep_predictions=8)
@@ -97,17 +135,23 @@ def _evaluate(model, tokenizer, data: Datasets, cfg: RunConfig, device, bf16) ->
 def run(cfg: RunConfig) -> RunResult:
     device = pick_device()
     splits = read_splits(cfg)
-    model, tokenizer = load_causal_lm(cfg.model, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
-    data = tokenize_splits(splits, cfg, tokenizer)
+    check_method_available(cfg.method, device)
+    model, tokenizer = load_for_task(cfg, splits)
+    data = tokenize_splits(splits, cfg, tokenizer, model)
     bf16 = resolve_bf16(cfg.bf16, device)
+    model = apply_method(model, cfg, PEFT_TASK_TYPES[cfg.task])
+    trained = trainable_summary(model)
+    print(f"method: {cfg.method}", *trained.lines(), sep="\n", flush=True)
     out = prepare_output_dir(cfg)
     model.to(device)
 
     before = _evaluate(model, tokenizer, data, cfg, device, bf16)
     log = MetricsLog(out)
     try:
+        log.write({"step": 0, "event": "method", "method": cfg.method, **trained.as_record()})
         log.write({"step": 0, "event": "base_eval", **{k: v for k, v in before.items() if k != "predictions"}})
-        result = fit(model, tokenizer, data.train, data.val, cfg, out, log, device)
+        loss_fn = classification_loss if cfg.task == "classification" else causal_lm_loss
+        result = fit(model, tokenizer, data.train, data.val, cfg, out, log, device, loss_fn=loss_fn)
         after = _evaluate(model, tokenizer, data, cfg, device, bf16)
         log.write({"step": result.steps, "event": "tuned_eval", **{k: v for k, v in after.items() if k != "predictions"}})
     finally:
@@ -119,7 +163,12 @@ def run(cfg: RunConfig) -> RunResult:
     if not math.isfinite(result.train_loss):
         raise UserError("training loss is not finite; final/ was not written (lower learning_rate, check the data)")
     save_pretrained_atomic(model, tokenizer, out / "final")
-    write_summary(out, model=cfg.model, before=before, after=after, fit=result, data_stats=data.stats)
+    if cfg.task == "classification":
+        save_labels_if_adapter(model, out / "final")
+    summary = write_summary(out, model=cfg.model, before=before, after=after, fit=result, data_stats=data.stats)
+    with summary.open("a", encoding="utf-8") as f:
+        f.write("\n".join(["", "## Method", "", f"- method: {cfg.method}", *(f"- {line}" for line in trained.lines()),
+                           *summary_lines(before, after)]) + "\n")
     print_comparison(before, after)
     print(f"tuned model: {out / 'final'}\nsummary: {out / 'summary.md'}")
     return RunResult(out, before, after, result)

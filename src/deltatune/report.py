@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-METRIC_ROWS = (("loss", "validation loss"), ("perplexity", "validation perplexity"), ("exact_match", "exact match (test)"))
+METRIC_ROWS = (("loss", "validation loss"), ("perplexity", "validation perplexity"), ("exact_match", "exact match (test)"),
+               ("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
 
 
 def _fmt(value) -> str:
