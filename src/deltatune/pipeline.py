@@ -91,7 +91,7 @@ def prepare_output_dir(cfg: RunConfig) -> Path:
 def _evaluate(model, tokenizer, data: Datasets, cfg: RunConfig, device, bf16) -> dict:
     return evaluate(model, tokenizer, loss_examples=data.val, metric_records=data.test, metric=cfg.metric,
                     batch_size=cfg.per_device_eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-                    device=device, bf16=bf16, keep_predictions=8)
+                    device=device, bf16=bf16, keep_predictions=max(8, len(data.test)))  # all: the delta report pairs them
 
 
 def run(cfg: RunConfig) -> RunResult:
@@ -122,4 +122,8 @@ def run(cfg: RunConfig) -> RunResult:
     write_summary(out, model=cfg.model, before=before, after=after, fit=result, data_stats=data.stats)
     print_comparison(before, after)
     print(f"tuned model: {out / 'final'}\nsummary: {out / 'summary.md'}")
+    if cfg.delta_report:
+        from deltatune.delta_report import after_training
+
+        after_training(cfg, model, tokenizer, data.val, before, after, result, out, device)
     return RunResult(out, before, after, result)
