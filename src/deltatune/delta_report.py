@@ -459,3 +459,56 @@ def after_training(cfg, tuned, tokenizer, val_examples, before: dict, after: dic
     print_summary(report)
     print(f"delta report: {paths['md']}, {paths['html']}, {paths['json']} ({report['seconds']['total']:.0f} s)")
     return report
+
+
+def compare(base_name: str, tuned_name: str, data_file: str, out_dir: Path, *, fmt: str = "auto",
+            metric: str = "exact_match", max_examples: int = 64, max_seq_length: int = 1024,
+            max_new_tokens: int = 64, options: ReportOptions = ReportOptions(), allow_pickle: bool = False,
+            trust_remote_code: bool = False) -> dict:
+    """`deltatune compare`: the same report for any pair of models on a data file."""
+    from deltatune.data import build_sft_examples
+    from deltatune.errors import UserError
+    from deltatune.evaluate import generate, references
+    from deltatune.formats import CHAT_FORMATS, load_records
+    from deltatune.model import load_causal_lm
+    from deltatune.pipeline import pick_device
+
+    records, fmt = load_records(data_file, fmt)
+    if fmt not in CHAT_FORMATS:
+        raise UserError(f"{data_file}: format '{fmt}' has no conversations to compare the models on")
+    records = records[:max_examples]
+    for f in options.probe_files:
+        probes.load_probe_file(f)  # bad probe files fail before the models load
+    device = pick_device()
+    base, _ = load_causal_lm(base_name, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    tuned, tokenizer = load_causal_lm(tuned_name, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if base.get_output_embeddings().weight.shape != tuned.get_output_embeddings().weight.shape:
+        raise UserError(f"{base_name} and {tuned_name} have different vocabularies, so their next-token "
+                        "distributions cannot be compared (compare a model with its own fine-tune)")
+    base.to(device).eval()
+    tuned.to(device).eval()
+    examples, _ = build_sft_examples(records, tokenizer, max_seq_length=max_seq_length, name=str(data_file))
+    base_pred = tuned_pred = None
+    if metric != "none":
+        prompts = [r.messages[-2]["content"] if len(r.messages) > 1 else "" for r in records]
+        refs = references(records)
+        outs = [generate(m, tokenizer, [r.messages for r in records], max_new_tokens=max_new_tokens,
+                         batch_size=options.batch_size, device=device) for m in (base, tuned)]
+        base_pred, tuned_pred = Predictions(prompts, refs, outs[0]), Predictions(prompts, refs, outs[1])
+    start = time.perf_counter()
+    metrics_path = Path(tuned_name).parent / "metrics.jsonl"  # a deltatune run's final/ sits next to its log
+    report = build(base, tuned, tokenizer, base_model=base_name, tuned_model=tuned_name, val_examples=examples,
+                   base_predictions=base_pred, tuned_predictions=tuned_pred, metric=metric, options=options,
+                   device=device, metrics_path=metrics_path if metrics_path.is_file() else None)
+    report["seconds"]["total"] = time.perf_counter() - start
+    paths = write(out_dir, report)
+    print_summary(report)
+    print(f"delta report: {paths['md']}, {paths['html']}, {paths['json']}")
+    return report
+
+
+def check_inputs(cfg) -> None:
+    """Read the report's own inputs before training, so a bad probe or corpus file fails in seconds."""
+    if cfg.delta_report:
+        load_probe_sets(cfg.probe_files)
+        delta.general_texts(cfg.general_text_file, seed=cfg.seed)

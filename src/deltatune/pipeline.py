@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from deltatune.config import RunConfig, dump_config
+from deltatune.delta_report import after_training, check_inputs
 from deltatune.data import DatasetStats, Example, build_sft_examples, split_records
 from deltatune.errors import UserError
 from deltatune.evaluate import evaluate
@@ -97,6 +98,7 @@ def _evaluate(model, tokenizer, data: Datasets, cfg: RunConfig, device, bf16) ->
 def run(cfg: RunConfig) -> RunResult:
     device = pick_device()
     splits = read_splits(cfg)
+    check_inputs(cfg)
     model, tokenizer = load_causal_lm(cfg.model, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
     data = tokenize_splits(splits, cfg, tokenizer)
     bf16 = resolve_bf16(cfg.bf16, device)
@@ -123,7 +125,5 @@ def run(cfg: RunConfig) -> RunResult:
     print_comparison(before, after)
     print(f"tuned model: {out / 'final'}\nsummary: {out / 'summary.md'}")
     if cfg.delta_report:
-        from deltatune.delta_report import after_training
-
         after_training(cfg, model, tokenizer, data.val, before, after, result, out, device)
     return RunResult(out, before, after, result)
