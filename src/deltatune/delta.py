@@ -29,7 +29,7 @@ from deltatune.errors import UserError
 HEAD_CHUNK = 256          # positions projected onto the vocabulary at once
 GENERAL_CHUNKS = 16       # general-text passages in the fixed sample
 GENERAL_TOKENS = 128      # tokens per passage
-SAMPLE_TOKENS = 48        # tokens per continuation sampled from the base model
+SAMPLE_TOKENS = 32        # tokens per continuation sampled from the base model
 EFFECTIVE_RANK_ENERGY = 0.90
 INTRUDER_TOP_K = 10       # top singular vectors of W_tuned that are checked ...
 INTRUDER_BASE_K = 20      # ... against this many top singular vectors of W_base

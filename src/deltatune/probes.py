@@ -131,7 +131,7 @@ def is_correct(completion: str, answer: str) -> bool:
 
 
 @torch.no_grad()
-def complete(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 6, batch_size: int = 32,
+def complete(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 4, batch_size: int = 32,
              device: torch.device | None = None) -> list[str]:
     """Greedy raw-text continuations (no chat template), left-padded in batches."""
     device = device or next(model.parameters()).device
