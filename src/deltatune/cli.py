@@ -9,6 +9,8 @@
     deltatune lint DATA [--model M] [--max-seq-length N] [--validation FILE] [--json]
     deltatune merge --adapter DIR --out DIR
     deltatune export --model DIR --format gguf --out FILE.gguf
+    deltatune compare --base A --tuned B --data FILE
+    deltatune sweep CONFIG.yaml --grid learning_rate=1e-5,5e-5 num_train_epochs=1,3
 """
 
 from __future__ import annotations
@@ -45,6 +47,24 @@ def cmd_demo(args) -> int:
                 "per_device_train_batch_size=8", "per_device_eval_batch_size=16", "warmup_ratio=0.1",
                 "max_seq_length=128", "max_new_tokens=32", "logging_steps=5"]
     run(load_config(None, defaults + list(args.overrides)))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from deltatune.delta_report import ReportOptions, compare
+
+    options = ReportOptions(general_text_file=args.general_text, probe_files=tuple(args.probe_file),
+                            side_by_side=args.side_by_side, kl_samples=args.kl_samples, batch_size=args.batch_size)
+    compare(args.base, args.tuned, args.data, Path(args.out), fmt=args.format, metric=args.metric,
+            max_examples=args.max_examples, max_seq_length=args.max_seq_length, max_new_tokens=args.max_new_tokens,
+            options=options, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from deltatune.sweep import run_sweep
+
+    run_sweep(args.config, args.grid, args.overrides)
     return 0
 
 
@@ -200,6 +220,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON file to write (default eval_<data name>.json)")
     _add_model_safety(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="delta report (task gain, forgetting, weight change) for any two models")
+    p.add_argument("--base", required=True, help="base model: folder, .gguf file or embedded name")
+    p.add_argument("--tuned", required=True, help="tuned model folder (a deltatune run's final/ adds its curves)")
+    p.add_argument("--data", required=True, help="JSONL/JSON/CSV conversations with reference answers")
+    p.add_argument("--out", default="delta_report", help="folder for report.md/html and delta.json")
+    p.add_argument("--format", default="auto", help="data format (default: detect)")
+    p.add_argument("--metric", default="exact_match", choices=["exact_match", "none"])
+    p.add_argument("--max-examples", type=int, default=64, help="use at most this many records of --data")
+    p.add_argument("--max-seq-length", type=int, default=1024)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--general-text", help="UTF-8 text file for forgetting (default: CPython's pydoc topics)")
+    p.add_argument("--probe-file", action="append", default=[], help="extra fact-recall probes (prompt/answer)")
+    p.add_argument("--side-by-side", type=int, default=8, help="prompts shown side by side")
+    p.add_argument("--kl-samples", type=int, default=8, help="base-model samples for the KL estimate")
+    _add_model_safety(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("sweep", help="train a grid of settings and write the task-gain vs forgetting frontier")
+    p.add_argument("config", help="YAML config file (its output_dir holds one folder per run)")
+    p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
+                   help="values to try per key, e.g. learning_rate=1e-5,5e-5 num_train_epochs=1,3")
+    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="fixed overrides applied to every run")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("generate", help="greedy answer of a model to one prompt")
     p.add_argument("--model", required=True)

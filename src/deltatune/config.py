@@ -109,6 +109,18 @@ class RunConfig(BaseModel):
     max_new_tokens: int = Field(64, ge=1)
     """Generation length limit for the task metric."""
 
+    # --- delta report (what fine-tuning changed) ------------------------------------------
+    delta_report: bool = True
+    """End the run with report.md/report.html/delta.json comparing base and tuned (task gain, forgetting, weight change)."""
+    general_text_file: str | None = None
+    """UTF-8 text file (passages separated by blank lines) for forgetting; default: CPython's pydoc topics."""
+    probe_files: list[str] = Field(default_factory=list)
+    """Extra fact-recall probe sets (JSONL/JSON/CSV with `prompt` and `answer`), scored with the built-in set."""
+    side_by_side_prompts: int = Field(8, ge=0)
+    """Held-out test prompts shown with base and tuned outputs side by side."""
+    kl_samples: int = Field(8, ge=0)
+    """Continuations sampled from the base model for the Monte-Carlo KL(base‖tuned); 0 skips it."""
+
     # --- safety --------------------------------------------------------------------------
     allow_pickle: bool = False
     """Allow loading pickle checkpoints (.bin/.pt), which can run arbitrary code."""
@@ -189,6 +201,11 @@ def _rebase_paths(raw: dict, base_dir: Path) -> dict:
             # `model` may be a name or hub id: only rebase it when it names a local path.
             if key != "model" or candidate.exists():
                 raw[key] = str(candidate)
+    if isinstance(raw.get("general_text_file"), str) and not Path(raw["general_text_file"]).is_absolute():
+        raw["general_text_file"] = str(base_dir / raw["general_text_file"])
+    if isinstance(raw.get("probe_files"), list):
+        raw["probe_files"] = [str(base_dir / f) if isinstance(f, str) and not Path(f).is_absolute() else f
+                              for f in raw["probe_files"]]
     return raw
 
 

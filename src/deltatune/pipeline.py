@@ -17,6 +17,7 @@ from deltatune.config import RunConfig, dump_config
 from deltatune.classify import (build_classification_examples, classification_loss, evaluate_classifier,
                                 label_names, load_classifier, save_labels_if_adapter, summary_lines)
 from deltatune.data import DatasetStats, Example, build_sft_examples, build_text_blocks, split_records
+from deltatune.delta_report import after_training, check_inputs
 from deltatune.errors import UserError
 from deltatune.evaluate import evaluate
 from deltatune.formats import CHAT_FORMATS, Record, load_records
@@ -129,12 +130,13 @@ def _evaluate(model, tokenizer, data: Datasets, cfg: RunConfig, device, bf16) ->
                                    pad_id=tokenizer.pad_token_id, device=device, bf16=bf16)
     return evaluate(model, tokenizer, loss_examples=data.val, metric_records=data.test, metric=cfg.metric,
                     batch_size=cfg.per_device_eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-                    device=device, bf16=bf16, keep_predictions=8)
+                    device=device, bf16=bf16, keep_predictions=max(8, len(data.test)))  # all: the delta report pairs them
 
 
 def run(cfg: RunConfig) -> RunResult:
     device = pick_device()
     splits = read_splits(cfg)
+    check_inputs(cfg)
     check_method_available(cfg.method, device)
     model, tokenizer = load_for_task(cfg, splits)
     data = tokenize_splits(splits, cfg, tokenizer, model)
@@ -171,4 +173,6 @@ def run(cfg: RunConfig) -> RunResult:
                            *summary_lines(before, after)]) + "\n")
     print_comparison(before, after)
     print(f"tuned model: {out / 'final'}\nsummary: {out / 'summary.md'}")
+    if cfg.delta_report and cfg.task != "classification":  # the report compares next-token distributions
+        after_training(cfg, model, tokenizer, data.val, before, after, result, out, device)
     return RunResult(out, before, after, result)

@@ -52,7 +52,7 @@ def write_summary(out_dir: Path, *, model: str, before: dict, after: dict, fit, 
     for split, stats in data_stats.items():
         lines.append(f"- {split}: {stats.examples} examples, {stats.truncated} truncated, "
                      f"{stats.dropped_no_labels} dropped (no trained tokens left)")
-    samples = after.get("predictions") or []
+    samples = (after.get("predictions") or [])[:8]
     if samples:
         base_out = {p["prompt"]: p["output"] for p in before.get("predictions", [])}
         lines += ["", "## Side by side (test prompts)", ""]

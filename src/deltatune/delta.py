@@ -1,0 +1,337 @@
+"""Measure what fine-tuning changed: base vs tuned on the same inputs.
+
+Four kinds of numbers, each a plain function:
+
+- task gain: per-example losses and metric hits, with (paired) bootstrap confidence intervals;
+- forgetting: perplexity and per-token KL(base ‖ tuned) on general text, KL on continuations
+  sampled from the base model itself, and fact-recall retention (`probes.py`);
+- weight delta: per matrix ‖ΔW‖_F/‖W_base‖_F, effective rank of ΔW, intruder dimensions;
+- side-by-side generations (taken from the pipeline's predictions).
+
+Memory stays bounded: the decoder runs one batch at a time and the vocabulary projection
+runs on `HEAD_CHUNK` positions at a time, so no full [batch, length, vocab] logits tensor
+of a whole dataset (or even of a whole batch) is ever held.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from deltatune.data import IGNORE_INDEX, Example, collate, length_batches
+from deltatune.errors import UserError
+
+HEAD_CHUNK = 256          # positions projected onto the vocabulary at once
+GENERAL_CHUNKS = 16       # general-text passages in the fixed sample
+GENERAL_TOKENS = 128      # tokens per passage
+SAMPLE_TOKENS = 32        # tokens per continuation sampled from the base model
+EFFECTIVE_RANK_ENERGY = 0.90
+INTRUDER_TOP_K = 10       # top singular vectors of W_tuned that are checked ...
+INTRUDER_BASE_K = 20      # ... against this many top singular vectors of W_base
+INTRUDER_COSINE = 0.5
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+def bootstrap_ci(values, weights=None, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95):
+    """(point, low, high): percentile bootstrap CI of a (weighted) mean, resampling examples.
+
+    With weights the statistic is Σv/Σw (e.g. summed token losses over token counts).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    w = np.ones_like(v) if weights is None else np.asarray(weights, dtype=np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    point = v.sum() / w.sum()
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))
+    stats = v[idx].sum(1) / np.maximum(w[idx].sum(1), 1e-12)
+    alpha = (1 - level) / 2
+    return float(point), float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
+
+
+def paired_gain(base, tuned, weights=None, *, higher_is_better: bool = True, seed: int = 0) -> dict:
+    """Gain of tuned over base on the same examples, with a paired bootstrap CI.
+
+    Resampling the examples jointly removes the between-example variance both models share,
+    so a real improvement is detected with far fewer examples than two separate CIs need.
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    diff = sign * (np.asarray(tuned, dtype=np.float64) - np.asarray(base, dtype=np.float64))
+    b = bootstrap_ci(base, weights, seed=seed)
+    t = bootstrap_ci(tuned, weights, seed=seed)
+    g = bootstrap_ci(diff, weights, seed=seed)
+    return {"base": b[0], "base_ci": [b[1], b[2]], "tuned": t[0], "tuned_ci": [t[1], t[2]],
+            "gain": g[0], "gain_ci": [g[1], g[2]], "significant": bool(g[1] > 0 or g[2] < 0),
+            "examples": int(len(diff))}
+
+
+# --- paired forward passes -------------------------------------------------------------------
+
+@dataclass
+class PairedStats:
+    """Per-example sums from one pass of both models over the same token sequences."""
+    nll_base: np.ndarray     # summed next-token loss over labelled positions
+    nll_tuned: np.ndarray
+    label_tokens: np.ndarray
+    kl: np.ndarray           # summed KL(base ‖ tuned) over every predicted position
+    kl_tokens: np.ndarray
+
+    def summary(self) -> dict:
+        n, k = self.label_tokens.sum(), self.kl_tokens.sum()
+        base_loss = float(self.nll_base.sum() / n) if n else float("nan")
+        tuned_loss = float(self.nll_tuned.sum() / n) if n else float("nan")
+        return {"base_loss": base_loss, "tuned_loss": tuned_loss,
+                "base_perplexity": float(np.exp(min(base_loss, 50.0))),
+                "tuned_perplexity": float(np.exp(min(tuned_loss, 50.0))),
+                "kl_per_token": float(self.kl.sum() / k) if k else float("nan"),
+                "tokens": int(n), "sequences": int(len(self.kl))}
+
+
+def _head(model, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@torch.no_grad()
+def paired_pass(base, tuned, examples: list[Example], pad_id: int, device, batch_size: int = 8) -> PairedStats:
+    """Next-token loss of both models on labelled positions, KL(base ‖ tuned) on all positions."""
+    n = len(examples)
+    sums = {k: np.zeros(n) for k in ("nll_base", "nll_tuned", "label_tokens", "kl", "kl_tokens")}
+    for model in (base, tuned):
+        model.eval()
+    for idx in length_batches(examples, batch_size):
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+        mask = batch["attention_mask"]
+        predicted = (mask[:, 1:] * mask[:, :-1]).bool()      # positions whose next token is real
+        targets = batch["input_ids"][:, 1:][predicted]
+        labelled = (batch["labels"][:, 1:] != IGNORE_INDEX)[predicted]
+        rows = torch.arange(len(idx), device=device)[:, None].expand_as(predicted)[predicted]
+        hidden = [m.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
+                  .last_hidden_state[:, :-1][predicted] for m in (base, tuned)]
+        for start in range(0, len(targets), HEAD_CHUNK):
+            sl = slice(start, start + HEAD_CHUNK)
+            lp_base = F.log_softmax(_head(base, hidden[0][sl]), -1)
+            lp_tuned = F.log_softmax(_head(tuned, hidden[1][sl]), -1)
+            kl = (lp_base.exp() * (lp_base - lp_tuned)).sum(-1).clamp(min=0.0)
+            nll_b = -lp_base.gather(1, targets[sl, None])[:, 0]
+            nll_t = -lp_tuned.gather(1, targets[sl, None])[:, 0]
+            lab = labelled[sl].double()
+            r = rows[sl].cpu().numpy()
+            np.add.at(sums["kl"], [idx[i] for i in r], kl.double().cpu().numpy())
+            np.add.at(sums["kl_tokens"], [idx[i] for i in r], 1.0)
+            np.add.at(sums["nll_base"], [idx[i] for i in r], (nll_b.double() * lab).cpu().numpy())
+            np.add.at(sums["nll_tuned"], [idx[i] for i in r], (nll_t.double() * lab).cpu().numpy())
+            np.add.at(sums["label_tokens"], [idx[i] for i in r], lab.cpu().numpy())
+    return PairedStats(**sums)
+
+
+# --- general text -------------------------------------------------------------------------------
+
+def general_texts(path: str | None = None, *, n: int = GENERAL_CHUNKS, seed: int = 0) -> tuple[list[str], str]:
+    """A fixed, seeded sample of general English passages and a name for where they came from.
+
+    Default: CPython's own documentation text (`pydoc_data.topics`), read at run time, so no
+    one's prose is copied into this repository and every machine samples the same passages.
+    A user corpus is a UTF-8 text file whose passages are separated by blank lines.
+    """
+    if path:
+        try:
+            text = open(path, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"{path}: cannot read the general text corpus ({err.__class__.__name__}; "
+                            "give a UTF-8 text file with passages separated by blank lines)") from None
+        source = str(path)
+        passages = [p for p in re.split(r"\n\s*\n", text)]
+    else:
+        from pydoc_data.topics import topics
+
+        source = "pydoc_data.topics (CPython documentation)"
+        passages = [p for key in sorted(topics) for p in re.split(r"\n\s*\n", topics[key])]
+    # Prose paragraphs, not code listings or grammar rules.
+    passages = [" ".join(p.split()) for p in passages]
+    prose = [p for p in passages if len(p) >= 300 and p[0].isupper() and "::=" not in p and ">>>" not in p]
+    if not prose:
+        prose = [p for p in passages if p.strip()]
+    if not prose:
+        raise UserError(f"{path}: the general text corpus is empty")
+    rng = random.Random(seed)
+    return rng.sample(prose, min(n, len(prose))), source
+
+
+def text_examples(tokenizer, texts: list[str], max_tokens: int = GENERAL_TOKENS) -> list[Example]:
+    out = []
+    for text in texts:
+        ids = tokenizer(text)["input_ids"][:max_tokens]
+        if len(ids) >= 2:
+            out.append(Example(ids, list(ids)))
+    return out
+
+
+# --- KL on the base model's own samples -----------------------------------------------------
+
+@torch.no_grad()
+def sample_from_base(base, tokenizer, n: int, *, max_new_tokens: int = SAMPLE_TOKENS, seed: int = 0,
+                     device=None) -> list[Example]:
+    """`n` continuations sampled (temperature 1, no truncation) from the base model's start token.
+
+    Labels cover the sampled tokens only (through the first end-of-sequence token).
+    """
+    device = device or next(base.parameters()).device
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    base.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = base.generate(input_ids=torch.full((n, 1), start, dtype=torch.long, device=device),
+                            attention_mask=torch.ones((n, 1), dtype=torch.long, device=device),
+                            do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    examples = []
+    for row in out.tolist():
+        new = row[1:]
+        stop = next((k for k, t in enumerate(new) if t == tokenizer.eos_token_id), len(new) - 1)
+        ids = [start] + new[: stop + 1]
+        examples.append(Example(ids, [IGNORE_INDEX] + ids[1:]))
+    return examples
+
+
+# --- weight delta -------------------------------------------------------------------------------
+
+def canonical_name(name: str) -> str:
+    """Parameter name without peft's wrappers, so base and tuned (or adapter) names match."""
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
+def _module_type(name: str) -> str:
+    parts = name.removesuffix(".weight").split(".")
+    return parts[-1]
+
+
+def _layer(name: str) -> int | None:
+    m = re.search(r"\.layers?\.(\d+)\.", name) or re.search(r"\.h\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def lora_deltas(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{canonical weight name: (W_base, ΔW)} for every LoRA layer, ΔW = B·A·scaling from peft.
+
+    The base weights are only read: adapters are not merged and nothing is written.
+    """
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return {}
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and getattr(module, "active_adapters", None):
+            delta = None
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    d = module.get_delta_weight(adapter).detach()
+                    delta = d if delta is None else delta + d
+            if delta is not None:
+                out[canonical_name(name) + ".weight"] = (module.get_base_layer().weight.detach(), delta)
+    return out
+
+
+def effective_rank(delta: torch.Tensor, energy: float = EFFECTIVE_RANK_ENERGY) -> int:
+    """Smallest k whose top-k singular values hold `energy` of ‖ΔW‖_F² (0 for ΔW = 0).
+
+    Squared singular values are the eigenvalues of the smaller Gram matrix, computed in
+    float64: several times faster than an SVD on CPU and exact enough for a 90 % cut.
+    """
+    d = delta.double()
+    gram = d.T @ d if d.shape[0] >= d.shape[1] else d @ d.T
+    s2 = torch.linalg.eigvalsh(gram).clamp(min=0).flip(0)
+    total = s2.sum()
+    if total <= 0:
+        return 0
+    return int((torch.cumsum(s2, 0) / total < energy - 1e-12).sum().item()) + 1
+
+
+def _top_left_singular(w: torch.Tensor, k: int) -> torch.Tensor:
+    k = min(k, *w.shape)
+    if min(w.shape) <= 4 * k:
+        return torch.linalg.svd(w, full_matrices=False)[0][:, :k]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the same random projection for base and tuned
+        u, _, _ = torch.svd_lowrank(w, q=min(k + 10, min(w.shape)), niter=4)
+    return u[:, :k]
+
+
+def intruder_dimensions(w_base: torch.Tensor, w_tuned: torch.Tensor, top_k: int = INTRUDER_TOP_K,
+                        base_k: int = INTRUDER_BASE_K, threshold: float = INTRUDER_COSINE) -> int:
+    """Top-`top_k` left singular vectors of W_tuned with |cos| < threshold to each of the top-`base_k` of W_base.
+
+    Shuttleworth et al. 2024 ("LoRA vs Full Fine-tuning: An Illusion of Equivalence"): new
+    high-ranking directions that the pre-trained matrix did not have.
+    """
+    u_t = _top_left_singular(w_tuned.float(), top_k)
+    u_b = _top_left_singular(w_base.float(), base_k)
+    cos = (u_t.T @ u_b).abs()
+    return int((cos.max(dim=1).values < threshold).sum().item())
+
+
+@torch.no_grad()
+def weight_delta(base, tuned, *, top_n: int = 10) -> dict:
+    """Per weight matrix: ‖ΔW‖_F/‖W_base‖_F, effective rank of ΔW, intruder dimensions.
+
+    `tuned` may be a peft model: its LoRA layers give ΔW = B·A·scaling without merging; its
+    other matrices are compared with `base` by name. Matrices that did not change at all are
+    counted but cost no SVD.
+    """
+    lora = lora_deltas(tuned)
+    base_params = {canonical_name(n): p for n, p in base.named_parameters()}
+    matrices = []
+    seen = set()
+    for name, p in tuned.named_parameters():
+        cname = canonical_name(name)
+        if p.ndim != 2 or "lora_" in name or cname in seen:
+            continue
+        seen.add(cname)
+        if cname in lora:
+            w_base, delta = lora[cname]
+            w_base, delta = w_base.float().cpu(), delta.float().cpu()
+        elif cname in base_params and base_params[cname].shape == p.shape:
+            w_base = base_params[cname].detach().float().cpu()
+            delta = p.detach().float().cpu() - w_base
+        else:
+            continue
+        delta_norm = float(delta.norm())
+        base_norm = float(w_base.norm())
+        changed = delta_norm > 0
+        matrices.append({
+            "name": cname, "layer": _layer(cname), "module_type": _module_type(cname),
+            "shape": list(delta.shape), "delta_norm": delta_norm, "base_norm": base_norm,
+            "relative_norm": delta_norm / base_norm if base_norm else float("inf") if changed else 0.0,
+            "effective_rank": effective_rank(delta) if changed else 0,
+            "intruders": intruder_dimensions(w_base, w_base + delta) if changed else 0,
+            "lora": cname in lora,
+        })
+    return {"matrices": matrices, "changed_matrices": sum(m["delta_norm"] > 0 for m in matrices),
+            "relative_norm": _aggregate_norm(matrices),
+            "by_layer": _aggregate(matrices, "layer"), "by_module_type": _aggregate(matrices, "module_type"),
+            "top": [m["name"] for m in sorted(matrices, key=lambda m: -m["relative_norm"])[:top_n]]}
+
+
+def _aggregate_norm(matrices: list[dict]) -> float:
+    base = sum(m["base_norm"] ** 2 for m in matrices)
+    return (sum(m["delta_norm"] ** 2 for m in matrices) / base) ** 0.5 if base else 0.0
+
+
+def _aggregate(matrices: list[dict], key: str) -> list[dict]:
+    """Group matrices; relative norm of a group is ‖ΔW‖_F/‖W‖_F over the group's matrices together."""
+    groups: dict = {}
+    for m in matrices:
+        groups.setdefault(m[key], []).append(m)
+    rows = [{key: k, "matrices": len(ms), "relative_norm": _aggregate_norm(ms),
+             "mean_effective_rank": float(np.mean([m["effective_rank"] for m in ms])),
+             "intruders": sum(m["intruders"] for m in ms)} for k, ms in groups.items()]
+    return sorted(rows, key=lambda r: (r[key] is None, r[key] if r[key] is not None else 0)) \
+        if key == "layer" else sorted(rows, key=lambda r: -r["relative_norm"])
