@@ -19,10 +19,17 @@ from deltatune.errors import UserError
 
 
 def cmd_train(args) -> int:
+    from deltatune.checkpoint import StopRequested
     from deltatune.config import load_config
     from deltatune.pipeline import run
 
-    run(load_config(args.config, args.overrides))
+    overrides = list(args.overrides) + (["resume_from_checkpoint=latest"] if args.resume else [])
+    try:
+        run(load_config(args.config, overrides))
+    except StopRequested as stop:
+        again = " ".join(["deltatune train", args.config, *args.overrides, "--resume"])
+        print(f"stopped: {stop}; continue with: {again}", file=sys.stderr)
+        return stop.exit_code
     return 0
 
 
@@ -119,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a model from a YAML config")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="key=value settings that override the file")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in output_dir (resume_from_checkpoint=latest)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="fine-tune the embedded SmolLM2 on the bundled task and compare")

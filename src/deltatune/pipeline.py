@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from deltatune.checkpoint import find_resume_checkpoint, restore_run_files
 from deltatune.config import RunConfig, dump_config
 from deltatune.data import DatasetStats, Example, build_sft_examples, split_records
 from deltatune.errors import UserError
@@ -77,11 +78,12 @@ def tokenize_splits(splits: Splits, cfg: RunConfig, tokenizer) -> Datasets:
     return Datasets(train, val, splits.test, stats)
 
 
-def prepare_output_dir(cfg: RunConfig) -> Path:
+def prepare_output_dir(cfg: RunConfig, resuming: bool = False) -> Path:
+    """`resuming`: find_resume_checkpoint has checked that a non-empty output_dir is this run's."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir '{out}' is a file (choose a folder path)")
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir:
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir and not resuming:
         raise UserError(f"output_dir '{out}' is not empty (choose a new folder, or set overwrite_output_dir: true)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
@@ -97,17 +99,20 @@ def _evaluate(model, tokenizer, data: Datasets, cfg: RunConfig, device, bf16) ->
 def run(cfg: RunConfig) -> RunResult:
     device = pick_device()
     splits = read_splits(cfg)
+    resume = find_resume_checkpoint(cfg)  # None: start at step 0
     model, tokenizer = load_causal_lm(cfg.model, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
     data = tokenize_splits(splits, cfg, tokenizer)
     bf16 = resolve_bf16(cfg.bf16, device)
-    out = prepare_output_dir(cfg)
+    out = prepare_output_dir(cfg, resuming=cfg.resume_from_checkpoint is not None)
+    resumed_step = restore_run_files(out, resume) if cfg.resume_from_checkpoint is not None else 0
     model.to(device)
 
     before = _evaluate(model, tokenizer, data, cfg, device, bf16)
-    log = MetricsLog(out)
+    log = MetricsLog(out, purge_step=resumed_step + 1 if resume else None)
     try:
-        log.write({"step": 0, "event": "base_eval", **{k: v for k, v in before.items() if k != "predictions"}})
-        result = fit(model, tokenizer, data.train, data.val, cfg, out, log, device)
+        if resume is None:
+            log.write({"step": 0, "event": "base_eval", **{k: v for k, v in before.items() if k != "predictions"}})
+        result = fit(model, tokenizer, data.train, data.val, cfg, out, log, device, resume=resume)
         after = _evaluate(model, tokenizer, data, cfg, device, bf16)
         log.write({"step": result.steps, "event": "tuned_eval", **{k: v for k, v in after.items() if k != "predictions"}})
     finally:
