@@ -79,12 +79,13 @@ def test_kill_anywhere_then_resume_is_bit_identical(tmp_path, tiny_model_dir, mo
         args = ["train", str(crashed), *(["--resume"] if attempt else [])]
         if expected_rc == -9:
             proc = cli(*args, env_kill=point)
-            assert proc.returncode == expected_rc, proc.stderr
+            stderr = proc.stderr
+            assert proc.returncode == expected_rc, stderr
         else:
             monkeypatch.setenv("DELTATUNE_TEST_KILL", point)
             assert main(args) == expected_rc
             monkeypatch.delenv("DELTATUNE_TEST_KILL")
-            proc = capsys.readouterr()
+            stderr = capsys.readouterr().err
         assert all(verify(c) is None for c in checkpoints(out)), "a torn checkpoint is visible"
         if point == "step:2":
             assert checkpoints(out) == []
@@ -94,7 +95,7 @@ def test_kill_anywhere_then_resume_is_bit_identical(tmp_path, tiny_model_dir, mo
         if point == "checkpoint-renamed:9":
             assert [c.name for c in checkpoints(out)] == ["checkpoint-3", "checkpoint-6", "checkpoint-9"]
         if expected_rc == 143:
-            assert "SIGTERM after step 11" in proc.stderr and "--resume" in proc.stderr.splitlines()[-1]
+            assert "SIGTERM after step 11" in stderr and stderr.splitlines()[-1].endswith(f"{crashed} --resume")
             assert (out / "checkpoint-11").is_dir() and not (out / "final").exists()
 
     assert main(["train", str(crashed), "--resume"]) == 0
@@ -131,7 +132,7 @@ def test_sigint_writes_checkpoint_and_says_how_to_resume(tmp_path, tiny_model_di
     # A resume that changes the run is refused: it would not continue the same run.
     assert main(["train", str(config), "max_steps=10", "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "different config (max_steps: 100000 -> 10)" in err and err.count("\n") == 1
+    assert "holds a different run (max_steps: 100000 -> 10)" in err and err.count("\n") == 1
 
 
 def test_resume_refuses_a_foreign_output_dir(tmp_path, tiny_model_dir, capsys):
@@ -139,7 +140,7 @@ def test_resume_refuses_a_foreign_output_dir(tmp_path, tiny_model_dir, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     assert main(["train", str(config), "--resume"]) == 2
-    assert "holds another run (no config.yaml)" in capsys.readouterr().err
+    assert "holds a different run (no config.yaml)" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
 
 
@@ -230,3 +231,26 @@ def test_nan_weights_never_become_final(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: step 3: loss or gradient norm not finite for 3 steps in a row" in err and err.count("\n") == 1
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_damaged_newest_checkpoint_is_passed_over(tmp_path):
+    from deltatune.checkpoint import latest_checkpoint, restore_run_files, save_checkpoint
+    from deltatune.config import build_config
+
+    cfg = build_config({"train_file": "t.jsonl", "output_dir": str(tmp_path)}, "test")
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    for step in (1, 2):
+        model(torch.randn(4, 3)).sum().backward()
+        optimizer.step(); scheduler.step(); optimizer.zero_grad()
+        save_checkpoint(tmp_path, step, cfg, model, optimizer, scheduler, {"step": step}, None, tmp_path / "none")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    moments = tmp_path / "checkpoint-2" / "optimizer.safetensors"
+    data = bytearray(moments.read_bytes())
+    data[-1] ^= 1  # one flipped bit, same size
+    moments.write_bytes(bytes(data))
+    assert verify(tmp_path / "checkpoint-2") == "optimizer.safetensors does not match its SHA-256 in the manifest"
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
+    assert restore_run_files(tmp_path, tmp_path / "checkpoint-1") == 1
+    assert [c.name for c in checkpoints(tmp_path)] == ["checkpoint-1"]

@@ -213,7 +213,7 @@ def find_resume_checkpoint(cfg) -> Path | None:
         saved = yaml.safe_load(own_config.read_text(encoding="utf-8")) if own_config.is_file() else None
         if not isinstance(saved, dict) or _config_differences(saved, cfg):
             why = "; ".join(_config_differences(saved, cfg)[:3]) if isinstance(saved, dict) else "no config.yaml"
-            raise UserError(f"output_dir '{out}' holds another run ({why}); resume with that run's config, "
+            raise UserError(f"output_dir '{out}' holds a different run ({why}); resume with that run's config, "
                             "or choose a new output_dir")
     if cfg.resume_from_checkpoint == "latest":
         ckpt = latest_checkpoint(out) if out.is_dir() else None

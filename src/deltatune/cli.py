@@ -18,25 +18,30 @@ from pathlib import Path
 from deltatune.errors import UserError
 
 
-def cmd_train(args) -> int:
+def _run_until_stopped(cfg, again: str | None) -> int:
+    """Run the pipeline; a SIGINT/SIGTERM that ended it with a checkpoint exits 130/143 saying how to go on."""
     from deltatune.checkpoint import StopRequested
-    from deltatune.config import load_config
     from deltatune.pipeline import run
 
-    overrides = list(args.overrides) + (["resume_from_checkpoint=latest"] if args.resume else [])
     try:
-        run(load_config(args.config, overrides))
+        run(cfg)
     except StopRequested as stop:
-        again = " ".join(["deltatune train", args.config, *args.overrides, "--resume"])
-        print(f"stopped: {stop}; continue with: {again}", file=sys.stderr)
+        print(f"stopped: {stop}" + (f"; continue with: {again}" if again else ""), file=sys.stderr)
         return stop.exit_code
     return 0
+
+
+def cmd_train(args) -> int:
+    from deltatune.config import load_config
+
+    overrides = list(args.overrides) + (["resume_from_checkpoint=latest"] if args.resume else [])
+    return _run_until_stopped(load_config(args.config, overrides),
+                              again=" ".join(["deltatune train", args.config, *args.overrides, "--resume"]))
 
 
 def cmd_demo(args) -> int:
     from deltatune import demo_task
     from deltatune.config import load_config
-    from deltatune.pipeline import run
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -47,8 +52,7 @@ def cmd_demo(args) -> int:
                 "model=smollm2-135m-instruct", "learning_rate=1e-4", "num_train_epochs=1",
                 "per_device_train_batch_size=8", "per_device_eval_batch_size=16", "warmup_ratio=0.1",
                 "max_seq_length=128", "max_new_tokens=32", "logging_steps=5"]
-    run(load_config(None, defaults + list(args.overrides)))
-    return 0
+    return _run_until_stopped(load_config(None, defaults + list(args.overrides)), again=None)
 
 
 def _load_for_inference(model_path: str, allow_pickle: bool, trust_remote_code: bool):

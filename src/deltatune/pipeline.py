@@ -84,7 +84,8 @@ def prepare_output_dir(cfg: RunConfig, resuming: bool = False) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir '{out}' is a file (choose a folder path)")
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir and not resuming:
-        raise UserError(f"output_dir '{out}' is not empty (choose a new folder, or set overwrite_output_dir: true)")
+        raise UserError(f"output_dir '{out}' is not empty (choose a new folder, set overwrite_output_dir: true, "
+                        "or pass --resume to continue the run that is there)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     return out
