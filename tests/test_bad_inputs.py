@@ -5,7 +5,6 @@ import pickle
 import shutil
 from pathlib import Path
 
-import pytest
 import yaml
 
 from conftest import run_cli
