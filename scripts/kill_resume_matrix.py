@@ -8,8 +8,8 @@ checkpoint-renamed:N (after the rename, before pruning), optionally :SIGTERM / :
 Each point is an independent run: one kill, one `--resume`, compared with an uninterrupted run.
 """
 
-import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,6 +55,7 @@ def main(points):
         log_same = resumed == 0 and logged(out) == logged(root / "reference" / "out")
         print(f"{point:24} {rc:>5} {resumed:>8} {'bit-identical' if same else 'DIFFERENT':>14} "
               f"{'identical' if log_same else 'DIFFERENT':>10}", flush=True)
+    shutil.rmtree(root)
 
 
 if __name__ == "__main__":
