@@ -24,18 +24,30 @@ from pathlib import Path
 from deltatune.errors import UserError
 
 
-def cmd_train(args) -> int:
-    from deltatune.config import load_config
+def _run_until_stopped(cfg, again: str | None) -> int:
+    """Run the pipeline; a SIGINT/SIGTERM that ended it with a checkpoint exits 130/143 saying how to go on."""
+    from deltatune.checkpoint import StopRequested
     from deltatune.pipeline import run
 
-    run(load_config(args.config, args.overrides))
+    try:
+        run(cfg)
+    except StopRequested as stop:
+        print(f"stopped: {stop}" + (f"; continue with: {again}" if again else ""), file=sys.stderr)
+        return stop.exit_code
     return 0
+
+
+def cmd_train(args) -> int:
+    from deltatune.config import load_config
+
+    overrides = list(args.overrides) + (["resume_from_checkpoint=latest"] if args.resume else [])
+    return _run_until_stopped(load_config(args.config, overrides),
+                              again=" ".join(["deltatune train", args.config, *args.overrides, "--resume"]))
 
 
 def cmd_demo(args) -> int:
     from deltatune import demo_task
     from deltatune.config import load_config
-    from deltatune.pipeline import run
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -46,8 +58,7 @@ def cmd_demo(args) -> int:
                 "model=smollm2-135m-instruct", "learning_rate=1e-4", "num_train_epochs=1",
                 "per_device_train_batch_size=8", "per_device_eval_batch_size=16", "warmup_ratio=0.1",
                 "max_seq_length=128", "max_new_tokens=32", "logging_steps=5"]
-    run(load_config(None, defaults + list(args.overrides)))
-    return 0
+    return _run_until_stopped(load_config(None, defaults + list(args.overrides)), again=None)
 
 
 def cmd_compare(args) -> int:
@@ -200,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a model from a YAML config")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="key=value settings that override the file")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in output_dir (resume_from_checkpoint=latest)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="fine-tune the embedded SmolLM2 on the bundled task and compare")

@@ -104,6 +104,10 @@ class RunConfig(BaseModel):
     """Write a checkpoint every this many steps; by default none before `final/`."""
     save_total_limit: int | None = Field(None, ge=1)
     """Keep at most this many checkpoints, deleting the oldest."""
+    resume_from_checkpoint: str | None = None
+    """Continue a run: `latest` (the newest complete checkpoint in `output_dir`; starts at step 0 if there is none yet) or a checkpoint folder. `deltatune train CONFIG --resume` sets `latest`."""
+    max_nonfinite_steps: int = Field(3, ge=1)
+    """Stop when this many optimizer steps in a row have a non-finite loss or gradient norm (each is skipped, not applied)."""
     metric: Literal["exact_match", "none"] = "exact_match"
     """Task metric on `test_file`: greedy generation compared with the reference answer."""
     max_new_tokens: int = Field(64, ge=1)
@@ -194,8 +198,10 @@ def parse_overrides(pairs: list[str]) -> dict:
 def _rebase_paths(raw: dict, base_dir: Path) -> dict:
     """Make relative file paths in a config file relative to that file, not to the cwd."""
     raw = dict(raw)
-    for key in ("train_file", "validation_file", "test_file", "output_dir", "model"):
+    for key in ("train_file", "validation_file", "test_file", "output_dir", "model", "resume_from_checkpoint"):
         value = raw.get(key)
+        if key == "resume_from_checkpoint" and value == "latest":
+            continue
         if isinstance(value, str) and value and not Path(value).is_absolute():
             candidate = base_dir / value
             # `model` may be a name or hub id: only rebase it when it names a local path.

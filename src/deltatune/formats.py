@@ -56,9 +56,14 @@ def _read_text(path: Path) -> str:
 
 
 def _jsonl_items(path: Path, text: str, errors: list[str] | None = None):
-    for number, line in enumerate(text.splitlines(), start=1):  # splitlines also eats \r of CRLF
+    # Split on \n only: splitlines() also splits inside records at U+2028/U+0085, which JSON strings may
+    # hold raw, and would shift every line number after them. A CRLF's \r is JSON whitespace.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
+        if line.startswith("\ufeff"):  # accepted at the start of the file only (see _read_text)
+            raise UserError(f"{where(path, number)}: a byte-order mark (BOM) in the middle of the file, "
+                            "often from joining files with cat (delete it, or save the parts as UTF-8 without BOM)")
         try:
             yield number, json.loads(line)
         except json.JSONDecodeError as err:

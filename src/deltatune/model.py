@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -70,7 +71,8 @@ def convert_gguf(path: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except Exception as err:  # the gguf reader raises many types on a damaged file
-        raise UserError(f"{path}: cannot read this GGUF file ({type(err).__name__}: {err})") from None
+        raise UserError(f"{path}: cannot read this GGUF file ({type(err).__name__}: {err}); "
+                        "the file is damaged or incomplete (download it again)") from None
     # A GGUF-loaded model refuses save_pretrained, so rebuild a plain one and copy the weights.
     config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items()
                                      if k not in ("quantization_config", "transformers_version")})
@@ -124,8 +126,32 @@ def check_weights_safe(folder: Path | str, allow_pickle: bool) -> None:
                         "when loaded; convert them to safetensors or set allow_pickle: true if you trust them")
 
 
+def check_safetensors_files(folder: Path | str) -> None:
+    """A truncated download or an HTML error page saved as `.safetensors` gets a plain message, not a parser's."""
+    if not isinstance(folder, Path):
+        return
+    for path in sorted(folder.glob("*.safetensors")):
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = f.read(n) if 0 < n <= size - 8 else b""
+        try:
+            meta = json.loads(header)
+            end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError):
+            raise UserError(f"{path}: not a safetensors file (its header is not valid; "
+                            "was an error page or another format saved under this name? download it again)") from None
+        if size != 8 + n + end:
+            raise UserError(f"{path}: truncated or damaged safetensors file ({size} bytes, its header "
+                            f"says {8 + n + end}); download or save it again")
+
+
 def _load_error(name, err: Exception) -> UserError:
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "custom code" in text:  # transformers refused to run the folder's own Python files
+        return UserError(f"{name}: cannot load model: it needs its own Python code, which runs only with "
+                         "trust_remote_code: true (set it only if you trust that code)")
     return UserError(f"{name}: cannot load model ({text})")
 
 
@@ -136,6 +162,10 @@ def load_tokenizer(folder: Path | str, *, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as err:
         raise _load_error(folder, err) from None
+    if tokenizer.chat_template is None and tokenizer.eos_token is None:
+        raise UserError(f"{folder}: the tokenizer has no chat template and no end-of-sequence token, so a "
+                        "tuned model could not learn where an answer ends (add chat_template and eos_token "
+                        "to tokenizer_config.json)")
     if tokenizer.chat_template is None:
         # Documented default: ChatML, saved with the tuned model so inference renders the same way.
         tokenizer.chat_template = CHATML_TEMPLATE
@@ -163,6 +193,7 @@ def load_causal_lm(name: str, *, allow_pickle: bool = False, trust_remote_code: 
         base = model.peft_config["default"].base_model_name_or_path
         return model, load_tokenizer(folder if has_tokenizer else resolve(base), trust_remote_code=trust_remote_code)
     check_weights_safe(folder, allow_pickle)
+    check_safetensors_files(folder)
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(

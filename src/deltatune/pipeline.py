@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from deltatune.checkpoint import find_resume_checkpoint, restore_run_files
 from deltatune.config import RunConfig, dump_config
 from deltatune.classify import (build_classification_examples, classification_loss, evaluate_classifier,
                                 label_names, load_classifier, save_labels_if_adapter, summary_lines)
@@ -110,12 +111,14 @@ def tokenize_splits(splits: Splits, cfg: RunConfig, tokenizer, model=None) -> Da
     return Datasets(train, val, splits.test, stats, test_examples)
 
 
-def prepare_output_dir(cfg: RunConfig) -> Path:
+def prepare_output_dir(cfg: RunConfig, resuming: bool = False) -> Path:
+    """`resuming`: find_resume_checkpoint has checked that a non-empty output_dir is this run's."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir '{out}' is a file (choose a folder path)")
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir:
-        raise UserError(f"output_dir '{out}' is not empty (choose a new folder, or set overwrite_output_dir: true)")
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir and not resuming:
+        raise UserError(f"output_dir '{out}' is not empty (choose a new folder, set overwrite_output_dir: true, "
+                        "or pass --resume to continue the run that is there)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     return out
@@ -138,22 +141,25 @@ def run(cfg: RunConfig) -> RunResult:
     splits = read_splits(cfg)
     check_inputs(cfg)
     check_method_available(cfg.method, device)
+    resume = find_resume_checkpoint(cfg)  # None: start at step 0
     model, tokenizer = load_for_task(cfg, splits)
     data = tokenize_splits(splits, cfg, tokenizer, model)
     bf16 = resolve_bf16(cfg.bf16, device)
     model = apply_method(model, cfg, PEFT_TASK_TYPES[cfg.task])
     trained = trainable_summary(model)
     print(f"method: {cfg.method}", *trained.lines(), sep="\n", flush=True)
-    out = prepare_output_dir(cfg)
+    out = prepare_output_dir(cfg, resuming=cfg.resume_from_checkpoint is not None)
+    resumed_step = restore_run_files(out, resume) if cfg.resume_from_checkpoint is not None else 0
     model.to(device)
 
     before = _evaluate(model, tokenizer, data, cfg, device, bf16)
-    log = MetricsLog(out)
+    log = MetricsLog(out, purge_step=resumed_step + 1 if resume else None)
     try:
-        log.write({"step": 0, "event": "method", "method": cfg.method, **trained.as_record()})
-        log.write({"step": 0, "event": "base_eval", **{k: v for k, v in before.items() if k != "predictions"}})
+        if resume is None:
+            log.write({"step": 0, "event": "method", "method": cfg.method, **trained.as_record()})
+            log.write({"step": 0, "event": "base_eval", **{k: v for k, v in before.items() if k != "predictions"}})
         loss_fn = classification_loss if cfg.task == "classification" else causal_lm_loss
-        result = fit(model, tokenizer, data.train, data.val, cfg, out, log, device, loss_fn=loss_fn)
+        result = fit(model, tokenizer, data.train, data.val, cfg, out, log, device, loss_fn=loss_fn, resume=resume)
         after = _evaluate(model, tokenizer, data, cfg, device, bf16)
         log.write({"step": result.steps, "event": "tuned_eval", **{k: v for k, v in after.items() if k != "predictions"}})
     finally:

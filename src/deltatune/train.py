@@ -3,7 +3,10 @@
 θ ← θ − η·∇θ L: AdamW over the trainable parameters, the loss normalised by the number of
 label tokens in the whole optimizer step (so gradient accumulation changes nothing but memory),
 warm-up then linear/cosine/constant decay, gradient clipping, periodic logging, evaluation,
-early stopping and checkpoints. Host syncs (`.item()`) happen only when something is logged.
+early stopping and checkpoints. One host sync per step decides whether the update is finite
+(a non-finite loss or gradient norm skips the update instead of poisoning AdamW's moments);
+other syncs (`.item()`) happen only when something is logged. Checkpoints and exact resume
+live in checkpoint.py; the loop calls them at its start and after a step.
 """
 
 from __future__ import annotations
@@ -11,16 +14,17 @@ from __future__ import annotations
 import functools
 import json
 import math
-import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from deltatune.checkpoint import (StopRequested, crash_point, data_fingerprint, latest_checkpoint, load_checkpoint,
+                                  save_checkpoint, stop_on_signals)
 from deltatune.config import RunConfig
 from deltatune.data import IGNORE_INDEX, Example, collate, length_batches, micro_batches, step_groups
 from deltatune.errors import UserError
@@ -155,13 +159,14 @@ def accumulate_gradients(model, batches: list[dict], loss_fn: LossFn, device: to
 class MetricsLog:
     """metrics.jsonl (one object per logged event) plus TensorBoard scalars."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, purge_step: int | None = None):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
         self._file = self.path.open("a", encoding="utf-8")
         from torch.utils.tensorboard import SummaryWriter
 
-        self._tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        # purge_step: on resume, TensorBoard hides what the killed run logged after the checkpoint.
+        self._tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=purge_step)
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -188,6 +193,7 @@ class FitResult:
     seen_tokens: int = 0  # real (non-padding) tokens fed forward
     tokens_per_second: float = 0.0  # seen tokens per second of the whole fit
     history: list[dict] = field(default_factory=list)
+    skipped_steps: int = 0  # updates skipped because the loss or gradient norm was not finite
 
 
 def _progress(total: int):
@@ -199,20 +205,11 @@ def _progress(total: int):
                     disable=not sys.stderr.isatty(), transient=False)
 
 
-def _save_checkpoint(model, tokenizer, out_dir: Path, step: int, keep: int | None) -> None:
-    from deltatune.model import save_pretrained_atomic
-
-    save_pretrained_atomic(model, tokenizer, out_dir / f"checkpoint-{step}")
-    if keep:
-        existing = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in existing[:-keep]:
-            shutil.rmtree(old)
-
-
 # --- the loop --------------------------------------------------------------------------------
 
 def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConfig, out_dir: Path,
-        log: MetricsLog, device: torch.device, loss_fn: LossFn = causal_lm_loss) -> FitResult:
+        log: MetricsLog, device: torch.device, loss_fn: LossFn = causal_lm_loss,
+        resume: Path | None = None) -> FitResult:
     torch.manual_seed(cfg.seed)
     bf16 = resolve_bf16(cfg.bf16, device)
     pad_id = tokenizer.pad_token_id
@@ -225,22 +222,36 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler_type, warmup, total_steps))
-    log.write({"step": 0, "event": "start", "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-               "warmup_steps": warmup, "bf16": bf16, "train_examples": len(train), "val_examples": len(val),
-               "trainable_parameters": sum(p.numel() for p in params),
-               "total_parameters": sum(p.numel() for p in model.parameters())})
+    fingerprint = data_fingerprint(train)
 
     result = FitResult()
-    best_state, bad_evals = None, 0
+    best_state, bad_evals, nonfinite_in_a_row = None, 0, 0
     window_loss = torch.zeros((), device=device, dtype=torch.float64)  # summed over the logging window
     window_tokens = torch.zeros((), device=device, dtype=torch.long)
     window_seen = 0  # real (non-padding) tokens fed forward, for tokens/s
+    epoch, groups, first_step = 0, [], 1
+    if resume is None:
+        log.write({"step": 0, "event": "start", "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+                   "warmup_steps": warmup, "bf16": bf16, "train_examples": len(train), "val_examples": len(val),
+                   "trainable_parameters": sum(p.numel() for p in params),
+                   "total_parameters": sum(p.numel() for p in model.parameters())})
+    else:  # continue exactly where the checkpoint was taken: weights, optimizer, RNGs, data order, windows
+        state, best_state = load_checkpoint(resume, model, optimizer, scheduler)
+        if state["data"] != fingerprint:
+            raise UserError(f"{resume}: the training data (or its tokenisation) differs from the run's; "
+                            "resuming would not continue the same run (restore the data, or start a new output_dir)")
+        epoch, groups, bad_evals = state["epoch"], state["groups"], state["bad_evals"]
+        nonfinite_in_a_row, first_step = state["nonfinite_in_a_row"], state["step"] + 1
+        window_loss.fill_(state["window_loss"]); window_tokens.fill_(state["window_tokens"])
+        window_seen = state["window_seen"]
+        result = FitResult(**state["result"])
+        log.write({"step": state["step"], "event": "resume", "checkpoint": str(resume)})
+        print(f"resuming from {resume} at step {first_step}", flush=True)
     start = window_start = time.perf_counter()
     model.train()
-    epoch, groups = 0, []
-    with _progress(total_steps) as bar:
-        task = bar.add_task("train", total=total_steps, info="")
-        for step in range(1, total_steps + 1):
+    with _progress(total_steps) as bar, stop_on_signals() as stop:
+        task = bar.add_task("train", total=total_steps, info="", completed=first_step - 1)
+        for step in range(first_step, total_steps + 1):
             if not groups:  # next epoch: a fresh seeded shuffle
                 groups = step_groups(len(train), per_step, cfg.seed, epoch)
                 epoch += 1
@@ -248,18 +259,32 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
             batches = [collate([train[i] for i in mb], pad_id)
                        for mb in micro_batches(group, train, cfg.per_device_train_batch_size)]
             step_loss, step_tokens = accumulate_gradients(model, batches, loss_fn, device, bf16)
-            window_loss += step_loss
             seen = sum(int(b["attention_mask"].sum()) for b in batches)
             window_seen += seen
             result.seen_tokens += seen
-            window_tokens += step_tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-            optimizer.step()
-            scheduler.step()
+            if bool(torch.isfinite(step_loss + grad_norm)):
+                optimizer.step()
+                window_loss += step_loss
+                window_tokens += step_tokens
+                result.trained_tokens += step_tokens
+                nonfinite_in_a_row = 0
+            else:  # skip the update: one bad batch must not turn every weight into NaN
+                nonfinite_in_a_row += 1
+                result.skipped_steps += 1
+                log.write({"step": step, "event": "nonfinite_skipped", "in_a_row": nonfinite_in_a_row})
+                print(f"step {step}: loss or gradient norm is not finite; update skipped", flush=True)
+                if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                    last = latest_checkpoint(out_dir)
+                    raise UserError(
+                        f"step {step}: loss or gradient norm not finite for {nonfinite_in_a_row} steps in a row "
+                        f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); likely causes: learning_rate "
+                        f"{cfg.learning_rate:g} too high, or broken records/weights (check the data, lower "
+                        f"learning_rate); final/ not written, last good checkpoint: {last or 'none'}")
+            scheduler.step()  # the schedule follows the step count, skipped steps included
             optimizer.zero_grad(set_to_none=True)
-            result.trained_tokens += step_tokens
 
-            if step % cfg.logging_steps == 0 or step == total_steps:
+            if (step % cfg.logging_steps == 0 or step == total_steps) and int(window_tokens) > 0:
                 now = time.perf_counter()
                 loss = (window_loss / window_tokens.clamp(min=1)).item()
                 record = {"step": step, "epoch": round(epoch - 1 + (steps_per_epoch - len(groups)) / steps_per_epoch, 4),
@@ -293,10 +318,17 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
                         result.steps = step
                         break
 
-            if cfg.save_steps and step % cfg.save_steps == 0 and step != total_steps:
-                _save_checkpoint(model, tokenizer, out_dir, step, cfg.save_total_limit)
             bar.update(task, completed=step)
             result.steps = step
+            crash_point("step", step)
+            if stop.signum or (cfg.save_steps and step % cfg.save_steps == 0 and step != total_steps):
+                loop = {"step": step, "epoch": epoch, "groups": groups, "bad_evals": bad_evals,
+                        "nonfinite_in_a_row": nonfinite_in_a_row, "window_loss": window_loss.item(),
+                        "window_tokens": int(window_tokens), "window_seen": window_seen,
+                        "data": fingerprint, "result": asdict(result)}
+                saved = save_checkpoint(out_dir, step, cfg, model, optimizer, scheduler, loop, best_state, log.path)
+                if stop.signum:
+                    raise StopRequested(stop.signum, step, saved)
 
     if best_state is not None:  # early stopping keeps the weights of the best evaluation
         with torch.no_grad():
