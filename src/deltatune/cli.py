@@ -22,8 +22,21 @@ def cmd_train(args) -> int:
     from deltatune.config import load_config
     from deltatune.pipeline import run
 
-    run(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)  # a bad config fails here, once, before any process starts
+    if args.nproc > 1:
+        exec_torchrun(args)
+    run(cfg)
     return 0
+
+
+def exec_torchrun(args) -> None:
+    """Replace this process with torchrun starting `nproc` copies of this same command."""
+    if "LOCAL_RANK" in os.environ:
+        raise UserError("--nproc: already running under torchrun (drop --nproc, or launch without torchrun)")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+               "-m", "deltatune", *(["--debug"] if args.debug else []), "train", args.config, *args.overrides]
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
 
 
 def cmd_demo(args) -> int:
@@ -119,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a model from a YAML config")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="key=value settings that override the file")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train on N processes of this machine (one per GPU) via torchrun")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="fine-tune the embedded SmolLM2 on the bundled task and compare")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from deltatune import distributed
 from deltatune.config import RunConfig, dump_config
 from deltatune.data import DatasetStats, Example, build_sft_examples, split_records
 from deltatune.errors import UserError
@@ -95,30 +96,34 @@ def _evaluate(model, tokenizer, data: Datasets, cfg: RunConfig, device, bf16) ->
 
 
 def run(cfg: RunConfig) -> RunResult:
-    device = pick_device()
+    device = distributed.init(cfg.ddp_timeout)  # under torchrun: this rank's device; else pick_device()
     splits = read_splits(cfg)
     model, tokenizer = load_causal_lm(cfg.model, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
     data = tokenize_splits(splits, cfg, tokenizer)
     bf16 = resolve_bf16(cfg.bf16, device)
-    out = prepare_output_dir(cfg)
-    model.to(device)
+    out = prepare_output_dir(cfg) if distributed.is_main() else Path(cfg.output_dir)  # rank 0 writes
+    model = distributed.wrap_model(model, cfg.parallelism, device, cfg.fsdp_cpu_offload)  # one process: .to(device)
 
-    before = _evaluate(model, tokenizer, data, cfg, device, bf16)
-    log = MetricsLog(out)
+    with torch.no_grad():  # every rank evaluates (FSDP needs all of them for each forward)
+        before = distributed.call(model, _evaluate, tokenizer, data, cfg, device, bf16)
+    log = MetricsLog(out) if distributed.is_main() else distributed.NullLog()
     try:
         log.write({"step": 0, "event": "base_eval", **{k: v for k, v in before.items() if k != "predictions"}})
         result = fit(model, tokenizer, data.train, data.val, cfg, out, log, device)
-        after = _evaluate(model, tokenizer, data, cfg, device, bf16)
+        with torch.no_grad():
+            after = distributed.call(model, _evaluate, tokenizer, data, cfg, device, bf16)
         log.write({"step": result.steps, "event": "tuned_eval", **{k: v for k, v in after.items() if k != "predictions"}})
     finally:
         log.close()
 
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
+    if not distributed.all_finite(model):
         raise UserError("training produced non-finite weights; final/ was not written "
                         "(lower learning_rate, check the data)")
     if not math.isfinite(result.train_loss):
         raise UserError("training loss is not finite; final/ was not written (lower learning_rate, check the data)")
-    save_pretrained_atomic(model, tokenizer, out / "final")
+    distributed.save_model(model, tokenizer, out / "final")
+    if not distributed.is_main():
+        return RunResult(out, before, after, result)
     write_summary(out, model=cfg.model, before=before, after=after, fit=result, data_stats=data.stats)
     print_comparison(before, after)
     print(f"tuned model: {out / 'final'}\nsummary: {out / 'summary.md'}")
