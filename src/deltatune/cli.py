@@ -25,7 +25,10 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, once, before any process starts
     if args.nproc > 1:
         exec_torchrun(args)
-    run(cfg)
+    from deltatune.distributed import peer_failures_explained
+
+    with peer_failures_explained(cfg.ddp_timeout):
+        run(cfg)
     return 0
 
 

@@ -282,6 +282,27 @@ def all_finite(model: torch.nn.Module) -> bool:
     return all_true(bool(local))
 
 
+@contextmanager
+def peer_failures_explained(timeout_seconds: float):
+    """Turn "a collective failed" into one line that says what it means and where to look.
+
+    When a rank dies or stops responding, the others fail inside a collective with a transport
+    message (gloo: "Timed out waiting ...", "Connection closed by peer"); torchrun then stops
+    the job and names the failed ranks.
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        if not dist.is_initialized() or not (isinstance(err, dist.DistError) or "Timed out" in text
+                                             or "Connection closed by peer" in text):
+            raise
+        first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+        raise UserError(f"rank {rank()}: another process crashed or did not answer within ddp_timeout="
+                        f"{timeout_seconds:g}s, so this one stopped too ({first}); the failing rank's own error "
+                        "is printed above") from err
+
+
 class NullLog:
     """The metrics log of ranks other than 0: they compute the same numbers and write nothing."""
 
