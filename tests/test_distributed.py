@@ -97,14 +97,15 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def test_cli_fsdp_run_writes_what_a_single_process_run_writes(tmp_path):
-    """`deltatune train --nproc 2` with FSDP: one metrics log, the same final/ folder (tied weights
-    saved once), and the same training curve as one process with the same global batch."""
+    """`deltatune train --nproc 2` with FSDP: one metrics log, the same final/ and checkpoint
+    folders (tied weights saved once), and the same training curve as one process with the same
+    global batch."""
     from safetensors.torch import load_file
 
     from deltatune.config import load_config
     from deltatune.pipeline import run
 
-    config = _job(tmp_path)
+    config = _job(tmp_path, save_steps=5)
     run(load_config(config, [f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=4"]))
     proc = run_cli("train", "--nproc", "2", str(config), f"output_dir={tmp_path / 'two'}",
                    "per_device_train_batch_size=2", "parallelism=fsdp", timeout=300)
@@ -112,7 +113,12 @@ def test_cli_fsdp_run_writes_what_a_single_process_run_writes(tmp_path):
     assert proc.stdout.count("tuned model:") == 1  # only rank 0 prints
 
     one, two = tmp_path / "one", tmp_path / "two"
-    assert sorted(p.name for p in (one / "final").iterdir()) == sorted(p.name for p in (two / "final").iterdir())
+    for folder in ("final", "checkpoint-5"):
+        assert sorted(p.name for p in (one / folder).iterdir()) == sorted(p.name for p in (two / folder).iterdir())
+    c1, c2 = load_file(one / "checkpoint-5" / "model.safetensors"), load_file(two / "checkpoint-5" / "model.safetensors")
+    assert set(c1) == set(c2)
+    for name in c1:
+        torch.testing.assert_close(c2[name], c1[name], atol=1e-6, rtol=1e-5, msg=name)
     assert json.loads((one / "final" / "config.json").read_text()) == json.loads((two / "final" / "config.json").read_text())
     w1, w2 = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
     assert set(w1) == set(w2) and "lm_head.weight" not in w2  # the tied head is stored once, as on one process
