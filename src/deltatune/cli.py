@@ -25,10 +25,11 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, once, before any process starts
     if args.nproc > 1:
         exec_torchrun(args)
-    from deltatune.distributed import peer_failures_explained
+    from deltatune.distributed import peer_failures_explained, shutdown
 
     with peer_failures_explained(cfg.ddp_timeout):
         run(cfg)
+    shutdown()  # under torchrun: leave the process group cleanly
     return 0
 
 
