@@ -49,7 +49,7 @@ class StopRequested(Exception):
 
     def __init__(self, signum: int, step: int, checkpoint: Path | None):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (weights were not finite)"
+        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint written"
         super().__init__(f"{signal.Signals(signum).name} after step {step}; {where}")
 
     @property

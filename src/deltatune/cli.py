@@ -29,11 +29,15 @@ def _run_until_stopped(cfg, again: str | None) -> int:
     from deltatune.checkpoint import StopRequested
     from deltatune.pipeline import run
 
+    from deltatune.distributed import peer_failures_explained, shutdown
+
     try:
-        run(cfg)
+        with peer_failures_explained(cfg.ddp_timeout):
+            run(cfg)
     except StopRequested as stop:
         print(f"stopped: {stop}" + (f"; continue with: {again}" if again else ""), file=sys.stderr)
         return stop.exit_code
+    shutdown()  # under torchrun: leave the process group cleanly
     return 0
 
 
@@ -41,8 +45,21 @@ def cmd_train(args) -> int:
     from deltatune.config import load_config
 
     overrides = list(args.overrides) + (["resume_from_checkpoint=latest"] if args.resume else [])
-    return _run_until_stopped(load_config(args.config, overrides),
-                              again=" ".join(["deltatune train", args.config, *args.overrides, "--resume"]))
+    cfg = load_config(args.config, overrides)  # a bad config fails here, once, before any process starts
+    if args.nproc > 1:
+        exec_torchrun(args)
+    return _run_until_stopped(cfg, again=" ".join(["deltatune train", args.config, *args.overrides, "--resume"]))
+
+
+def exec_torchrun(args) -> None:
+    """Replace this process with torchrun starting `nproc` copies of this same command."""
+    if "LOCAL_RANK" in os.environ:
+        raise UserError("--nproc: already running under torchrun (drop --nproc, or launch without torchrun)")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+               "-m", "deltatune", *(["--debug"] if args.debug else []), "train", args.config, *args.overrides,
+               *(["--resume"] if args.resume else [])]
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
 
 
 def cmd_demo(args) -> int:
@@ -213,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value settings that override the file")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in output_dir (resume_from_checkpoint=latest)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train on N processes of this machine (one per GPU) via torchrun")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="fine-tune the embedded SmolLM2 on the bundled task and compare")

@@ -91,6 +91,14 @@ class RunConfig(BaseModel):
     early_stopping_patience: int | None = Field(None, ge=1)
     """Stop after this many evaluations without a lower validation loss, and keep the best weights."""
 
+    # --- several processes (torchrun / `deltatune train --nproc N`) ---------------------------
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    """How processes share the work under torchrun: `ddp` keeps a full model per process, `fsdp` shards weights, gradients and optimizer state (FSDP2, per transformer block). Ignored on one process."""
+    fsdp_cpu_offload: bool = False
+    """With `parallelism: fsdp`, keep the shards and optimizer state in CPU memory (slower; for models that do not fit the GPUs)."""
+    ddp_timeout: int = Field(1800, ge=1)
+    """Seconds a process waits for the others in a collective before the job fails (a crashed or hung rank ends the run instead of hanging it)."""
+
     # --- logging, evaluation, checkpoints -----------------------------------------------
     output_dir: str = "runs/deltatune"
     """Where the run writes `final/`, `metrics.jsonl`, `summary.md` and checkpoints."""

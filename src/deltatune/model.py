@@ -204,12 +204,14 @@ def load_causal_lm(name: str, *, allow_pickle: bool = False, trust_remote_code: 
     return model, tokenizer
 
 
-def save_pretrained_atomic(model, tokenizer, out: Path) -> None:
-    """Write a model folder under a temporary name and rename it: never a half-written `final/`."""
+def save_pretrained_atomic(model, tokenizer, out: Path, state_dict: dict | None = None) -> None:
+    """Write a model folder under a temporary name and rename it: never a half-written `final/`.
+
+    `state_dict` replaces the model's own tensors (FSDP gathers the full weights into one)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if out.exists():
             shutil.rmtree(out)

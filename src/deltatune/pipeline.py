@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from deltatune import distributed
 from deltatune.checkpoint import find_resume_checkpoint, restore_run_files
 from deltatune.config import RunConfig, dump_config
 from deltatune.classify import (build_classification_examples, classification_loss, evaluate_classifier,
@@ -137,7 +138,7 @@ def _evaluate(model, tokenizer, data: Datasets, cfg: RunConfig, device, bf16) ->
 
 
 def run(cfg: RunConfig) -> RunResult:
-    device = pick_device()
+    device = distributed.init(cfg.ddp_timeout)  # under torchrun: this rank's device; else pick_device()
     splits = read_splits(cfg)
     check_inputs(cfg)
     check_method_available(cfg.method, device)
@@ -145,32 +146,42 @@ def run(cfg: RunConfig) -> RunResult:
     model, tokenizer = load_for_task(cfg, splits)
     data = tokenize_splits(splits, cfg, tokenizer, model)
     bf16 = resolve_bf16(cfg.bf16, device)
+    if distributed.world_size() > 1 and (cfg.save_steps or cfg.resume_from_checkpoint is not None):
+        raise UserError("save_steps / resume: checkpoints are single-process for now; under several processes "
+                        "drop save_steps and --resume (final/ is still written)")
+    torch.manual_seed(cfg.seed)  # new weights (LoRA, a classifier head) start the same on every rank
     model = apply_method(model, cfg, PEFT_TASK_TYPES[cfg.task])
     trained = trainable_summary(model)
     print(f"method: {cfg.method}", *trained.lines(), sep="\n", flush=True)
-    out = prepare_output_dir(cfg, resuming=cfg.resume_from_checkpoint is not None)
+    out = (prepare_output_dir(cfg, resuming=cfg.resume_from_checkpoint is not None) if distributed.is_main()
+           else Path(cfg.output_dir))  # rank 0 writes
     resumed_step = restore_run_files(out, resume) if cfg.resume_from_checkpoint is not None else 0
-    model.to(device)
+    model = distributed.wrap_model(model, cfg.parallelism, device, cfg.fsdp_cpu_offload)  # one process: .to(device)
 
-    before = _evaluate(model, tokenizer, data, cfg, device, bf16)
-    log = MetricsLog(out, purge_step=resumed_step + 1 if resume else None)
+    with torch.no_grad():  # every rank evaluates (FSDP needs all of them for each forward)
+        before = distributed.call(model, _evaluate, tokenizer, data, cfg, device, bf16)
+    log = MetricsLog(out, purge_step=resumed_step + 1 if resume else None) if distributed.is_main() else distributed.NullLog()
     try:
         if resume is None:
             log.write({"step": 0, "event": "method", "method": cfg.method, **trained.as_record()})
             log.write({"step": 0, "event": "base_eval", **{k: v for k, v in before.items() if k != "predictions"}})
         loss_fn = classification_loss if cfg.task == "classification" else causal_lm_loss
         result = fit(model, tokenizer, data.train, data.val, cfg, out, log, device, loss_fn=loss_fn, resume=resume)
-        after = _evaluate(model, tokenizer, data, cfg, device, bf16)
+        with torch.no_grad():
+            after = distributed.call(model, _evaluate, tokenizer, data, cfg, device, bf16)
         log.write({"step": result.steps, "event": "tuned_eval", **{k: v for k, v in after.items() if k != "predictions"}})
     finally:
         log.close()
 
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
+    if not distributed.all_finite(model):
         raise UserError("training produced non-finite weights; final/ was not written "
                         "(lower learning_rate, check the data)")
     if not math.isfinite(result.train_loss):
         raise UserError("training loss is not finite; final/ was not written (lower learning_rate, check the data)")
-    save_pretrained_atomic(model, tokenizer, out / "final")
+    distributed.save_model(model, tokenizer, out / "final")
+    if not distributed.is_main():
+        return RunResult(out, before, after, result)
+    model = distributed.unwrap(model)
     if cfg.task == "classification":
         save_labels_if_adapter(model, out / "final")
     summary = write_summary(out, model=cfg.model, before=before, after=after, fit=result, data_stats=data.stats)
@@ -179,6 +190,8 @@ def run(cfg: RunConfig) -> RunResult:
                            *summary_lines(before, after)]) + "\n")
     print_comparison(before, after)
     print(f"tuned model: {out / 'final'}\nsummary: {out / 'summary.md'}")
-    if cfg.delta_report and cfg.task != "classification":  # the report compares next-token distributions
+    if distributed.world_size() > 1:
+        print("delta report: skipped under several processes (run `deltatune compare` on final/)")
+    elif cfg.delta_report and cfg.task != "classification":  # the report compares next-token distributions
         after_training(cfg, model, tokenizer, data.val, before, after, result, out, device)
     return RunResult(out, before, after, result)

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from deltatune import distributed
 from deltatune.checkpoint import (StopRequested, crash_point, data_fingerprint, latest_checkpoint, load_checkpoint,
                                   save_checkpoint, stop_on_signals)
 from deltatune.config import RunConfig
@@ -127,7 +128,7 @@ def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int, devi
     for idx in length_batches(examples, batch_size):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
         with autocast(device, bf16):
-            loss_sum, n = loss_fn(model, batch)
+            loss_sum, n = distributed.call(model, loss_fn, batch)
         total += loss_sum.double()
         count += n
     model.train(was_training)
@@ -137,19 +138,25 @@ def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int, devi
 
 def accumulate_gradients(model, batches: list[dict], loss_fn: LossFn, device: torch.device,
                          bf16: bool) -> tuple[torch.Tensor, int]:
-    """Backward over a step's micro-batches; returns (summed loss, label tokens) of the step.
+    """Backward over a step's micro-batches; returns (this process's summed loss, label tokens of
+    the step across all processes).
 
     Each micro-batch's summed loss is divided by the label tokens of the *whole step*, not its
     own: a micro-batch with few response tokens must not weigh as much as one with many, and
-    the gradient is then the same however the step is split.
+    the gradient is then the same however the step is split, over micro-batches or processes.
     """
-    step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    step_tokens = distributed.all_reduce_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))
+    # DDP and FSDP *average* gradients over processes; we want their *sum* (each process holds
+    # part of one step's tokens), so each process scales its loss by the world size. Exact for
+    # a power-of-two world; on one process it is a multiplication by 1.
+    world = distributed.world_size()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in batches:
+    for i, batch in enumerate(batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast(device, bf16):
-            loss_sum, _ = loss_fn(model, batch)
-        (loss_sum / step_tokens).backward()
+        with distributed.gradient_sync(model, enabled=i == len(batches) - 1):  # sync once per step
+            with autocast(device, bf16):
+                loss_sum, _ = distributed.call(model, loss_fn, batch)
+            (loss_sum * world / max(step_tokens, 1)).backward()
         total += loss_sum.detach().double()
     return total, step_tokens
 
@@ -213,7 +220,7 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
     torch.manual_seed(cfg.seed)
     bf16 = resolve_bf16(cfg.bf16, device)
     pad_id = tokenizer.pad_token_id
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * distributed.world_size()
     steps_per_epoch = math.ceil(len(train) / per_step)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
@@ -232,7 +239,8 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
     epoch, groups, first_step = 0, [], 1
     if resume is None:
         log.write({"step": 0, "event": "start", "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-                   "warmup_steps": warmup, "bf16": bf16, "train_examples": len(train), "val_examples": len(val),
+                   "warmup_steps": warmup, "bf16": bf16, "world_size": distributed.world_size(),
+                   "train_examples": len(train), "val_examples": len(val),
                    "trainable_parameters": sum(p.numel() for p in params),
                    "total_parameters": sum(p.numel() for p in model.parameters())})
     else:  # continue exactly where the checkpoint was taken: weights, optimizer, RNGs, data order, windows
@@ -255,9 +263,10 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
             if not groups:  # next epoch: a fresh seeded shuffle
                 groups = step_groups(len(train), per_step, cfg.seed, epoch)
                 epoch += 1
-            group = groups.pop(0)
-            batches = [collate([train[i] for i in mb], pad_id)
-                       for mb in micro_batches(group, train, cfg.per_device_train_batch_size)]
+            group = groups.pop(0)  # the same global step on every process; each takes its share
+            distributed.inject_fault(step)
+            batches = distributed.local_share([collate([train[i] for i in mb], pad_id)
+                                               for mb in micro_batches(group, train, cfg.per_device_train_batch_size)])
             step_loss, step_tokens = accumulate_gradients(model, batches, loss_fn, device, bf16)
             seen = sum(int(b["attention_mask"].sum()) for b in batches)
             window_seen += seen
@@ -286,9 +295,10 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
 
             if (step % cfg.logging_steps == 0 or step == total_steps) and int(window_tokens) > 0:
                 now = time.perf_counter()
-                loss = (window_loss / window_tokens.clamp(min=1)).item()
+                loss = (distributed.all_reduce_sum(window_loss) / window_tokens.clamp(min=1)).item()
+                window_seen = distributed.all_reduce_sum(window_seen)
                 record = {"step": step, "epoch": round(epoch - 1 + (steps_per_epoch - len(groups)) / steps_per_epoch, 4),
-                          "loss": loss, "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                          "loss": loss, "learning_rate": scheduler.get_last_lr()[0], "grad_norm": distributed.scalar(grad_norm),
                           "tokens_per_second": window_seen / max(now - window_start, 1e-9),
                           "elapsed_seconds": now - start}
                 log.write(record)
@@ -321,6 +331,8 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
             bar.update(task, completed=step)
             result.steps = step
             crash_point("step", step)
+            if stop.signum and distributed.world_size() > 1:  # checkpoints are single-process for now
+                raise StopRequested(stop.signum, step, None)
             if stop.signum or (cfg.save_steps and step % cfg.save_steps == 0 and step != total_steps):
                 loop = {"step": step, "epoch": epoch, "groups": groups, "bad_evals": bad_evals,
                         "nonfinite_in_a_row": nonfinite_in_a_row, "window_loss": window_loss.item(),
@@ -335,6 +347,7 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
             for name, p in model.named_parameters():
                 if name in best_state:
                     p.copy_(best_state[name])
+    result.seen_tokens = distributed.all_reduce_sum(result.seen_tokens)
     result.epochs = result.steps / steps_per_epoch
     result.wall_seconds = time.perf_counter() - start
     result.tokens_per_second = result.seen_tokens / max(result.wall_seconds, 1e-9)
