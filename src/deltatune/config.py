@@ -78,6 +78,14 @@ class RunConfig(BaseModel):
     early_stopping_patience: int | None = Field(None, ge=1)
     """Stop after this many evaluations without a lower validation loss, and keep the best weights."""
 
+    # --- speed and memory ------------------------------------------------------------------
+    packing: bool = True
+    """Pack each optimizer step's examples into rows (block-diagonal mask, per-example positions): no padding, same steps."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in backward: less memory, about a third more compute."""
+    torch_compile: bool = False
+    """Compile the decoder with torch.compile (dynamic shapes); pays off only on long runs."""
+
     # --- logging, evaluation, checkpoints -----------------------------------------------
     output_dir: str = "runs/deltatune"
     """Where the run writes `final/`, `metrics.jsonl`, `summary.md` and checkpoints."""

@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from deltatune.config import RunConfig
 from deltatune.data import IGNORE_INDEX, Example, collate, length_batches, micro_batches, step_groups
 from deltatune.errors import UserError
+from deltatune.head_loss import linear_cross_entropy
+from deltatune.packing import collate_packed, model_mask, packed_micro_batches
+from deltatune.speed import prepare_for_training
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
 
@@ -34,15 +37,24 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy, number of label tokens) of next-token prediction.
 
     The output head runs only at positions that carry a label: prompts and padding are never
-    projected onto the vocabulary, which is most of the head's cost in SFT.
+    projected onto the vocabulary, which is most of the head's cost in SFT; and it runs in
+    chunks with the cross-entropy (head_loss.py), so the full logits never exist at once.
+    A packed batch (packing.py) brings `position_ids` and a 4D block-diagonal mask.
     """
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              use_cache=False)
+    mask = batch["attention_mask"]
+    extra = {}
+    if "position_ids" in batch:  # a packed batch: per-example positions and a 4D block mask
+        mask = model_mask(model, mask, next(model.parameters()).dtype)
+        extra["position_ids"] = batch["position_ids"]
+    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **extra)
     hidden = out.last_hidden_state[:, :-1][keep]
-    logits = model.get_output_embeddings()(hidden).float()
+    head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
+    if not cap and isinstance(head, torch.nn.Linear) and head.bias is None:
+        return linear_cross_entropy(hidden, head.weight, targets[keep]), keep.sum()
+    logits = head(hidden).float()
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
@@ -137,6 +149,7 @@ class MetricsLog:
     """metrics.jsonl (one object per logged event) plus TensorBoard scalars."""
 
     def __init__(self, out_dir: Path):
+        out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
         self._file = self.path.open("a", encoding="utf-8")
         from torch.utils.tensorboard import SummaryWriter
@@ -201,6 +214,7 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
     eval_every = cfg.eval_steps or steps_per_epoch
 
+    prepare_for_training(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler_type, warmup, total_steps))
@@ -224,8 +238,12 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
                 groups = step_groups(len(train), per_step, cfg.seed, epoch)
                 epoch += 1
             group = groups.pop(0)
-            batches = [collate([train[i] for i in mb], pad_id)
-                       for mb in micro_batches(group, train, cfg.per_device_train_batch_size)]
+            if cfg.packing:
+                batches = [collate_packed([[train[i] for i in row] for row in mb], pad_id)
+                           for mb in packed_micro_batches(group, train, cfg.per_device_train_batch_size)]
+            else:
+                batches = [collate([train[i] for i in mb], pad_id)
+                           for mb in micro_batches(group, train, cfg.per_device_train_batch_size)]
             # Normalise by the label tokens of the whole step, not per micro-batch: a micro-batch
             # with few response tokens must not weigh as much as one with many.
             step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
@@ -235,7 +253,7 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
                     loss_sum, _ = loss_fn(model, batch)
                 (loss_sum / step_tokens).backward()
                 window_loss += loss_sum.detach().double()
-                window_seen += int(batch["attention_mask"].sum())
+            window_seen += sum(len(train[i].input_ids) for i in group)  # counted on the host: no device sync
             window_tokens += step_tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
             optimizer.step()
