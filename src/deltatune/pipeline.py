@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from deltatune.config import RunConfig, dump_config
+from deltatune.datacache import cached_sft_examples
 from deltatune.data import DatasetStats, Example, build_sft_examples, split_records
 from deltatune.errors import UserError
 from deltatune.evaluate import evaluate
@@ -65,11 +66,11 @@ def read_splits(cfg: RunConfig) -> Splits:
 
 def tokenize_splits(splits: Splits, cfg: RunConfig, tokenizer) -> Datasets:
     opts = dict(max_seq_length=cfg.max_seq_length, train_on_inputs=cfg.train_on_inputs)
-    train, train_stats = build_sft_examples(splits.train, tokenizer, name=str(cfg.train_file), **opts)
+    train, train_stats = cached_sft_examples(splits.train, tokenizer, name=str(cfg.train_file), **opts)
     stats = {"train": train_stats}
     val: list[Example] = []
     if splits.val:
-        val, stats["validation"] = build_sft_examples(splits.val, tokenizer, name="validation data", **opts)
+        val, stats["validation"] = cached_sft_examples(splits.val, tokenizer, name="validation data", **opts)
     for split, s in stats.items():
         if s.truncated or s.dropped_no_labels:
             print(f"{split}: {s.truncated} examples truncated at max_seq_length={cfg.max_seq_length}, "
