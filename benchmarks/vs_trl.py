@@ -176,7 +176,11 @@ def launch(side: str, setting: str, method: str, args) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{side} {setting} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(Path(result_path).read_text())
+    result = json.loads(Path(result_path).read_text())
+    Path(result_path).unlink()
+    print(f"    wall {result['wall']:.1f} s, {result['real_tokens'] / result['wall']:.0f} real tok/s, "
+          f"peak RSS {result['peak_rss_gb']:.2f} GB, val loss {result['val_loss']:.4f}", flush=True)
+    return result
 
 
 def summarise(runs: list[dict]) -> dict:
