@@ -4,7 +4,7 @@
 
 Manual timers around the phases of deltatune's step (the same calls fit() makes): decoder
 forward, output head + cross-entropy (chunked, gradients in forward), backward through the
-decoder, gradient clipping, AdamW (foreach) and zero_grad. The first step is a warm-up and is
+decoder, gradient clipping, AdamW (fused) and zero_grad. The first step is a warm-up and is
 not counted. Prints the median seconds per phase and its share.
 """
 
@@ -85,7 +85,7 @@ def main() -> None:
                          lambda: linear_cross_entropy(hidden, model.lm_head.weight, b["labels"][:, 1:][keep]))
             timed("backward (decoder + embedding)", lambda: (loss / n_labels).backward())
         timed("clip grad norm", lambda: torch.nn.utils.clip_grad_norm_(params, 1.0))
-        timed("AdamW step (foreach)", optimizer.step)
+        timed("AdamW step (fused)", optimizer.step)
         timed("zero_grad(set_to_none)", lambda: optimizer.zero_grad(set_to_none=True))
         if step == 0:  # warm-up step: discard
             phases.clear()
