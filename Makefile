@@ -25,5 +25,13 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# make bench: install TRL (the `bench` extra) and run the side-by-side benchmark (benchmarks/RESULTS.md).
+# BENCH_ARGS="--pairs 1" for a quick run.
+BENCH_ARGS ?=
+bench: setup
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python benchmarks/peak_flops.py
+	$(BIN)/python benchmarks/vs_trl.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -78,7 +78,8 @@ def test_gradient_accumulation_gives_the_same_training_run(tiny_tokenizer, tmp_p
         model = make_tiny_llama(tiny_tokenizer, seed=1)
         log = MetricsLog(tmp_path / f"{batch}x{accum}")
         fit(model, tiny_tokenizer, examples, [], cfg(tmp_path, per_device_train_batch_size=batch, learning_rate=lr,
-                                                     gradient_accumulation_steps=accum, max_grad_norm=1.0),
+                                                     gradient_accumulation_steps=accum, max_grad_norm=1.0,
+                                                     packing=False),  # packed steps: test_packing.py
             tmp_path, log, CPU)
         log.close()
         weights.append({n: p.detach().clone() for n, p in model.named_parameters()})

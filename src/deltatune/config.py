@@ -98,6 +98,13 @@ class RunConfig(BaseModel):
     """With `parallelism: fsdp`, keep the shards and optimizer state in CPU memory (slower; for models that do not fit the GPUs)."""
     ddp_timeout: int = Field(1800, ge=1)
     """Seconds a process waits for the others in a collective before the job fails (a crashed or hung rank ends the run instead of hanging it)."""
+    # --- speed and memory ------------------------------------------------------------------
+    packing: bool = True
+    """Pack each optimizer step's examples into rows (block-diagonal mask, per-example positions): no padding, same steps."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in backward: less memory, about a third more compute."""
+    torch_compile: bool = False
+    """Compile the decoder with torch.compile (dynamic shapes); pays off only on long runs."""
 
     # --- logging, evaluation, checkpoints -----------------------------------------------
     output_dir: str = "runs/deltatune"

@@ -18,7 +18,8 @@ from deltatune.checkpoint import find_resume_checkpoint, restore_run_files
 from deltatune.config import RunConfig, dump_config
 from deltatune.classify import (build_classification_examples, classification_loss, evaluate_classifier,
                                 label_names, load_classifier, save_labels_if_adapter, summary_lines)
-from deltatune.data import DatasetStats, Example, build_sft_examples, build_text_blocks, split_records
+from deltatune.data import DatasetStats, Example, build_text_blocks, split_records
+from deltatune.datacache import cached_sft_examples
 from deltatune.delta_report import after_training, check_inputs
 from deltatune.errors import UserError
 from deltatune.evaluate import evaluate
@@ -93,7 +94,7 @@ def example_builder(cfg: RunConfig, tokenizer, model):
     if cfg.task == "classification":
         return functools.partial(build_classification_examples, tokenizer=tokenizer,
                                  max_seq_length=cfg.max_seq_length, label2id=model.config.label2id)
-    return functools.partial(build_sft_examples, tokenizer=tokenizer, max_seq_length=cfg.max_seq_length,
+    return functools.partial(cached_sft_examples, tokenizer=tokenizer, max_seq_length=cfg.max_seq_length,
                              train_on_inputs=cfg.train_on_inputs)
 
 

@@ -29,6 +29,9 @@ from deltatune.checkpoint import (StopRequested, crash_point, data_fingerprint, 
 from deltatune.config import RunConfig
 from deltatune.data import IGNORE_INDEX, Example, collate, length_batches, micro_batches, step_groups
 from deltatune.errors import UserError
+from deltatune.head_loss import linear_cross_entropy
+from deltatune.packing import collate_packed, model_mask, packed_micro_batches
+from deltatune.speed import prepare_for_training
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
 
@@ -39,15 +42,24 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy, number of label tokens) of next-token prediction.
 
     The output head runs only at positions that carry a label: prompts and padding are never
-    projected onto the vocabulary, which is most of the head's cost in SFT.
+    projected onto the vocabulary, which is most of the head's cost in SFT; and it runs in
+    chunks with the cross-entropy (head_loss.py), so the full logits never exist at once.
+    A packed batch (packing.py) brings `position_ids` and a 4D block-diagonal mask.
     """
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              use_cache=False)
+    mask = batch["attention_mask"]
+    extra = {}
+    if "position_ids" in batch:  # a packed batch: per-example positions and a 4D block mask
+        mask = model_mask(model, mask, next(model.parameters()).dtype)
+        extra["position_ids"] = batch["position_ids"]
+    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **extra)
     hidden = out.last_hidden_state[:, :-1][keep]
-    logits = model.get_output_embeddings()(hidden).float()
+    head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
+    if not cap and isinstance(head, torch.nn.Linear) and head.bias is None:
+        return linear_cross_entropy(hidden, head.weight, targets[keep]), keep.sum()
+    logits = head(hidden).float()
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
@@ -110,7 +122,9 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device
     if not decay and not no_decay:
         raise UserError("no parameter is trainable (check method / freeze settings)")
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
+    # Fused AdamW (one kernel per tensor, also on CPU): measured 5x faster than foreach on this
+    # 2-core CPU over SmolLM2-sized parameters, same update to float rounding.
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
                              fused=fused, foreach=None if fused else True)
 
@@ -220,12 +234,14 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
     torch.manual_seed(cfg.seed)
     bf16 = resolve_bf16(cfg.bf16, device)
     pad_id = tokenizer.pad_token_id
+    packing = cfg.packing and cfg.task != "classification"  # a classifier pools one token per row: no packing
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * distributed.world_size()
     steps_per_epoch = math.ceil(len(train) / per_step)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
     eval_every = cfg.eval_steps or steps_per_epoch
 
+    prepare_for_training(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler_type, warmup, total_steps))
@@ -265,10 +281,14 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
                 epoch += 1
             group = groups.pop(0)  # the same global step on every process; each takes its share
             distributed.inject_fault(step)
-            batches = distributed.local_share([collate([train[i] for i in mb], pad_id)
-                                               for mb in micro_batches(group, train, cfg.per_device_train_batch_size)])
-            step_loss, step_tokens = accumulate_gradients(model, batches, loss_fn, device, bf16)
-            seen = sum(int(b["attention_mask"].sum()) for b in batches)
+            if packing:
+                batches = [collate_packed([[train[i] for i in row] for row in mb], pad_id)
+                           for mb in packed_micro_batches(group, train, cfg.per_device_train_batch_size)]
+            else:
+                batches = [collate([train[i] for i in mb], pad_id)
+                           for mb in micro_batches(group, train, cfg.per_device_train_batch_size)]
+            step_loss, step_tokens = accumulate_gradients(model, distributed.local_share(batches), loss_fn, device, bf16)
+            seen = sum(len(train[i].input_ids) for i in group)  # the whole step's, counted on the host: no sync
             window_seen += seen
             result.seen_tokens += seen
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
@@ -296,7 +316,6 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
             if (step % cfg.logging_steps == 0 or step == total_steps) and int(window_tokens) > 0:
                 now = time.perf_counter()
                 loss = (distributed.all_reduce_sum(window_loss) / window_tokens.clamp(min=1)).item()
-                window_seen = distributed.all_reduce_sum(window_seen)
                 record = {"step": step, "epoch": round(epoch - 1 + (steps_per_epoch - len(groups)) / steps_per_epoch, 4),
                           "loss": loss, "learning_rate": scheduler.get_last_lr()[0], "grad_norm": distributed.scalar(grad_norm),
                           "tokens_per_second": window_seen / max(now - window_start, 1e-9),
@@ -347,7 +366,6 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
             for name, p in model.named_parameters():
                 if name in best_state:
                     p.copy_(best_state[name])
-    result.seen_tokens = distributed.all_reduce_sum(result.seen_tokens)
     result.epochs = result.steps / steps_per_epoch
     result.wall_seconds = time.perf_counter() - start
     result.tokens_per_second = result.seen_tokens / max(result.wall_seconds, 1e-9)

@@ -1,0 +1,104 @@
+"""Where one full fine-tuning step's time goes, on the embedded SmolLM2-135M.
+
+    python benchmarks/profile_step.py [--steps 3] [--batch-size 4] [--packing/--no-packing] [--checkpointing]
+
+Manual timers around the phases of deltatune's step (the same calls fit() makes): decoder
+forward, output head + cross-entropy (chunked, gradients in forward), backward through the
+decoder, gradient clipping, AdamW (fused) and zero_grad. The first step is a warm-up and is
+not counted. Prints the median seconds per phase and its share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--data", default=str(HERE / "data"))
+    parser.add_argument("--no-packing", dest="packing", action="store_false")
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+
+    import torch
+
+    from deltatune.config import build_config
+    from deltatune.data import IGNORE_INDEX, build_sft_examples, collate, micro_batches, step_groups
+    from deltatune.formats import load_records
+    from deltatune.head_loss import linear_cross_entropy
+    from deltatune.model import load_causal_lm
+    from deltatune.packing import collate_packed, model_mask, packed_micro_batches
+    from deltatune.train import build_optimizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (Path(args.data) / "train.jsonl").is_file():
+        raise SystemExit(f"no {args.data}/train.jsonl: run benchmarks/make_data.py first")
+    model, tokenizer = load_causal_lm("smollm2-135m-instruct")
+    records, _ = load_records(Path(args.data) / "train.jsonl", "auto")
+    train, _ = build_sft_examples(records, tokenizer, max_seq_length=1024)
+    cfg = build_config(dict(train_file="x", learning_rate=5e-5, gradient_checkpointing=args.checkpointing), "p")
+    if args.checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = step_groups(len(train), args.batch_size, seed=0, epoch=0)
+    phases: dict[str, list[float]] = {}
+    tokens = []
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        out = fn()
+        phases.setdefault(name, []).append(time.perf_counter() - start)
+        return out
+
+    for step in range(args.steps + 1):
+        group = groups[step]
+        if args.packing:
+            batches = [collate_packed([[train[i] for i in row] for row in mb], tokenizer.pad_token_id)
+                       for mb in packed_micro_batches(group, train, args.batch_size)]
+        else:
+            batches = [collate([train[i] for i in mb], tokenizer.pad_token_id)
+                       for mb in micro_batches(group, train, args.batch_size)]
+        n_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        for b in batches:
+            extra = {}
+            mask = b["attention_mask"]
+            if "position_ids" in b:
+                mask, extra = model_mask(model, mask, torch.float32), {"position_ids": b["position_ids"]}
+            out = timed("decoder forward", lambda: model.get_decoder()(input_ids=b["input_ids"], attention_mask=mask,
+                                                                      use_cache=False, **extra))
+            keep = b["labels"][:, 1:] != IGNORE_INDEX
+            hidden = out.last_hidden_state[:, :-1][keep]
+            loss = timed("head + cross-entropy (fwd+grads)",
+                         lambda: linear_cross_entropy(hidden, model.lm_head.weight, b["labels"][:, 1:][keep]))
+            timed("backward (decoder + embedding)", lambda: (loss / n_labels).backward())
+        timed("clip grad norm", lambda: torch.nn.utils.clip_grad_norm_(params, 1.0))
+        timed("AdamW step (fused)", optimizer.step)
+        timed("zero_grad(set_to_none)", lambda: optimizer.zero_grad(set_to_none=True))
+        if step == 0:  # warm-up step: discard
+            phases.clear()
+            continue
+        tokens.append(sum(len(train[i].input_ids) for i in group))
+    per_step = {k: sum(v) / args.steps for k, v in phases.items()}
+    total = sum(per_step.values())
+    print(f"{args.steps} steps of {args.batch_size} examples ({statistics.mean(tokens):.0f} real tokens/step), "
+          f"packing={args.packing}, checkpointing={args.checkpointing}, threads={torch.get_num_threads()}")
+    for name, seconds in per_step.items():
+        print(f"  {name:36s} {seconds:7.3f} s  {seconds / total:6.1%}")
+    print(f"  {'total':36s} {total:7.3f} s  -> {statistics.mean(tokens) / total:.0f} real tokens/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Tokenised datasets, prepared once and cached on disk.
+
+Rendering every conversation turn by turn through the chat template is the slow part of data
+preparation; a rerun with the same data, tokenizer and settings reads the result back instead.
+The key hashes the records' content, the tokenizer (its full serialisation and chat template)
+and every setting that changes the examples, so any change makes a new entry. Entries are
+JSON under `$DELTATUNE_CACHE/datasets` (default ~/.cache/deltatune/datasets), written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from deltatune.data import DatasetStats, Example, build_sft_examples
+from deltatune.formats import Record
+
+FORMAT_VERSION = 1  # bump when the tokenisation or masking logic changes
+
+
+def dataset_key(records: list[Record], tokenizer, **settings) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"version": FORMAT_VERSION, "settings": settings}, sort_keys=True).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
+    digest.update(str(tokenizer.chat_template).encode())
+    for r in records:
+        digest.update(json.dumps([r.messages, r.text, r.text_pair, r.label, r.source], ensure_ascii=False).encode())
+    return digest.hexdigest()[:32]
+
+
+def cached_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int, train_on_inputs: bool = False,
+                        name: str = "data", cache: Path | None = None) -> tuple[list[Example], DatasetStats]:
+    """build_sft_examples, read from the cache when the same data was prepared before."""
+    from deltatune.model import cache_dir
+
+    folder = (cache or cache_dir()) / "datasets"
+    key = dataset_key(records, tokenizer, max_seq_length=max_seq_length, train_on_inputs=train_on_inputs)
+    path = folder / f"{key}.json"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            return [Example(**e) for e in saved["examples"]], DatasetStats(**saved["stats"])
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged entry is rebuilt below
+    examples, stats = build_sft_examples(records, tokenizer, max_seq_length=max_seq_length,
+                                         train_on_inputs=train_on_inputs, name=name)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"examples": [dataclasses.asdict(e) for e in examples], "stats": dataclasses.asdict(stats)}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the re-tokenisation
+    return examples, stats

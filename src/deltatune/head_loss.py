@@ -1,0 +1,53 @@
+"""Output head + cross-entropy in chunks, without ever holding [tokens x vocabulary] logits.
+
+The loss is a scalar at the end of the graph, so its gradients with respect to the hidden
+states and the head weight can be computed in the forward pass, chunk by chunk, and only
+scaled by the incoming gradient in backward. Each chunk's logits live just long enough to
+produce its loss and gradients: peak memory is one chunk of logits instead of all of them
+(plus their saved softmax), and nothing is recomputed, so it costs the same three matmuls as
+autograd's version. The chunk size bounds the logits buffer to `max_chunk_elements` floats.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX_CHUNK_ELEMENTS = 1 << 24  # 64 MB of float32 logits per chunk
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows):
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16 logits are scored in float32
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad else None
+        w = weight.to(hidden.dtype)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start: start + chunk_rows]
+            t = targets[start: start + chunk_rows]
+            logits = (h @ w.t()).to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_grad:
+                # d(lse - logit_t)/d logits = softmax - onehot(t), computed in place over the logits buffer.
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                grad_hidden[start: start + chunk_rows] = (probs.to(h.dtype) @ w).to(hidden.dtype)
+                grad_weight += probs.t().to(h.dtype).matmul(h).to(acc)
+        if need_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output.to(grad_hidden.dtype), grad_weight * grad_output.to(grad_weight.dtype), None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         max_chunk_elements: int = MAX_CHUNK_ELEMENTS) -> torch.Tensor:
+    """sum over rows of cross_entropy(hidden @ weight.T, targets): hidden [N, d], weight [V, d], targets [N]."""
+    chunk_rows = max(1, max_chunk_elements // weight.shape[0])
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
