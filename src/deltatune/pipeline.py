@@ -147,9 +147,9 @@ def run(cfg: RunConfig) -> RunResult:
     model, tokenizer = load_for_task(cfg, splits)
     data = tokenize_splits(splits, cfg, tokenizer, model)
     bf16 = resolve_bf16(cfg.bf16, device)
-    if distributed.world_size() > 1 and (cfg.save_steps or cfg.resume_from_checkpoint is not None):
-        raise UserError("save_steps / resume: checkpoints are single-process for now; under several processes "
-                        "drop save_steps and --resume (final/ is still written)")
+    if distributed.world_size() > 1 and cfg.resume_from_checkpoint is not None:
+        raise UserError("resume: resumable checkpoints are single-process for now; under several processes "
+                        "save_steps writes model folders only (start a new run, or resume on one process)")
     torch.manual_seed(cfg.seed)  # new weights (LoRA, a classifier head) start the same on every rank
     model = apply_method(model, cfg, PEFT_TASK_TYPES[cfg.task])
     trained = trainable_summary(model)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -226,6 +227,15 @@ def _progress(total: int):
                     disable=not sys.stderr.isatty(), transient=False)
 
 
+def _save_model_snapshot(model, tokenizer, out_dir: Path, step: int, keep: int | None) -> None:
+    """Under several processes: `checkpoint-STEP/` as a plain model folder (no optimizer state, not resumable)."""
+    distributed.save_model(model, tokenizer, out_dir / f"checkpoint-{step}")
+    if keep and distributed.is_main():
+        existing = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in existing[:-keep]:
+            shutil.rmtree(old)
+
+
 # --- the loop --------------------------------------------------------------------------------
 
 def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConfig, out_dir: Path,
@@ -350,9 +360,13 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
             bar.update(task, completed=step)
             result.steps = step
             crash_point("step", step)
-            if stop.signum and distributed.world_size() > 1:  # checkpoints are single-process for now
-                raise StopRequested(stop.signum, step, None)
-            if stop.signum or (cfg.save_steps and step % cfg.save_steps == 0 and step != total_steps):
+            due = cfg.save_steps and step % cfg.save_steps == 0 and step != total_steps
+            if distributed.world_size() > 1:  # resumable checkpoints are single-process for now: save weights only
+                if due:
+                    _save_model_snapshot(model, tokenizer, out_dir, step, cfg.save_total_limit)
+                if stop.signum:
+                    raise StopRequested(stop.signum, step, None)
+            elif stop.signum or due:
                 loop = {"step": step, "epoch": epoch, "groups": groups, "bad_evals": bad_evals,
                         "nonfinite_in_a_row": nonfinite_in_a_row, "window_loss": window_loss.item(),
                         "window_tokens": int(window_tokens), "window_seen": window_seen,
