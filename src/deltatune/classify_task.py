@@ -10,9 +10,10 @@ not memorise the wording. An untrained classification head scores near chance (2
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
+
+from deltatune.demo_task import write_splits
 
 TOPICS = {
     "billing": {
@@ -65,12 +66,7 @@ def generate(seed: int = 0, n_train: int = 320, n_validation: int = 80, n_test: 
 
 
 def write(out: Path, seed: int = 0) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split, records in generate(seed).items():
-        paths[split] = out / f"{split}.jsonl"
-        paths[split].write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return paths
+    return write_splits(out, generate(seed))
 
 
 if __name__ == "__main__":

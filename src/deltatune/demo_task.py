@@ -60,13 +60,18 @@ def generate(seed: int = 0, n_train: int = 240, n_validation: int = 40, n_test: 
     return {"train": train, "validation": validation, "test": test}
 
 
-def write(out: Path, seed: int = 0) -> dict[str, Path]:
+def write_splits(out: Path, splits: dict[str, list[dict]]) -> dict[str, Path]:
+    """One `<split>.jsonl` per split; returns their paths (shared with the classification task)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for split, records in generate(seed).items():
+    for split, records in splits.items():
         paths[split] = out / f"{split}.jsonl"
         paths[split].write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return paths
+
+
+def write(out: Path, seed: int = 0) -> dict[str, Path]:
+    return write_splits(out, generate(seed))
 
 
 if __name__ == "__main__":

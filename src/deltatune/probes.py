@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from deltatune.errors import UserError, where
+from deltatune.evaluate import greedy_continuations, stop_ids
 
 
 @dataclass(frozen=True)
@@ -130,31 +131,13 @@ def is_correct(completion: str, answer: str) -> bool:
     return bool(want) and _words(completion)[: len(want)] == want
 
 
-@torch.no_grad()
 def complete(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 4, batch_size: int = 32,
              device: torch.device | None = None) -> list[str]:
     """Greedy raw-text continuations (no chat template), left-padded in batches."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    pad = tokenizer.pad_token_id
-    outputs = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad)
-        for row, i in enumerate(idx):
-            outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
-    model.train(was_training)
-    return outputs
+    new = greedy_continuations(model, [tokenizer(p)["input_ids"] for p in prompts], pad_id=tokenizer.pad_token_id,
+                               stop_ids=stop_ids(tokenizer), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               device=device)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
 
 
 def score(model, tokenizer, probes: list[Probe], device=None) -> tuple[list[bool], list[str]]:
