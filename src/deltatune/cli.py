@@ -83,7 +83,7 @@ def cmd_compare(args) -> int:
 
     options = ReportOptions(general_text_file=args.general_text, probe_files=tuple(args.probe_file),
                             side_by_side=args.side_by_side, kl_samples=args.kl_samples, batch_size=args.batch_size)
-    compare(args.base, args.tuned, args.data, Path(args.out), fmt=args.format, metric=args.metric,
+    compare(args.base, args.tuned, args.data, Path(args.out), fmt=args.format, check=_check(args),
             max_examples=args.max_examples, max_seq_length=args.max_seq_length, max_new_tokens=args.max_new_tokens,
             options=options, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     return 0
@@ -141,12 +141,13 @@ def cmd_eval(args) -> int:
     from deltatune.formats import CHAT_FORMATS, load_records
     from deltatune.train import resolve_bf16
 
+    check = _check(args)
     records, fmt = load_records(args.data, args.format)
     if fmt not in CHAT_FORMATS:
         raise UserError(f"{args.data}: format '{fmt}' has no conversations to evaluate")
     model, tokenizer, device = _load_for_inference(args.model, args.allow_pickle, args.trust_remote_code)
     examples, _ = build_sft_examples(records, tokenizer, max_seq_length=args.max_seq_length, name=args.data)
-    result = evaluate(model, tokenizer, loss_examples=examples, metric_records=records, metric=args.metric,
+    result = evaluate(model, tokenizer, loss_examples=examples, metric_records=records, metric=args.metric, check=check,
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=device,
                       bf16=resolve_bf16("auto", device), keep_predictions=args.show)
     result = {"model": args.model, "data": str(args.data), **result}
@@ -215,6 +216,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _add_metric(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metric", default="exact_match", choices=["exact_match", "contains", "regex", "json_schema", "none"])
+    p.add_argument("--metric-pattern", help="with --metric regex: the regex an output must fully match")
+    p.add_argument("--metric-schema", help="with --metric json_schema: JSON Schema file an output must satisfy")
+
+
+def _check(args):
+    from deltatune.evaluate import load_check
+
+    if (args.metric == "regex") != bool(args.metric_pattern) or (args.metric == "json_schema") != bool(args.metric_schema):
+        raise UserError("--metric regex needs --metric-pattern, --metric json_schema needs --metric-schema (and only they)")
+    return load_check(args.metric, args.metric_pattern, args.metric_schema)
+
+
 def _add_model_safety(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin/.pt) weights, which can run code")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
@@ -244,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder, .gguf file or embedded name")
     p.add_argument("--data", required=True, help="JSONL/JSON/CSV conversations with reference answers")
     p.add_argument("--format", default="auto", help="data format (default: detect)")
-    p.add_argument("--metric", default="exact_match", choices=["exact_match", "none"])
+    _add_metric(p)
     p.add_argument("--max-seq-length", type=int, default=2048)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
@@ -259,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="JSONL/JSON/CSV conversations with reference answers")
     p.add_argument("--out", default="delta_report", help="folder for report.md/html and delta.json")
     p.add_argument("--format", default="auto", help="data format (default: detect)")
-    p.add_argument("--metric", default="exact_match", choices=["exact_match", "none"])
+    _add_metric(p)
     p.add_argument("--max-examples", type=int, default=64, help="use at most this many records of --data")
     p.add_argument("--max-seq-length", type=int, default=1024)
     p.add_argument("--max-new-tokens", type=int, default=64)

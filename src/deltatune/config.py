@@ -123,8 +123,12 @@ class RunConfig(BaseModel):
     """Continue a run: `latest` (the newest complete checkpoint in `output_dir`; starts at step 0 if there is none yet) or a checkpoint folder. `deltatune train CONFIG --resume` sets `latest`."""
     max_nonfinite_steps: int = Field(3, ge=1)
     """Stop when this many optimizer steps in a row have a non-finite loss or gradient norm (each is skipped, not applied)."""
-    metric: Literal["exact_match", "none"] = "exact_match"
-    """Task metric on `test_file`: greedy generation compared with the reference answer."""
+    metric: Literal["exact_match", "contains", "regex", "json_schema", "none"] = "exact_match"
+    """Task metric on `test_file`, scored on greedy generations: `exact_match` (equals the reference), `contains` (holds the reference), `regex` (fully matches `metric_pattern`), `json_schema` (is JSON valid under `metric_schema`)."""
+    metric_pattern: str | None = None
+    """With `metric: regex`: the Python regular expression an output must fully match."""
+    metric_schema: str | None = None
+    """With `metric: json_schema`: path of the JSON Schema file an output must satisfy."""
     max_new_tokens: int = Field(64, ge=1)
     """Generation length limit for the task metric."""
 
@@ -158,6 +162,10 @@ class RunConfig(BaseModel):
     def _check_sources(self) -> "RunConfig":
         if self.train_file is None:
             raise ValueError("train_file is required (path to a JSONL, JSON or CSV file)")
+        if (self.metric == "regex") != (self.metric_pattern is not None):
+            raise ValueError("metric_pattern goes with metric: regex, and metric: regex needs metric_pattern")
+        if (self.metric == "json_schema") != (self.metric_schema is not None):
+            raise ValueError("metric_schema goes with metric: json_schema, and metric: json_schema needs metric_schema")
         return self
 
     @model_validator(mode="after")
@@ -213,7 +221,8 @@ def parse_overrides(pairs: list[str]) -> dict:
 def _rebase_paths(raw: dict, base_dir: Path) -> dict:
     """Make relative file paths in a config file relative to that file, not to the cwd."""
     raw = dict(raw)
-    for key in ("train_file", "validation_file", "test_file", "output_dir", "model", "resume_from_checkpoint"):
+    for key in ("train_file", "validation_file", "test_file", "output_dir", "model", "resume_from_checkpoint",
+                "metric_schema"):
         value = raw.get(key)
         if key == "resume_from_checkpoint" and value == "latest":
             continue

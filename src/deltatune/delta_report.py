@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from deltatune import delta, probes
-from deltatune.evaluate import normalise_answer
+from deltatune.evaluate import Check
 
 SCHEMA = "deltatune.delta"
 SCHEMA_VERSION = 1
@@ -61,14 +61,16 @@ class Predictions:
     prompts: list[str] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
+    scored: list[float] = field(default_factory=list)  # 1.0 where the output passed the run's metric
 
     @classmethod
     def from_eval(cls, result: dict) -> "Predictions":
         p = result.get("predictions") or []
-        return cls([x["prompt"] for x in p], [x["reference"] for x in p], [x["output"] for x in p])
+        return cls([x["prompt"] for x in p], [x["reference"] for x in p], [x["output"] for x in p],
+                   [float(x["hit"]) for x in p])
 
     def hits(self) -> list[float]:
-        return [float(normalise_answer(o) == normalise_answer(r)) for o, r in zip(self.outputs, self.references)]
+        return self.scored
 
 
 def load_probe_sets(files) -> tuple[list[probes.Probe], list[str]]:
@@ -462,7 +464,7 @@ def after_training(cfg, tuned, tokenizer, val_examples, before: dict, after: dic
 
 
 def compare(base_name: str, tuned_name: str, data_file: str, out_dir: Path, *, fmt: str = "auto",
-            metric: str = "exact_match", max_examples: int = 64, max_seq_length: int = 1024,
+            check: Check = Check(), max_examples: int = 64, max_seq_length: int = 1024,
             max_new_tokens: int = 64, options: ReportOptions = ReportOptions(), allow_pickle: bool = False,
             trust_remote_code: bool = False) -> dict:
     """`deltatune compare`: the same report for any pair of models on a data file."""
@@ -489,16 +491,16 @@ def compare(base_name: str, tuned_name: str, data_file: str, out_dir: Path, *, f
     tuned.to(device).eval()
     examples, _ = build_sft_examples(records, tokenizer, max_seq_length=max_seq_length, name=str(data_file))
     base_pred = tuned_pred = None
-    if metric != "none":
+    if check.metric != "none":
         prompts = [r.messages[-2]["content"] if len(r.messages) > 1 else "" for r in records]
         refs = references(records)
         outs = [generate(m, tokenizer, [r.messages for r in records], max_new_tokens=max_new_tokens,
                          batch_size=options.batch_size, device=device) for m in (base, tuned)]
-        base_pred, tuned_pred = Predictions(prompts, refs, outs[0]), Predictions(prompts, refs, outs[1])
+        base_pred, tuned_pred = (Predictions(prompts, refs, out, check.hits(out, refs)) for out in outs)
     start = time.perf_counter()
     metrics_path = Path(tuned_name).parent / "metrics.jsonl"  # a deltatune run's final/ sits next to its log
     report = build(base, tuned, tokenizer, base_model=base_name, tuned_model=tuned_name, val_examples=examples,
-                   base_predictions=base_pred, tuned_predictions=tuned_pred, metric=metric, options=options,
+                   base_predictions=base_pred, tuned_predictions=tuned_pred, metric=check.metric, options=options,
                    device=device, metrics_path=metrics_path if metrics_path.is_file() else None)
     report["seconds"]["total"] = time.perf_counter() - start
     paths = write(out_dir, report)

@@ -6,11 +6,16 @@ logits never are, so memory stays bounded whatever the data size.
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from deltatune.data import Example, prompt_ids
+from deltatune.errors import UserError
 from deltatune.formats import Record
 from deltatune.train import mean_loss
 
@@ -19,11 +24,63 @@ def normalise_answer(text: str) -> str:
     return " ".join(text.strip().split())
 
 
+@dataclass(frozen=True)
+class Check:
+    """How one generated output is scored: against its reference, a regex, or a JSON Schema."""
+
+    metric: str = "exact_match"
+    pattern: str | None = None
+    schema: dict | None = None
+
+    def hit(self, output: str, reference: str) -> bool:
+        if self.metric == "exact_match":
+            return normalise_answer(output) == normalise_answer(reference)
+        if self.metric == "contains":
+            return normalise_answer(reference) in normalise_answer(output)
+        if self.metric == "regex":
+            return re.fullmatch(self.pattern, output.strip(), flags=re.DOTALL) is not None
+        if self.metric == "json_schema":
+            import jsonschema
+
+            try:
+                jsonschema.validate(json.loads(output), self.schema)
+            except (json.JSONDecodeError, jsonschema.ValidationError):
+                return False
+            return True
+        raise ValueError(f"unknown metric {self.metric!r}")
+
+    def hits(self, outputs: list[str], references: list[str]) -> list[float]:
+        return [float(self.hit(o, r)) for o, r in zip(outputs, references)]
+
+
+def load_check(metric: str, pattern: str | None = None, schema_file: str | None = None) -> Check:
+    """Validate a metric's settings up front: a broken regex or schema fails before any training."""
+    if metric == "regex":
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise UserError(f"metric_pattern: not a valid regular expression ({err})") from None
+    schema = None
+    if metric == "json_schema":
+        import jsonschema
+
+        path = Path(schema_file)
+        if not path.is_file():
+            raise UserError(f"metric_schema: {path}: file not found (give the path of a JSON Schema file)")
+        try:
+            schema = json.loads(path.read_text(encoding="utf-8"))
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{err.lineno}: invalid JSON in the schema ({err.msg})") from None
+        except jsonschema.SchemaError as err:
+            raise UserError(f"{path}: not a valid JSON Schema ({err.message})") from None
+    return Check(metric, pattern, schema)
+
+
 def exact_match(predictions: list[str], references: list[str]) -> float:
     if not references:
         return float("nan")
-    hits = sum(normalise_answer(p) == normalise_answer(r) for p, r in zip(predictions, references))
-    return hits / len(references)
+    return sum(Check().hits(predictions, references)) / len(references)
 
 
 @torch.no_grad()
@@ -74,7 +131,7 @@ def references(records: list[Record]) -> list[str]:
 
 def evaluate(model, tokenizer, *, loss_examples: list[Example] | None, metric_records: list[Record] | None,
              metric: str = "exact_match", batch_size: int = 8, max_new_tokens: int = 64,
-             device: torch.device, bf16: bool = False, keep_predictions: int = 0) -> dict:
+             device: torch.device, bf16: bool = False, keep_predictions: int = 0, check: Check | None = None) -> dict:
     """{loss, perplexity, tokens, <metric>, predictions[:keep_predictions]} for one model."""
     result: dict = {}
     if loss_examples:
@@ -84,10 +141,12 @@ def evaluate(model, tokenizer, *, loss_examples: list[Example] | None, metric_re
         predictions = generate(model, tokenizer, [r.messages for r in metric_records],
                                max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
         refs = references(metric_records)
-        result[metric] = exact_match(predictions, refs)
+        hits = (check or Check(metric)).hits(predictions, refs)
+        result[metric] = sum(hits) / len(hits)
         result["metric_examples"] = len(refs)
         if keep_predictions:
             result["predictions"] = [
-                {"prompt": r.messages[-2]["content"] if len(r.messages) > 1 else "", "reference": ref, "output": p}
-                for r, ref, p in list(zip(metric_records, refs, predictions))[:keep_predictions]]
+                {"prompt": r.messages[-2]["content"] if len(r.messages) > 1 else "", "reference": ref, "output": p,
+                 "hit": h}
+                for r, ref, p, h in list(zip(metric_records, refs, predictions, hits))[:keep_predictions]]
     return result

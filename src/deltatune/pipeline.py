@@ -22,7 +22,7 @@ from deltatune.data import DatasetStats, Example, build_text_blocks, split_recor
 from deltatune.datacache import cached_sft_examples
 from deltatune.delta_report import after_training, check_inputs
 from deltatune.errors import UserError
-from deltatune.evaluate import evaluate
+from deltatune.evaluate import evaluate, load_check
 from deltatune.formats import CHAT_FORMATS, Record, load_records
 from deltatune.methods import apply_method, check_method_available, quantization_config, trainable_summary
 from deltatune.model import load_causal_lm, save_pretrained_atomic
@@ -133,15 +133,17 @@ def _evaluate(model, tokenizer, data: Datasets, cfg: RunConfig, device, bf16) ->
         return evaluate_classifier(model, loss_examples=data.val, metric_examples=data.test_examples or data.val,
                                    labels=labels, batch_size=cfg.per_device_eval_batch_size,
                                    pad_id=tokenizer.pad_token_id, device=device, bf16=bf16)
+    check = load_check(cfg.metric, cfg.metric_pattern, cfg.metric_schema)
     return evaluate(model, tokenizer, loss_examples=data.val, metric_records=data.test, metric=cfg.metric,
                     batch_size=cfg.per_device_eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-                    device=device, bf16=bf16, keep_predictions=max(8, len(data.test)))  # all: the delta report pairs them
+                    device=device, bf16=bf16, check=check, keep_predictions=max(8, len(data.test)))  # all: the delta report pairs them
 
 
 def run(cfg: RunConfig) -> RunResult:
     device = distributed.init(cfg.ddp_timeout)  # under torchrun: this rank's device; else pick_device()
     splits = read_splits(cfg)
     check_inputs(cfg)
+    load_check(cfg.metric, cfg.metric_pattern, cfg.metric_schema)  # a broken regex or schema fails before training
     check_method_available(cfg.method, device)
     resume = find_resume_checkpoint(cfg)  # None: start at step 0
     model, tokenizer = load_for_task(cfg, splits)

@@ -6,7 +6,8 @@ import math
 from pathlib import Path
 
 METRIC_ROWS = (("loss", "validation loss"), ("perplexity", "validation perplexity"), ("exact_match", "exact match (test)"),
-               ("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
+               ("contains", "contains reference (test)"), ("regex", "matches metric_pattern (test)"),
+               ("json_schema", "valid under metric_schema (test)"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
 
 
 def _fmt(value) -> str:
