@@ -145,13 +145,13 @@ def run(cfg: RunConfig) -> RunResult:
     check_inputs(cfg)
     load_check(cfg.metric, cfg.metric_pattern, cfg.metric_schema)  # a broken regex or schema fails before training
     check_method_available(cfg.method, device)
+    if distributed.world_size() > 1 and cfg.resume_from_checkpoint is not None:
+        raise UserError("resume: resumable checkpoints are single-process for now; under several processes "
+                        "save_steps writes model folders only (start a new run, or resume on one process)")
     resume = find_resume_checkpoint(cfg)  # None: start at step 0
     model, tokenizer = load_for_task(cfg, splits)
     data = tokenize_splits(splits, cfg, tokenizer, model)
     bf16 = resolve_bf16(cfg.bf16, device)
-    if distributed.world_size() > 1 and cfg.resume_from_checkpoint is not None:
-        raise UserError("resume: resumable checkpoints are single-process for now; under several processes "
-                        "save_steps writes model folders only (start a new run, or resume on one process)")
     torch.manual_seed(cfg.seed)  # new weights (LoRA, a classifier head) start the same on every rank
     model = apply_method(model, cfg, PEFT_TASK_TYPES[cfg.task])
     trained = trainable_summary(model)
@@ -187,10 +187,9 @@ def run(cfg: RunConfig) -> RunResult:
     model = distributed.unwrap(model)
     if cfg.task == "classification":
         save_labels_if_adapter(model, out / "final")
-    summary = write_summary(out, model=cfg.model, before=before, after=after, fit=result, data_stats=data.stats)
-    with summary.open("a", encoding="utf-8") as f:
-        f.write("\n".join(["", "## Method", "", f"- method: {cfg.method}", *(f"- {line}" for line in trained.lines()),
-                           *summary_lines(before, after)]) + "\n")
+    write_summary(out, model=cfg.model, before=before, after=after, fit=result, data_stats=data.stats,
+                  extra=["", "## Method", "", f"- method: {cfg.method}", *(f"- {line}" for line in trained.lines()),
+                         *summary_lines(before, after)])
     print_comparison(before, after)
     print(f"tuned model: {out / 'final'}\nsummary: {out / 'summary.md'}")
     if distributed.world_size() > 1:

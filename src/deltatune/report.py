@@ -40,7 +40,9 @@ def print_comparison(before: dict, after: dict, title: str = "base → tuned") -
     Console().print(table)
 
 
-def write_summary(out_dir: Path, *, model: str, before: dict, after: dict, fit, data_stats: dict) -> Path:
+def write_summary(out_dir: Path, *, model: str, before: dict, after: dict, fit, data_stats: dict,
+                  extra: list[str] = ()) -> Path:
+    """`extra`: further Markdown lines (the method section, classification details) at the end."""
     lines = [f"# deltatune run: {out_dir.name}", "", f"Base model: `{model}`", "",
              "| metric | base | tuned | change |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in comparison_rows(before, after)]
@@ -60,6 +62,7 @@ def write_summary(out_dir: Path, *, model: str, before: dict, after: dict, fit, 
         for p in samples:
             lines += [f"**Prompt:** {p['prompt']}", "", f"- reference: `{p['reference']}`",
                       f"- base: `{base_out.get(p['prompt'], '')}`", f"- tuned: `{p['output']}`", ""]
+    lines += list(extra)
     path = out_dir / "summary.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
