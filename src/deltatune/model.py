@@ -117,6 +117,7 @@ def resolve(name: str) -> Path | str:
 
 
 def check_weights_safe(folder: Path | str, allow_pickle: bool) -> None:
+    """Before any loader touches the weights: no pickle unless allowed, no damaged safetensors."""
     if not isinstance(folder, Path):
         return
     has_safetensors = any(folder.glob("*.safetensors"))
@@ -124,6 +125,7 @@ def check_weights_safe(folder: Path | str, allow_pickle: bool) -> None:
     if pickles and not has_safetensors and not allow_pickle:
         raise UserError(f"{folder}: weights are pickle files ({', '.join(sorted(pickles))}), which can run code "
                         "when loaded; convert them to safetensors or set allow_pickle: true if you trust them")
+    check_safetensors_files(folder)
 
 
 def check_safetensors_files(folder: Path | str) -> None:
@@ -193,7 +195,6 @@ def load_causal_lm(name: str, *, allow_pickle: bool = False, trust_remote_code: 
         base = model.peft_config["default"].base_model_name_or_path
         return model, load_tokenizer(folder if has_tokenizer else resolve(base), trust_remote_code=trust_remote_code)
     check_weights_safe(folder, allow_pickle)
-    check_safetensors_files(folder)
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
