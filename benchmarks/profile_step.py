@@ -1,4 +1,4 @@
-"""Where one full fine-tuning step's time goes, on the embedded SmolLM2-135M.
+"""Where one fine-tuning step's time goes, on the embedded SmolLM2-135M.
 
     python benchmarks/profile_step.py [--steps 3] [--batch-size 4] [--packing/--no-packing] [--checkpointing]
 
@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--no-packing", dest="packing", action="store_false")
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--method", default="full", help="full or lora (r=16, all linear layers)")
     args = parser.parse_args()
 
     import torch
@@ -36,6 +37,7 @@ def main() -> None:
     from deltatune.data import IGNORE_INDEX, build_sft_examples, collate, micro_batches, step_groups
     from deltatune.formats import load_records
     from deltatune.head_loss import linear_cross_entropy
+    from deltatune.methods import apply_method
     from deltatune.model import load_causal_lm
     from deltatune.packing import collate_packed, model_mask, packed_micro_batches
     from deltatune.train import build_optimizer
@@ -47,7 +49,9 @@ def main() -> None:
     model, tokenizer = load_causal_lm("smollm2-135m-instruct")
     records, _ = load_records(Path(args.data) / "train.jsonl", "auto")
     train, _ = build_sft_examples(records, tokenizer, max_seq_length=1024)
-    cfg = build_config(dict(train_file="x", learning_rate=5e-5, gradient_checkpointing=args.checkpointing), "p")
+    cfg = build_config(dict(train_file="x", learning_rate=5e-5, gradient_checkpointing=args.checkpointing,
+                            method=args.method), "p")
+    model = apply_method(model, cfg)
     if args.checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -94,7 +98,7 @@ def main() -> None:
     per_step = {k: sum(v) / args.steps for k, v in phases.items()}
     total = sum(per_step.values())
     print(f"{args.steps} steps of {args.batch_size} examples ({statistics.mean(tokens):.0f} real tokens/step), "
-          f"packing={args.packing}, checkpointing={args.checkpointing}, threads={torch.get_num_threads()}")
+          f"method={args.method}, packing={args.packing}, checkpointing={args.checkpointing}, threads={torch.get_num_threads()}")
     for name, seconds in per_step.items():
         print(f"  {name:36s} {seconds:7.3f} s  {seconds / total:6.1%}")
     print(f"  {'total':36s} {total:7.3f} s  -> {statistics.mean(tokens) / total:.0f} real tokens/s")

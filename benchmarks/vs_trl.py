@@ -36,6 +36,10 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
 MODEL = "smollm2-135m-instruct"
+OUR_SETTINGS = {  # name -> deltatune config keys (the first one listed in --ours is the reference)
+    "packed": {}, "unpacked": {"packing": False},
+    "checkpointing": {"gradient_checkpointing": True}, "compile": {"torch_compile": True},
+}
 TRL_SETTINGS = {  # name -> (bf16, gradient_checkpointing)
     "defaults": (True, True), "fastest": (True, False),
     "defaults-fp32": (False, True), "fastest-fp32": (False, False),
@@ -56,32 +60,24 @@ def load_data(args):
     return model, tokenizer, train_records, val
 
 
-def apply_lora(model, args):
-    """LoRA through peft (deltatune's `method: lora` lives on another branch)."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                        target_modules="all-linear", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
-
-
 def run_deltatune(args) -> dict:
     import torch
 
     from deltatune.config import build_config
     from deltatune.data import build_sft_examples
+    from deltatune.methods import apply_method
     from deltatune.train import MetricsLog, fit, mean_loss
 
     model, tokenizer, train_records, val = load_data(args)
     train, _ = build_sft_examples(train_records, tokenizer, max_seq_length=args.max_seq_length)
-    if args.method == "lora":
-        model = apply_lora(model, args)
     out = Path(tempfile.mkdtemp(prefix="bench-deltatune-"))
     cfg = build_config(dict(train_file="unused", output_dir=str(out), learning_rate=args.learning_rate,
+                            method=args.method, lora_r=args.lora_r, lora_dropout=0.0,
                             num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
                             gradient_accumulation_steps=1, warmup_steps=0, lr_scheduler_type="linear",
                             max_grad_norm=1.0, weight_decay=0.0, seed=args.seed, logging_steps=10**6,
-                            max_seq_length=args.max_seq_length, packing=args.setting != "unpacked"), "bench")
+                            max_seq_length=args.max_seq_length, **OUR_SETTINGS[args.setting]), "bench")
+    model = apply_method(model, cfg)  # LoRA: r, alpha 2r, all linear layers of the blocks, like TRL's below
     log = MetricsLog(out)
     start = time.perf_counter()
     fit(model, tokenizer, train, [], cfg, out, log, torch.device("cpu"))
@@ -118,7 +114,8 @@ def run_trl(args) -> dict:
                        lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
                        seed=args.seed, bf16=bf16, gradient_checkpointing=checkpointing,
                        max_length=args.max_seq_length, logging_steps=10**6, save_strategy="no",
-                       eval_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0)
+                       eval_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
+                       use_cpu=not torch.cuda.is_available())  # without it, bf16 on a CPU-only machine is refused
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, peft_config=peft_config)
     start = time.perf_counter()
@@ -196,6 +193,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--methods", default="full,lora")
+    parser.add_argument("--ours", default="packed",
+                        help=f"deltatune settings, the first is the reference for the ratios: {', '.join(OUR_SETTINGS)}")
     parser.add_argument("--trl", default="defaults-fp32,fastest-fp32",
                         help=f"TRL settings to compare against: {', '.join(TRL_SETTINGS)}")
     parser.add_argument("--data", default=str(HERE / "data"))
@@ -232,20 +231,20 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
           f"{torch.get_num_threads()} threads; measured matmul peak: float32 {peak['float32_gflops']} GFLOP/s, "
           f"bfloat16 {peak['bfloat16_gflops']} GFLOP/s", flush=True)
-    settings = [s for s in args.trl.split(",") if s]
+    runners = [("deltatune", s) for s in args.ours.split(",") if s] + [("trl", s) for s in args.trl.split(",") if s]
+    reference = runners[0]
     all_runs: dict = {}
     for method in args.methods.split(","):
-        for pair in range(args.pairs):  # A B A B: ours, then each TRL setting, once per pair
-            all_runs.setdefault((method, "deltatune", "packed"), []).append(launch("deltatune", "packed", method, args))
-            for setting in settings:
-                all_runs.setdefault((method, "trl", setting), []).append(launch("trl", setting, method, args))
+        for pair in range(args.pairs):  # A B A B: each runner once per pair, in turn
+            for side, setting in runners:
+                all_runs.setdefault((method, side, setting), []).append(launch(side, setting, method, args))
     print()
     print("| method | runner | epoch wall s | real tok/s | trained tok/s | peak RSS GB | val loss | MFU fp32 | "
-          "time ratio TRL/deltatune | RSS ratio deltatune/TRL |")
+          f"time ratio vs {' '.join(reference)} | RSS ratio {' '.join(reference)}/this |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for method in args.methods.split(","):
         per_real, per_trained = model_flops_per_token(method)
-        ours = summarise(all_runs[(method, "deltatune", "packed")])
+        ours = summarise(all_runs[(method, *reference)])
         for (m, side, setting), runs in all_runs.items():
             if m != method:
                 continue
@@ -253,8 +252,8 @@ def main() -> None:
             flops = per_real * s["real_tokens"] + per_trained * s["trained_tokens"]
             mfu = flops / s["wall"] / 1e9 / peak["float32_gflops"]
             star = "*" if s["extrapolated"] else ""
-            ratio = f"{s['wall'] / ours['wall']:.2f}x" if side == "trl" else "1"
-            rss = f"{ours['rss'] / s['rss']:.2f}" if side == "trl" else "1"
+            ratio = f"{s['wall'] / ours['wall']:.2f}x"  # > 1: this runner is slower than the reference
+            rss = f"{ours['rss'] / s['rss']:.2f}"
             print(f"| {method} | {side} {setting} | {s['wall']:.1f}{star} | {s['real_tps']:.0f} | {s['trained_tps']:.0f} | "
                   f"{s['rss']:.2f} | {s['val_loss']:.4f} | {mfu:.1%} | {ratio} | {rss} |")
     print(f"\n{args.pairs} pair(s) per setting, medians; * = extrapolated from {args.max_steps_bf16} timed steps. "

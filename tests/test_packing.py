@@ -91,6 +91,21 @@ def test_chunked_head_loss_gradients_equal_reference(chunk_elements):
     torch.testing.assert_close(g_ours[1], weight.grad)
 
 
+@pytest.mark.parametrize("chunk_elements", [10**9, 400 * 7])
+def test_chunked_head_loss_frozen_head_gives_hidden_gradient_only(chunk_elements):
+    # LoRA and frozen heads: no weight gradient is computed, the hidden one is still exact.
+    torch.manual_seed(1)
+    hidden = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(400, 16, dtype=torch.float64)
+    targets = torch.randint(0, 400, (23,))
+    (linear_cross_entropy(hidden, weight, targets, max_chunk_elements=chunk_elements) * 0.37).backward()
+    ours = hidden.grad.clone()
+    hidden.grad = None
+    (F.cross_entropy(hidden @ weight.t(), targets, reduction="sum") * 0.37).backward()
+    torch.testing.assert_close(ours, hidden.grad)
+    assert weight.grad is None
+
+
 def test_chunked_head_loss_needs_no_grad_in_eval():
     hidden, weight = torch.randn(5, 8), torch.randn(50, 8)
     with torch.no_grad():

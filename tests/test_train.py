@@ -8,9 +8,9 @@ import torch
 
 from conftest import chat, make_tiny_llama
 from deltatune.config import build_config
-from deltatune.data import build_sft_examples, collate, micro_batches
+from deltatune.data import build_sft_examples, collate, length_batches, micro_batches
 from deltatune.formats import Record
-from deltatune.train import MetricsLog, accumulate_gradients, causal_lm_loss, fit, lr_lambda
+from deltatune.train import MetricsLog, accumulate_gradients, causal_lm_loss, fit, lr_lambda, mean_loss
 
 CPU = torch.device("cpu")
 
@@ -67,6 +67,23 @@ def test_accumulated_gradients_equal_one_big_batch(tiny_tokenizer):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_token_budget_batches_bound_padded_tokens_and_keep_the_loss(tiny_tokenizer):
+    """A token cap splits long examples into smaller batches; every example is scored once, same loss."""
+    examples, _ = build_sft_examples(records(16), tiny_tokenizer, max_seq_length=64)
+    longest = max(len(e.input_ids) for e in examples)
+    cap = 3 * longest
+    batches = length_batches(examples, 8, max_tokens=cap)
+    assert sorted(i for b in batches for i in b) == list(range(16))
+    assert all(len(b) * max(len(examples[i].input_ids) for i in b) <= cap for b in batches)
+    assert len(batches) > len(length_batches(examples, 8))  # the cap did something
+    assert micro_batches(list(range(16)), examples, 8, max_tokens=cap) == batches
+    model = make_tiny_llama(tiny_tokenizer, seed=1)
+    capped = mean_loss(model, examples, 8, tiny_tokenizer.pad_token_id, CPU, max_tokens=cap)
+    plain = mean_loss(model, examples, 8, tiny_tokenizer.pad_token_id, CPU)
+    assert capped[1] == plain[1]
+    assert capped[0] == pytest.approx(plain[0], rel=1e-6)
 
 
 def test_gradient_accumulation_gives_the_same_training_run(tiny_tokenizer, tmp_path):

@@ -74,6 +74,8 @@ class RunConfig(BaseModel):
     """Examples per forward/backward pass."""
     per_device_eval_batch_size: int = Field(8, ge=1)
     """Examples per evaluation pass."""
+    max_tokens_per_batch: int | None = Field(16384, ge=1)
+    """Cap on padded tokens (examples x longest) in an evaluation batch or an unpacked training micro-batch: long examples go in smaller batches, so memory is bounded by tokens. null = examples only."""
     gradient_accumulation_steps: int = Field(1, ge=1)
     """Micro-batches per optimizer step; the loss is normalised by the label tokens of the whole step."""
     warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)

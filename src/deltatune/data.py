@@ -151,10 +151,27 @@ def step_groups(n_examples: int, examples_per_step: int, seed: int, epoch: int) 
     return [order[i: i + examples_per_step] for i in range(0, n_examples, examples_per_step)]
 
 
-def micro_batches(indices: list[int], examples: list[Example], batch_size: int) -> list[list[int]]:
+def micro_batches(indices: list[int], examples: list[Example], batch_size: int,
+                  max_tokens: int | None = None) -> list[list[int]]:
     """Split a step's examples into micro-batches of similar length (less padding, same step)."""
-    by_length = sorted(indices, key=lambda i: len(examples[i].input_ids))
-    return [by_length[i: i + batch_size] for i in range(0, len(by_length), batch_size)]
+    return _cut_sorted(sorted(indices, key=lambda i: len(examples[i].input_ids)), examples, batch_size, max_tokens)
+
+
+def _cut_sorted(order: list[int], examples: list[Example], batch_size: int, max_tokens: int | None) -> list[list[int]]:
+    """Cut indices sorted by length into batches of at most batch_size examples and, when
+    max_tokens is set, at most max_tokens padded tokens (examples x longest): long examples
+    then travel in smaller batches, so peak memory is bounded by tokens, not by example count."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = len(examples[i].input_ids)  # ascending order: the newcomer is the longest
+        if current and (len(current) == batch_size or (max_tokens and (len(current) + 1) * longest > max_tokens)):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -171,10 +188,10 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
-def length_batches(examples: list[Example], batch_size: int) -> list[list[int]]:
+def length_batches(examples: list[Example], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
     """Evaluation batches of similar lengths (order does not matter for a summed loss)."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    return _cut_sorted(sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids)),
+                       examples, batch_size, max_tokens)
 
 
 # --- continued pre-training ------------------------------------------------------------------

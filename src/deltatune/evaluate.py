@@ -131,11 +131,13 @@ def references(records: list[Record]) -> list[str]:
 
 def evaluate(model, tokenizer, *, loss_examples: list[Example] | None, metric_records: list[Record] | None,
              metric: str = "exact_match", batch_size: int = 8, max_new_tokens: int = 64,
-             device: torch.device, bf16: bool = False, keep_predictions: int = 0, check: Check | None = None) -> dict:
+             device: torch.device, bf16: bool = False, keep_predictions: int = 0, check: Check | None = None,
+             max_tokens: int | None = None) -> dict:
     """{loss, perplexity, tokens, <metric>, predictions[:keep_predictions]} for one model."""
     result: dict = {}
     if loss_examples:
-        loss, tokens = mean_loss(model, loss_examples, batch_size, tokenizer.pad_token_id, device, bf16)
+        loss, tokens = mean_loss(model, loss_examples, batch_size, tokenizer.pad_token_id, device, bf16,
+                                 max_tokens=max_tokens)
         result.update(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=tokens)
     if metric_records and metric != "none":
         predictions = generate(model, tokenizer, [r.messages for r in metric_records],

@@ -18,11 +18,13 @@ MAX_CHUNK_ELEMENTS = 1 << 24  # 64 MB of float32 logits per chunk
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows):
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # A frozen head (LoRA, freezing) needs no weight gradient: skipping it saves a
+        # [vocabulary x hidden] matmul and a dense buffer the size of the embeddings per step.
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16 logits are scored in float32
         total = torch.zeros((), dtype=acc, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if need_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad else None
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = None
         w = weight.to(hidden.dtype)
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start: start + chunk_rows]
@@ -30,20 +32,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = (h @ w.t()).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if need_grad:
+            if want_hidden or want_weight:
                 # d(lse - logit_t)/d logits = softmax - onehot(t), computed in place over the logits buffer.
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                grad_hidden[start: start + chunk_rows] = (probs.to(h.dtype) @ w).to(hidden.dtype)
-                grad_weight += probs.t().to(h.dtype).matmul(h).to(acc)
-        if need_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+                probs = probs.to(h.dtype)
+            if want_hidden:
+                torch.matmul(probs, w, out=grad_hidden[start: start + chunk_rows])
+            if want_weight:
+                chunk_grad = probs.t().matmul(h).to(acc)
+                grad_weight = chunk_grad if grad_weight is None else grad_weight.add_(chunk_grad)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if want_weight else None)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output.to(grad_hidden.dtype), grad_weight * grad_output.to(grad_weight.dtype), None, None
+        scale_hidden = grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None
+        scale_weight = grad_weight * grad_output.to(grad_weight.dtype) if grad_weight is not None else None
+        return scale_hidden, scale_weight, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -136,7 +136,8 @@ def _evaluate(model, tokenizer, data: Datasets, cfg: RunConfig, device, bf16) ->
     check = load_check(cfg.metric, cfg.metric_pattern, cfg.metric_schema)
     return evaluate(model, tokenizer, loss_examples=data.val, metric_records=data.test, metric=cfg.metric,
                     batch_size=cfg.per_device_eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-                    device=device, bf16=bf16, check=check, keep_predictions=max(8, len(data.test)))  # all: the delta report pairs them
+                    device=device, bf16=bf16, check=check, keep_predictions=max(8, len(data.test)),
+                    max_tokens=cfg.max_tokens_per_batch)  # all: the delta report pairs them
 
 
 def run(cfg: RunConfig) -> RunResult:

@@ -134,13 +134,13 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device
 
 @torch.no_grad()
 def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int, device: torch.device,
-              bf16: bool = False, loss_fn: LossFn = causal_lm_loss) -> tuple[float, int]:
+              bf16: bool = False, loss_fn: LossFn = causal_lm_loss, max_tokens: int | None = None) -> tuple[float, int]:
     """Token-weighted mean loss over examples, streamed batch by batch (no logits are kept)."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.long, device=device)
-    for idx in length_batches(examples, batch_size):
+    for idx in length_batches(examples, batch_size, max_tokens):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
         with autocast(device, bf16):
             loss_sum, n = distributed.call(model, loss_fn, batch)
@@ -296,7 +296,8 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
                            for mb in packed_micro_batches(group, train, cfg.per_device_train_batch_size)]
             else:
                 batches = [collate([train[i] for i in mb], pad_id)
-                           for mb in micro_batches(group, train, cfg.per_device_train_batch_size)]
+                           for mb in micro_batches(group, train, cfg.per_device_train_batch_size,
+                                                   cfg.max_tokens_per_batch)]
             step_loss, step_tokens = accumulate_gradients(model, distributed.local_share(batches), loss_fn, device, bf16)
             seen = sum(len(train[i].input_ids) for i in group)  # the whole step's, counted on the host: no sync
             window_seen += seen
@@ -341,7 +342,8 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
                 window_loss.zero_(); window_tokens.zero_(); window_seen = 0; window_start = now
 
             if val and (step % eval_every == 0 or step == total_steps):
-                eval_loss, _ = mean_loss(model, val, cfg.per_device_eval_batch_size, pad_id, device, bf16, loss_fn)
+                eval_loss, _ = mean_loss(model, val, cfg.per_device_eval_batch_size, pad_id, device, bf16, loss_fn,
+                                         cfg.max_tokens_per_batch)
                 log.write({"step": step, "eval_loss": eval_loss})
                 result.history.append({"step": step, "eval_loss": eval_loss})
                 if result.best_eval_loss is None or eval_loss < result.best_eval_loss:
