@@ -53,7 +53,7 @@ from deltatune import delta
 from deltatune.data import IGNORE_INDEX, Example, collate, length_batches
 from deltatune.errors import UserError
 
-REPRESENTATION_PASSAGES = 128  # general-text passages (the causal report's 16 are the first 16 of them)
+REPRESENTATION_PASSAGES = 128  # general-text passages; the causal report's 16 come first
 SENTENCE_TOKENS = 64
 MIN_SENTENCE_WORDS = 5
 MAX_SENTENCES = 512
@@ -131,8 +131,12 @@ def macro_f1_statistic(true: np.ndarray, num_labels: int):
 # --- representation drift ------------------------------------------------------------------------
 
 def general_sentences(path: str | None = None, *, seed: int = 0) -> tuple[list[str], str, int]:
-    """(sentences, source, passages): the seeded general-text sample, split into sentences."""
-    passages, source = delta.general_texts(path, n=REPRESENTATION_PASSAGES, seed=seed)
+    """(sentences, source, passages): the causal report's seeded general-text sample, extended with
+    more passages from the same source (a second seeded draw) and split into sentences: CKA needs
+    more points than 16 passages give."""
+    passages, source = delta.general_texts(path, seed=seed)
+    more, _ = delta.general_texts(path, n=REPRESENTATION_PASSAGES, seed=seed + 1)
+    passages += [p for p in more if p not in passages][: REPRESENTATION_PASSAGES - len(passages)]
     sentences = [s for p in passages for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'(])", p)
                  if len(s.split()) >= MIN_SENTENCE_WORDS]
     return (sentences or passages)[:MAX_SENTENCES], source, len(passages)
@@ -335,7 +339,7 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
     rows.append(("backbone weights ‖ΔW‖/‖W‖", "", "", f"{_f(w['relative_norm'])}; most changed: {top}"))
     if w.get("new"):
         changes = [m["change_from_init"] for m in w["new"] if m["change_from_init"] is not None]
-        rows.append((f"new head ({len(w['new'])} tensors) ‖W − W_init‖/‖W_init‖", "", "",
+        rows.append((f"new head ({len(w['new'])} tensor{'s' if len(w['new']) > 1 else ''}) ‖W − W_init‖/‖W_init‖", "", "",
                      _f(max(changes)) if changes else "-"))
     return rows
 
