@@ -164,6 +164,11 @@ def test_cli_classification_run_writes_the_report_and_compare_reproduces_it(tmp_
     assert task["accuracy"]["gain"] > 0 and task["accuracy"]["examples"] == 9 and task["evaluated_on"] == "test file"
     assert task["base_matches_training_start"] is True  # the reloaded base is the model as training started
     assert task["validation"]["loss"]["gain"] > 0 and task["metric"] == task["accuracy"]
+    events = {e["event"]: e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "event" in e}
+    for model, event in (("base", "base_eval"), ("tuned", "tuned_eval")):  # the run's own evaluations agree
+        assert task["validation"]["loss"][model] == pytest.approx(events[event]["loss"], rel=1e-5)
+        assert task["accuracy"][model] == pytest.approx(events[event]["accuracy"])
+        assert task["macro_f1"][model] == pytest.approx(events[event]["macro_f1"])
     assert set(task["macro_f1"]) >= {"base", "tuned", "gain", "gain_ci", "significant"}
     r = report["forgetting"]["representation"]
     assert 0 < r["cka"] < 1 and -1 <= r["mean_cosine"] < 1  # lr 1e-2 on a tiny model: a large drift

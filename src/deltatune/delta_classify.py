@@ -87,16 +87,21 @@ def label_list(model) -> list[str]:
 # --- per-example outputs -------------------------------------------------------------------------
 
 @torch.no_grad()
-def classifier_outputs(model, examples: list[Example], batch_size: int, pad_id: int, device):
-    """(predicted ids, per-example cross-entropy, true ids), in the examples' order, one batch at a time."""
+def classifier_outputs(model, examples: list[Example], batch_size: int, pad_id: int, device, bf16: bool = False):
+    """(predicted ids, per-example cross-entropy, true ids), in the examples' order, one batch at a time.
+
+    `bf16`: autocast as the run's own evaluation did, so the base scores exactly what it scored there.
+    """
     from deltatune.classify import class_targets
+    from deltatune.train import autocast
 
     n = len(examples)
     predicted, losses, true = np.zeros(n, dtype=np.int64), np.zeros(n), np.zeros(n, dtype=np.int64)
     model.eval()
     for idx in length_batches(examples, batch_size):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        with autocast(device, bf16):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         targets = class_targets(batch["labels"])
         predicted[idx] = logits.argmax(-1).cpu().numpy()
         losses[idx] = F.cross_entropy(logits, targets, reduction="none").double().cpu().numpy()
@@ -248,7 +253,7 @@ def new_parameters(base, tuned, prefixes: tuple[str, ...]) -> list[dict]:
 # --- the report ------------------------------------------------------------------------------------
 
 def measure(base, tuned, tokenizer, *, val_examples: list[Example], metric_examples: list[Example],
-            metric_texts: list[str], evaluated_on: str, options, device) -> dict:
+            metric_texts: list[str], evaluated_on: str, options, device, bf16: bool = False) -> dict:
     """Every base-vs-tuned number of a classification report (training excepted)."""
     seconds = {}
     pad = tokenizer.pad_token_id
@@ -262,8 +267,8 @@ def measure(base, tuned, tokenizer, *, val_examples: list[Example], metric_examp
     t = time.perf_counter()
     side = []
     if metric_examples:
-        pred_b, _, true = classifier_outputs(base, metric_examples, options.batch_size, pad, device)
-        pred_t, _, _ = classifier_outputs(tuned, metric_examples, options.batch_size, pad, device)
+        pred_b, _, true = classifier_outputs(base, metric_examples, options.batch_size, pad, device, bf16)
+        pred_t, _, _ = classifier_outputs(tuned, metric_examples, options.batch_size, pad, device, bf16)
         task["accuracy"] = {"name": "accuracy", **delta.paired_gain((pred_b == true).astype(float),
                                                                     (pred_t == true).astype(float), seed=options.seed)}
         task["macro_f1"] = {"name": "macro_f1", **delta.paired_statistic_gain(
@@ -272,8 +277,8 @@ def measure(base, tuned, tokenizer, *, val_examples: list[Example], metric_examp
         side = [{"text": text, "label": labels[y], "base": labels[b], "tuned": labels[p]}
                 for text, y, b, p in zip(metric_texts, true, pred_b, pred_t)][: options.side_by_side]
     if val_examples:
-        _, loss_b, _ = classifier_outputs(base, val_examples, options.batch_size, pad, device)
-        _, loss_t, _ = classifier_outputs(tuned, val_examples, options.batch_size, pad, device)
+        _, loss_b, _ = classifier_outputs(base, val_examples, options.batch_size, pad, device, bf16)
+        _, loss_t, _ = classifier_outputs(tuned, val_examples, options.batch_size, pad, device, bf16)
         task["validation"] = {"loss": delta.paired_gain(loss_b, loss_t, higher_is_better=False, seed=options.seed),
                               "examples": len(val_examples)}
     seconds["task"] = time.perf_counter() - t
@@ -391,7 +396,8 @@ def after_training(cfg, tuned, tokenizer, *, val_examples, metric_examples, metr
                    before: dict, fit, out_dir: Path, device) -> dict:
     """The end of a classification `deltatune train`: compare with the base as training started."""
     from deltatune.classify import load_classifier
-    from deltatune.delta_report import options_from_config, print_summary, write
+    from deltatune.delta_report import files_text, options_from_config, print_summary, write
+    from deltatune.train import resolve_bf16
 
     print("measuring what fine-tuning changed (delta report)...", flush=True)
     start = time.perf_counter()
@@ -401,7 +407,7 @@ def after_training(cfg, tuned, tokenizer, *, val_examples, metric_examples, metr
     report = build(base, tuned, tokenizer, base_model=cfg.model, tuned_model=str(out_dir / "final"),
                    metrics_path=out_dir / "metrics.jsonl", fit=fit, val_examples=val_examples,
                    metric_examples=metric_examples, metric_texts=_texts(metric_records), evaluated_on=evaluated_on,
-                   options=options_from_config(cfg), device=device)
+                   options=options_from_config(cfg), device=device, bf16=resolve_bf16(cfg.bf16, device))
     if report["task"]["accuracy"] and "accuracy" in before:
         same = abs(report["task"]["accuracy"]["base"] - before["accuracy"]) < 1e-9
         report["task"]["base_matches_training_start"] = same
@@ -412,8 +418,7 @@ def after_training(cfg, tuned, tokenizer, *, val_examples, metric_examples, metr
     paths = write(out_dir, report, render=markdown)
     del base
     print_summary(report, rows=summary_rows(report))
-    print(f"delta report: {paths['md'].resolve()}, {paths['html'].name}, {paths['json'].name} "
-          f"({report['seconds']['total']:.0f} s)")
+    print(f"delta report: {files_text(paths)} ({report['seconds']['total']:.0f} s)")
     return report
 
 
@@ -457,7 +462,7 @@ def compare(base_name: str, tuned_name: str, records, data_file: str, out_dir: P
     """`deltatune compare` on classification data: two classifier folders, or a base encoder and a tuned
     classifier (the base then gets a fresh head, seeded as the run that made the tuned one)."""
     from deltatune.classify import build_classification_examples, load_classifier
-    from deltatune.delta_report import print_summary, write
+    from deltatune.delta_report import files_text, print_summary, write
     from deltatune.pipeline import pick_device
 
     if not is_classifier(tuned_name):
@@ -484,5 +489,5 @@ def compare(base_name: str, tuned_name: str, records, data_file: str, out_dir: P
     report["seconds"]["total"] = time.perf_counter() - start
     paths = write(out_dir, report, render=markdown)
     print_summary(report, rows=summary_rows(report))
-    print(f"delta report: {paths['md']}, {paths['html']}, {paths['json']}")
+    print(f"delta report: {files_text(paths)}")
     return report

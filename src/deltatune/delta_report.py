@@ -424,6 +424,13 @@ def html_page(title: str, md: str, images: dict[str, str]) -> str:
             f"<style>{HTML_STYLE}</style></head><body>{body}{figs}</body></html>\n")
 
 
+def files_text(paths: dict[str, Path]) -> str:
+    """`/abs/dir/{report.md, report.html, delta.json}`: where the files went, resolved for display."""
+    folder = {p.parent for p in paths.values()}
+    names = ", ".join(p.name for p in paths.values())
+    return f"{folder.pop().resolve()}/{{{names}}}" if len(folder) == 1 else ", ".join(str(p.resolve()) for p in paths.values())
+
+
 def write(out_dir: Path, report: dict, render=None) -> dict[str, Path]:
     """report.md, report.html (self-contained) and delta.json in out_dir; `render`: report -> Markdown."""
     out_dir = Path(out_dir)
@@ -477,7 +484,7 @@ def after_training(cfg, tuned, tokenizer, val_examples, before: dict, after: dic
     paths = write(out_dir, report)
     del base
     print_summary(report)
-    print(f"delta report: {paths['md']}, {paths['html']}, {paths['json']} ({report['seconds']['total']:.0f} s)")
+    print(f"delta report: {files_text(paths)} ({report['seconds']['total']:.0f} s)")
     return report
 
 
@@ -529,7 +536,7 @@ def compare(base_name: str, tuned_name: str, data_file: str, out_dir: Path, *, f
     report["seconds"]["total"] = time.perf_counter() - start
     paths = write(out_dir, report)
     print_summary(report)
-    print(f"delta report: {paths['md']}, {paths['html']}, {paths['json']}")
+    print(f"delta report: {files_text(paths)}")
     return report
 
 

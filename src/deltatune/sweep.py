@@ -100,7 +100,9 @@ def run_sweep(config_path: str, grid_items: list[str], overrides: list[str] = ()
     frontier = build_frontier(entries, budget)
     paths = write_frontier(root, frontier)
     print_frontier(frontier)
-    print(f"frontier: {paths['md']}, {paths['html']}, {paths['json']}")
+    from deltatune.delta_report import files_text
+
+    print(f"frontier: {files_text(paths)}")
     return frontier
 
 
