@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="delta report (task gain, forgetting, weight change) for any two models")
     p.add_argument("--base", required=True, help="base model: folder, .gguf file or embedded name")
     p.add_argument("--tuned", required=True, help="tuned model folder (a deltatune run's final/ adds its curves)")
-    p.add_argument("--data", required=True, help="JSONL/JSON/CSV conversations with reference answers")
+    p.add_argument("--data", required=True,
+                   help="JSONL/JSON/CSV conversations with reference answers, or {text, label} records for classifiers")
     p.add_argument("--out", default="delta_report", help="folder for report.md/html and delta.json")
     p.add_argument("--format", default="auto", help="data format (default: detect)")
     _add_metric(p)

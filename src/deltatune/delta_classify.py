@@ -40,6 +40,7 @@ started (reloaded with the run's seed), so every gain is what training added.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import time
@@ -217,8 +218,9 @@ def representation_drift(base, tuned, examples: list[Example], pad_id: int, devi
         cosines += F.cosine_similarity(x.double(), y.double(), dim=-1).clamp(-1.0, 1.0).tolist()
         tokens += int(batch["attention_mask"].sum())
     cka = sums.value() if sums else float("nan")
-    return {"sentences": len(cosines), "tokens": tokens, "mean_cosine": float(np.mean(cosines)) if cosines else float("nan"),
-            "min_cosine": float(np.min(cosines)) if cosines else float("nan"), "cka": cka, "drift": 1.0 - cka}
+    nan = float("nan")
+    return {"sentences": len(cosines), "tokens": tokens, "mean_cosine": float(np.mean(cosines)) if cosines else nan,
+            "min_cosine": float(np.min(cosines)) if cosines else nan, "cka": cka, "drift": 1.0 - cka}
 
 
 # --- the new head ----------------------------------------------------------------------------------
@@ -266,9 +268,17 @@ def measure(base, tuned, tokenizer, *, val_examples: list[Example], metric_examp
 
     t = time.perf_counter()
     side = []
+    runs: dict = {}
+
+    def outputs(model, examples):  # one pass per model and example list (often metric = validation)
+        key = (id(model), id(examples))
+        if key not in runs:
+            runs[key] = classifier_outputs(model, examples, options.batch_size, pad, device, bf16)
+        return runs[key]
+
     if metric_examples:
-        pred_b, _, true = classifier_outputs(base, metric_examples, options.batch_size, pad, device, bf16)
-        pred_t, _, _ = classifier_outputs(tuned, metric_examples, options.batch_size, pad, device, bf16)
+        pred_b, _, true = outputs(base, metric_examples)
+        pred_t, _, _ = outputs(tuned, metric_examples)
         task["accuracy"] = {"name": "accuracy", **delta.paired_gain((pred_b == true).astype(float),
                                                                     (pred_t == true).astype(float), seed=options.seed)}
         task["macro_f1"] = {"name": "macro_f1", **delta.paired_statistic_gain(
@@ -277,8 +287,8 @@ def measure(base, tuned, tokenizer, *, val_examples: list[Example], metric_examp
         side = [{"text": text, "label": labels[y], "base": labels[b], "tuned": labels[p]}
                 for text, y, b, p in zip(metric_texts, true, pred_b, pred_t)][: options.side_by_side]
     if val_examples:
-        _, loss_b, _ = classifier_outputs(base, val_examples, options.batch_size, pad, device, bf16)
-        _, loss_t, _ = classifier_outputs(tuned, val_examples, options.batch_size, pad, device, bf16)
+        _, loss_b, _ = outputs(base, val_examples)
+        _, loss_t, _ = outputs(tuned, val_examples)
         task["validation"] = {"loss": delta.paired_gain(loss_b, loss_t, higher_is_better=False, seed=options.seed),
                               "examples": len(val_examples)}
     seconds["task"] = time.perf_counter() - t
@@ -301,8 +311,6 @@ def measure(base, tuned, tokenizer, *, val_examples: list[Example], metric_examp
 
 def build(base, tuned, tokenizer, *, base_model: str, tuned_model: str, metrics_path=None, fit=None, **kw) -> dict:
     from deltatune.delta_report import SCHEMA, SCHEMA_VERSION, display_name, training_section
-
-    import datetime as dt
 
     report = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
               "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -344,7 +352,8 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
     rows.append(("backbone weights ‖ΔW‖/‖W‖", "", "", f"{_f(w['relative_norm'])}; most changed: {top}"))
     if w.get("new"):
         changes = [m["change_from_init"] for m in w["new"] if m["change_from_init"] is not None]
-        rows.append((f"new head ({len(w['new'])} tensor{'s' if len(w['new']) > 1 else ''}) ‖W − W_init‖/‖W_init‖", "", "",
+        tensors = f"{len(w['new'])} tensor{'s' if len(w['new']) > 1 else ''}"
+        rows.append((f"new head ({tensors}) ‖W − W_init‖/‖W_init‖", "", "",
                      _f(max(changes)) if changes else "-"))
     return rows
 
