@@ -193,6 +193,20 @@ def test_cli_classification_run_writes_the_report_and_compare_reproduces_it(tmp_
     assert again["weights"]["relative_norm"] == pytest.approx(report["weights"]["relative_norm"], rel=1e-6)
     assert again["forgetting"]["representation"]["cka"] == pytest.approx(r["cka"], rel=1e-6)
 
+    # Two classifier folders: the tuned model against itself is a known zero.
+    from deltatune.cli import main as cli_main
+
+    assert cli_main(["compare", "--base", str(out / "final"), "--tuned", str(out / "final"), "--data",
+                     str(tmp_path / "test.jsonl"), "--out", str(tmp_path / "self")]) == 0
+    same = json.loads((tmp_path / "self" / "delta.json").read_text())
+    assert same["task"]["accuracy"]["gain"] == 0 and not same["task"]["accuracy"]["significant"]
+    assert same["weights"]["changed_matrices"] == 0 and all(m["delta_norm"] == 0 for m in same["weights"]["new"])
+    assert same["forgetting"]["representation"]["cka"] == pytest.approx(1.0, abs=1e-6)
+    # Classification data with a tuned model that is not a classifier: refused (exit 2), nothing written.
+    assert cli_main(["compare", "--base", str(tiny_bert_dir), "--tuned", str(tiny_bert_dir), "--data",
+                     str(tmp_path / "test.jsonl"), "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+
 
 def test_lora_classification_report_lists_adapter_deltas_and_the_saved_head(tmp_path, tiny_bert_dir):
     from deltatune.config import load_config
@@ -228,3 +242,24 @@ def test_sweep_over_a_classification_config_charts_accuracy_gain_against_backbon
     md = (tmp_path / "runs" / "out" / "frontier.md").read_text()
     assert "1 − CKA" in md and "CKA ≥ 0.90" in md
     assert "accuracy gain" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+def test_real_minilm_classification_run_ends_with_the_delta_report(tmp_path):
+    from conftest import REPO
+    from deltatune import classify_task
+
+    paths = classify_task.write(tmp_path / "data")
+    proc = run_cli("train", str(REPO / "configs" / "classify_minilm.yaml"), f"train_file={paths['train']}",
+                   f"validation_file={paths['validation']}", f"test_file={paths['test']}",
+                   f"output_dir={tmp_path / 'out'}", "max_steps=3")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "out" / "delta.json").read_text())
+    assert report["task_type"] == "classification" and report["task"]["base_matches_training_start"] is True
+    assert report["task"]["accuracy"]["examples"] == 120 and len(report["side_by_side"]) == 8
+    r = report["forgetting"]["representation"]
+    assert r["sentences"] > 300 and 0.5 < r["cka"] < 1.0 and 0.5 < r["mean_cosine"] < 1.0  # 3 steps: a small drift
+    w = report["weights"]
+    assert w["changed_matrices"] == len(w["matrices"]) == 6 * 6 + 4  # 6 per layer, 3 embeddings, pooler
+    assert [m["name"] for m in w["new"]] == ["classifier.weight", "classifier.bias"]
+    assert "linear CKA" in proc.stdout
