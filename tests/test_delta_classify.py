@@ -223,6 +223,14 @@ def test_lora_classification_report_lists_adapter_deltas_and_the_saved_head(tmp_
     assert w["new"][0]["change_from_init"] > 0  # the head trained as modules_to_save
     assert report["task"]["base_matches_training_start"] is True
     assert report["forgetting"]["representation"]["cka"] < 1.0
+    # The adapter folder compares like a full model folder (labels.json + modules_to_save head).
+    from deltatune.cli import main as cli_main
+
+    assert cli_main(["compare", "--base", str(tiny_bert_dir), "--tuned", str(result.out_dir / "final"), "--data",
+                     str(tmp_path / "test.jsonl"), "--out", str(tmp_path / "cmp")]) == 0
+    again = json.loads((tmp_path / "cmp" / "delta.json").read_text())
+    assert again["task"]["accuracy"]["tuned"] == pytest.approx(report["task"]["accuracy"]["tuned"])
+    assert again["weights"]["relative_norm"] == pytest.approx(w["relative_norm"], rel=1e-5)
 
 
 def test_sweep_over_a_classification_config_charts_accuracy_gain_against_backbone_drift(tmp_path, tiny_bert_dir,
