@@ -10,8 +10,7 @@ import torch
 from conftest import run_cli, write_jsonl
 from deltatune import delta
 from deltatune.classify import build_classification_examples, classification_metrics, load_classifier
-from deltatune.delta_classify import (CkaSums, general_sentences, linear_cka, macro_f1_statistic, measure,
-                                      sentence_examples)
+from deltatune.delta_classify import CkaSums, general_sentences, linear_cka, macro_f1_statistic, measure
 from deltatune.delta_report import ReportOptions
 from deltatune.formats import Record
 
@@ -41,7 +40,7 @@ def _measure(base, tuned, tok, tmp_path):
                    options=ReportOptions(general_text_file=str(corpus), side_by_side=3, batch_size=16), device=CPU)
 
 
-def test_cka_and_cosine_known_answers():
+def test_linear_cka_known_answers_and_streaming():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(200, 8, generator=gen)
     assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
