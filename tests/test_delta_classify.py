@@ -270,3 +270,24 @@ def test_real_minilm_classification_run_ends_with_the_delta_report(tmp_path):
     assert w["changed_matrices"] == len(w["matrices"]) == 6 * 6 + 4  # 6 per layer, 3 embeddings, pooler
     assert [m["name"] for m in w["new"]] == ["classifier.weight", "classifier.bias"]
     assert "linear CKA" in proc.stdout
+
+
+def test_classifier_tokenizer_needs_a_pad_id_but_no_chat_template_or_eos(tmp_path, tiny_bert_dir):
+    import shutil
+
+    from deltatune.errors import UserError
+
+    def variant(name, drop):
+        folder = tmp_path / name
+        shutil.copytree(tiny_bert_dir, folder)
+        settings = json.loads((folder / "tokenizer_config.json").read_text())
+        for key in drop:
+            settings.pop(key, None)
+        (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+        return str(folder)
+
+    # Like all-MiniLM-L6-v2: a pad token, no eos, no chat template. Nothing is generated, so it loads.
+    _, tok = load_classifier(variant("bert-like", ["eos_token", "chat_template"]), LABELS)
+    assert tok.eos_token is None and tok.pad_token_id is not None
+    with pytest.raises(UserError, match="no pad and no end-of-sequence token"):
+        load_classifier(variant("no-pad", ["eos_token", "pad_token", "chat_template"]), LABELS)
