@@ -186,11 +186,12 @@ def test_cli_classification_run_writes_the_report_and_compare_reproduces_it(tmp_
     assert proc.returncode == 0, proc.stderr
     again = json.loads((tmp_path / "cmp" / "delta.json").read_text())
     assert again["task_type"] == "classification"
-    for key in ("accuracy", "macro_f1"):  # base rebuilt with the run's seed: the same numbers
-        assert again["task"][key]["base"] == pytest.approx(task[key]["base"])
-        assert again["task"][key]["tuned"] == pytest.approx(task[key]["tuned"])
+    for key in ("accuracy", "macro_f1"):  # base rebuilt with the run's seed: the same numbers and intervals
+        for field in ("base", "tuned", "gain_ci"):
+            assert again["task"][key][field] == pytest.approx(task[key][field])
     assert again["weights"]["relative_norm"] == pytest.approx(report["weights"]["relative_norm"], rel=1e-6)
     assert again["forgetting"]["representation"]["cka"] == pytest.approx(r["cka"], rel=1e-6)
+    assert again["task"]["validation"]["evaluated_on"] == "test.jsonl"
 
     # Two classifier folders: the tuned model against itself is a known zero.
     from deltatune.cli import main as cli_main

@@ -26,7 +26,7 @@ started (reloaded with the run's seed), so every gain is what training added.
         accuracy: {name, base, base_ci, tuned, tuned_ci, gain, gain_ci, significant, examples},
         macro_f1: {same keys}, metric: (the accuracy entry again, so scripts that read
         task.metric of causal reports find the headline metric),
-        validation: {loss: {same keys; gain = base loss − tuned loss}, examples} or null,
+        validation: {loss: {same keys; gain = base loss − tuned loss}, examples, evaluated_on} or null,
         base_matches_training_start: true/false (the reloaded base scores what the run's own
         base evaluation scored) or null outside training}
     forgetting.representation: {source, passages, sentences, tokens, pooling, mean_cosine,
@@ -40,6 +40,7 @@ started (reloaded with the run's seed), so every gain is what training added.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import re
@@ -255,7 +256,8 @@ def new_parameters(base, tuned, prefixes: tuple[str, ...]) -> list[dict]:
 # --- the report ------------------------------------------------------------------------------------
 
 def measure(base, tuned, tokenizer, *, val_examples: list[Example], metric_examples: list[Example],
-            metric_texts: list[str], evaluated_on: str, options, device, bf16: bool = False) -> dict:
+            metric_texts: list[str], evaluated_on: str, options, device, bf16: bool = False,
+            loss_on: str = "validation data") -> dict:
     """Every base-vs-tuned number of a classification report (training excepted)."""
     seconds = {}
     pad = tokenizer.pad_token_id
@@ -290,7 +292,7 @@ def measure(base, tuned, tokenizer, *, val_examples: list[Example], metric_examp
         _, loss_b, _ = outputs(base, val_examples)
         _, loss_t, _ = outputs(tuned, val_examples)
         task["validation"] = {"loss": delta.paired_gain(loss_b, loss_t, higher_is_better=False, seed=options.seed),
-                              "examples": len(val_examples)}
+                              "examples": len(val_examples), "evaluated_on": loss_on}
     seconds["task"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -341,7 +343,8 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
     if task.get("validation"):
         v = task["validation"]["loss"]
         sig = "significant" if v["significant"] else "not significant"
-        rows.append(("validation loss", _f(v["base"]), _f(v["tuned"]),
+        where = task["validation"].get("evaluated_on", "validation data")
+        rows.append((f"loss ({where}, n={task['validation']['examples']})", _f(v["base"]), _f(v["tuned"]),
                      f"{-v['gain']:+.4f} [{-v['gain_ci'][1]:+.4f}, {-v['gain_ci'][0]:+.4f}] {sig}"))
     r = report["forgetting"]["representation"]
     rows.append((f"backbone on general text: mean cosine (n={r['sentences']})", "1", _f(r["mean_cosine"]),
@@ -452,24 +455,24 @@ def is_classifier(name: str) -> bool:
 
 
 def _run_seed(tuned_name: str) -> int:
-    """The seed a deltatune run used (its config.yaml next to final/), else RunConfig's default."""
+    """The seed a deltatune run used (its config.yaml next to final/), or None."""
     import yaml
-
-    from deltatune.config import RunConfig
 
     path = Path(tuned_name).parent / "config.yaml"
     try:
         seed = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("seed")
-    except (OSError, yaml.YAMLError):
+    except (OSError, yaml.YAMLError, AttributeError):
         seed = None
-    return seed if isinstance(seed, int) else RunConfig.model_fields["seed"].default
+    return seed if isinstance(seed, int) else None
 
 
 def compare(base_name: str, tuned_name: str, records, data_file: str, out_dir: Path, *, options,
             max_examples: int | None = None, max_seq_length: int = 1024, allow_pickle: bool = False,
             trust_remote_code: bool = False) -> dict:
     """`deltatune compare` on classification data: two classifier folders, or a base encoder and a tuned
-    classifier (the base then gets a fresh head, seeded as the run that made the tuned one)."""
+    classifier (the base then gets a fresh head, seeded as the run that made the tuned one). With a
+    run's config.yaml next to the tuned folder, its seed also fixes the bootstrap and the
+    general-text sample, so the numbers are the training report's."""
     from deltatune.classify import build_classification_examples, load_classifier
     from deltatune.delta_report import files_text, print_summary, write
     from deltatune.pipeline import pick_device
@@ -478,12 +481,19 @@ def compare(base_name: str, tuned_name: str, records, data_file: str, out_dir: P
         raise UserError(f"{tuned_name}: not a sequence classifier (no *ForSequenceClassification in config.json, "
                         f"no classification adapter); {data_file} holds classification records")
     records = records[:max_examples] if max_examples else records
+    seed = _run_seed(tuned_name)
+    if seed is not None:
+        options = dataclasses.replace(options, seed=seed)
     opts = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     tuned, tokenizer = load_classifier(tuned_name, None, **opts)
     if is_classifier(base_name):
         base, _ = load_classifier(base_name, None, **opts)
     else:
-        base, _ = load_classifier(base_name, label_list(tuned), seed=_run_seed(tuned_name), **opts)
+        # Without a run's config.yaml: RunConfig's default seed, as a run that never set one.
+        from deltatune.config import RunConfig
+
+        head_seed = RunConfig.model_fields["seed"].default if seed is None else seed
+        base, _ = load_classifier(base_name, label_list(tuned), seed=head_seed, **opts)
     device = pick_device()
     base.to(device).eval()
     tuned.to(device).eval()
@@ -493,8 +503,8 @@ def compare(base_name: str, tuned_name: str, records, data_file: str, out_dir: P
     metrics_path = Path(tuned_name).parent / "metrics.jsonl"
     report = build(base, tuned, tokenizer, base_model=base_name, tuned_model=tuned_name,
                    metrics_path=metrics_path if metrics_path.is_file() else None, val_examples=examples,
-                   metric_examples=examples, metric_texts=_texts(records), evaluated_on=f"data file {data_file}",
-                   options=options, device=device)
+                   metric_examples=examples, metric_texts=_texts(records), evaluated_on=Path(data_file).name,
+                   loss_on=Path(data_file).name, options=options, device=device)
     report["seconds"]["total"] = time.perf_counter() - start
     paths = write(out_dir, report, render=markdown)
     print_summary(report, rows=summary_rows(report))
