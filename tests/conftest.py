@@ -59,6 +59,25 @@ def make_tiny_llama(tokenizer, seed: int = 0):
     return LlamaForCausalLM(config)
 
 
+def make_tiny_bert(tokenizer, seed: int = 0):
+    """A 2-layer random-init BERT encoder (the MiniLM architecture, tiny): a classification base."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    return BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A saved tiny BERT folder (safetensors + tokenizer), loaded as a classifier with a new head."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = make_tokenizer(chat_template=None)
+    make_tiny_bert(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tokenizer()

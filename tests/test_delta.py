@@ -179,7 +179,7 @@ def test_train_writes_the_delta_report_and_compare_reproduces_it(tmp_path, tiny_
     assert "what fine-tuning changed" in proc.stdout and "fact recall" in proc.stdout
     out = tmp_path / "out"
     report = json.loads((out / "delta.json").read_text())
-    assert report["schema"] == "deltatune.delta" and report["schema_version"] == 1
+    assert report["schema"] == "deltatune.delta" and report["schema_version"] == 2 and report["task_type"] == "causal_lm"
     assert report["task"]["validation"]["loss"]["gain"] > 0  # lr 5e-3 on a repetitive task: loss falls
     assert report["task"]["metric"]["examples"] == 2 and len(report["side_by_side"]) == 1
     assert report["forgetting"]["general_text"]["kl_per_token"] > 0

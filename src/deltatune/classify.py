@@ -85,12 +85,12 @@ def load_classifier(name: str, labels: list[str] | None, *, seed: int = 0, allow
     folder = resolve(name)
     if is_adapter_dir(folder):
         saved = _read_labels(folder)
-        tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code, generates=False)
         model = load_adapter_model(folder, lambda base: load_classifier(
             base, saved, seed=seed, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)[0])
         return model, tokenizer
     check_weights_safe(folder, allow_pickle)
-    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code, generates=False)
     kwargs = {}
     if labels is not None:
         kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),

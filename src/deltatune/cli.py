@@ -90,9 +90,10 @@ def cmd_compare(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from deltatune.sweep import run_sweep
+    from deltatune.sweep import Budget, run_sweep
 
-    run_sweep(args.config, args.grid, args.overrides)
+    run_sweep(args.config, args.grid, args.overrides,
+              Budget(args.max_perplexity_increase, args.min_fact_retention, args.min_cka))
     return 0
 
 
@@ -271,11 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="delta report (task gain, forgetting, weight change) for any two models")
     p.add_argument("--base", required=True, help="base model: folder, .gguf file or embedded name")
     p.add_argument("--tuned", required=True, help="tuned model folder (a deltatune run's final/ adds its curves)")
-    p.add_argument("--data", required=True, help="JSONL/JSON/CSV conversations with reference answers")
+    p.add_argument("--data", required=True,
+                   help="JSONL/JSON/CSV conversations with reference answers, or {text, label} records for classifiers")
     p.add_argument("--out", default="delta_report", help="folder for report.md/html and delta.json")
     p.add_argument("--format", default="auto", help="data format (default: detect)")
     _add_metric(p)
-    p.add_argument("--max-examples", type=int, default=64, help="use at most this many records of --data")
+    p.add_argument("--max-examples", type=int, default=None,
+                   help="use at most this many records of --data (default: 64 conversations, every classification record)")
     p.add_argument("--max-seq-length", type=int, default=1024)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
@@ -292,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="values to try per key, e.g. learning_rate=1e-5,5e-5 num_train_epochs=1,3")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="fixed overrides applied to every run")
+    p.add_argument("--max-perplexity-increase", type=float, default=0.10, metavar="X",
+                   help="forgetting budget of the recommendation: general-text perplexity rise (default 0.10 = +10%%)")
+    p.add_argument("--min-fact-retention", type=float, default=0.90, metavar="X",
+                   help="forgetting budget: share of the base's facts kept (default 0.90)")
+    p.add_argument("--min-cka", type=float, default=0.90, metavar="X",
+                   help="forgetting budget for classifiers: backbone CKA on general text (default 0.90)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("generate", help="greedy answer of a model to one prompt")

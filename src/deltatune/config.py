@@ -142,7 +142,7 @@ class RunConfig(BaseModel):
     probe_files: list[str] = Field(default_factory=list)
     """Extra fact-recall probe sets (JSONL/JSON/CSV with `prompt` and `answer`), scored with the built-in set."""
     side_by_side_prompts: int = Field(8, ge=0)
-    """Held-out test prompts shown with base and tuned outputs side by side."""
+    """Held-out test prompts shown with base and tuned outputs side by side (classification: texts with the true label and both predictions)."""
     kl_samples: int = Field(8, ge=0)
     """Continuations sampled from the base model for the Monte-Carlo KL(base‖tuned); 0 skips it."""
 

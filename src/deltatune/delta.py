@@ -48,10 +48,19 @@ def bootstrap_ci(values, weights=None, *, n_boot: int = 1000, seed: int = 0, lev
     if len(v) == 0:
         return float("nan"), float("nan"), float("nan")
     point = v.sum() / w.sum()
-    idx = np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))
+    idx = resample_indices(len(v), n_boot=n_boot, seed=seed)
     stats = v[idx].sum(1) / np.maximum(w[idx].sum(1), 1e-12)
+    return (float(point), *_percentiles(stats, level))
+
+
+def resample_indices(n: int, *, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """[n_boot, n] example indices drawn with replacement: the resamples every bootstrap here uses."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def _percentiles(stats: np.ndarray, level: float) -> tuple[float, float]:
     alpha = (1 - level) / 2
-    return float(point), float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
+    return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
 
 
 def paired_gain(base, tuned, weights=None, *, higher_is_better: bool = True, seed: int = 0) -> dict:
@@ -68,6 +77,31 @@ def paired_gain(base, tuned, weights=None, *, higher_is_better: bool = True, see
     return {"base": b[0], "base_ci": [b[1], b[2]], "tuned": t[0], "tuned_ci": [t[1], t[2]],
             "gain": g[0], "gain_ci": [g[1], g[2]], "significant": bool(g[1] > 0 or g[2] < 0),
             "examples": int(len(diff))}
+
+
+def paired_statistic_gain(statistic, base, tuned, *, higher_is_better: bool = True, seed: int = 0,
+                          level: float = 0.95) -> dict:
+    """`paired_gain` for a statistic that is not a mean of per-example values (e.g. macro-F1).
+
+    `statistic(values, idx)` scores the examples `values[idx]` of each row of `idx` (an
+    [n_boot, n] index array) and returns one number per row. Base and tuned are scored on the
+    same resamples (the same ones `bootstrap_ci` draws for this seed), so the CI is paired.
+    """
+    base, tuned = np.asarray(base), np.asarray(tuned)
+    n = len(base)
+    if n == 0:
+        nan = float("nan")
+        return {"base": nan, "base_ci": [nan, nan], "tuned": nan, "tuned_ci": [nan, nan], "gain": nan,
+                "gain_ci": [nan, nan], "significant": False, "examples": 0}
+    sign = 1.0 if higher_is_better else -1.0
+    whole = np.arange(n)[None, :]
+    idx = resample_indices(n, seed=seed)
+    b_point, t_point = float(statistic(base, whole)[0]), float(statistic(tuned, whole)[0])
+    b, t = statistic(base, idx), statistic(tuned, idx)
+    lo, hi = _percentiles(sign * (t - b), level)
+    return {"base": b_point, "base_ci": list(_percentiles(b, level)), "tuned": t_point,
+            "tuned_ci": list(_percentiles(t, level)), "gain": sign * (t_point - b_point), "gain_ci": [lo, hi],
+            "significant": bool(lo > 0 or hi < 0), "examples": int(n)}
 
 
 # --- paired forward passes -------------------------------------------------------------------
@@ -208,9 +242,16 @@ def canonical_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
+GENERIC_LEAVES = {"dense", "linear", "fc", "proj"}  # leaf names that say nothing alone (BERT has three `dense`)
+
+
 def _module_type(name: str) -> str:
     parts = name.removesuffix(".weight").split(".")
-    return parts[-1]
+    if parts[-1] not in GENERIC_LEAVES:
+        return parts[-1]
+    # The path inside the block (`attention.output.dense` vs `output.dense`), or the parent outside blocks.
+    digits = [i for i, p in enumerate(parts) if p.isdigit()]
+    return ".".join(parts[digits[-1] + 1:] if digits else parts[-2:])
 
 
 def _layer(name: str) -> int | None:
@@ -279,12 +320,13 @@ def intruder_dimensions(w_base: torch.Tensor, w_tuned: torch.Tensor, top_k: int 
 
 
 @torch.no_grad()
-def weight_delta(base, tuned, *, top_n: int = 10) -> dict:
+def weight_delta(base, tuned, *, top_n: int = 10, exclude: tuple[str, ...] = ()) -> dict:
     """Per weight matrix: ‖ΔW‖_F/‖W_base‖_F, effective rank of ΔW, intruder dimensions.
 
     `tuned` may be a peft model: its LoRA layers give ΔW = B·A·scaling without merging; its
     other matrices are compared with `base` by name. Matrices that did not change at all are
-    counted but cost no SVD.
+    counted but cost no SVD. Names starting with an `exclude` prefix are left out (a new
+    classification head has no pre-trained counterpart).
     """
     lora = lora_deltas(tuned)
     base_params = {canonical_name(n): p for n, p in base.named_parameters()}
@@ -292,7 +334,7 @@ def weight_delta(base, tuned, *, top_n: int = 10) -> dict:
     seen = set()
     for name, p in tuned.named_parameters():
         cname = canonical_name(name)
-        if p.ndim != 2 or "lora_" in name or cname in seen:
+        if p.ndim != 2 or "lora_" in name or cname in seen or cname.startswith(exclude):
             continue
         seen.add(cname)
         if cname in lora:

@@ -1,9 +1,12 @@
 """The delta report: run the measurements of `delta.py` and write report.md, report.html, delta.json.
 
-`delta.json` schema (`"schema": "deltatune.delta"`, `"schema_version": 1`); every number is a
-float/int, NaN is written as null:
+`delta.json` schema (`"schema": "deltatune.delta"`, `"schema_version": 2`); every number is a
+float/int, NaN is written as null. Version 2 added `task_type` and has two variants:
+`"causal_lm"` (below; otherwise the v1 shape) and `"classification"` (documented in
+`delta_classify.py`). A v1 file has no `task_type` and is a causal-LM report.
 
-    base_model, tuned_model, created (UTC ISO time)
+    task_type: "causal_lm"
+    base_model, tuned_model (local paths resolved), created (UTC ISO time)
     task.validation.loss: {base, base_ci, tuned, tuned_ci, gain, gain_ci, significant, examples}
         gain = base loss − tuned loss (positive: tuned is better), 95 % paired bootstrap CIs
     task.validation: base_perplexity, tuned_perplexity, kl_per_token (KL(base‖tuned) on the
@@ -42,7 +45,7 @@ from deltatune import delta, probes
 from deltatune.evaluate import Check
 
 SCHEMA = "deltatune.delta"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: task_type, and the classification variant
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,12 @@ def _ci(d: dict, key: str, scale: float = 1.0, digits: int = 4) -> str:
     return f"{_f(d[key] * scale, digits)} [{_f(lo * scale, digits)}, {_f(hi * scale, digits)}]"
 
 
+def display_name(name: str) -> str:
+    """A model as the report shows it: local paths resolved (no `configs/../runs`), names as given."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else str(name)
+
+
 def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
     """(measure, base, tuned, change) rows: the compact table the CLI prints and report.md opens with."""
     rows = []
@@ -237,14 +246,14 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def print_summary(report: dict, title: str = "what fine-tuning changed (base → tuned)") -> None:
+def print_summary(report: dict, title: str = "what fine-tuning changed (base → tuned)", rows=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
     for col in ("measure", "base", "tuned", "change"):
         table.add_column(col, justify="left" if col in ("measure", "change") else "right")
-    for row in summary_rows(report):
+    for row in summary_rows(report) if rows is None else rows:
         table.add_row(*row)
     Console(width=max(120, Console().width)).print(table)
 
@@ -321,9 +330,20 @@ def markdown(report: dict) -> str:
         lines += ["", "Facts the tuned model lost:", ""]
         lines += _md_table(["prompt", "expected", "base", "tuned"],
                            [[x["prompt"], x["answer"], x["base"].strip(), x["tuned"].strip()] for x in fr["lost"][:10]])
-    w = report["weights"]
+    lines += weight_markdown(report["weights"])
+    if report["side_by_side"]:
+        lines += ["", "## Side by side (held-out prompts, greedy)", ""]
+        for x in report["side_by_side"]:
+            lines += [f"**Prompt:** {x['prompt']}", "", f"- reference: `{x['reference']}`",
+                      f"- base: `{x['base']}`", f"- tuned: `{x['tuned']}`", ""]
+    lines += training_markdown(report.get("training"))
+    lines += ["", "Measurement time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()), ""]
+    return "\n".join(lines)
+
+
+def weight_markdown(w: dict) -> list[str]:
     by_name = {m["name"]: m for m in w["matrices"]}
-    lines += ["", "## Weight change", "",
+    lines = ["", "## Weight change", "",
               f"{w['changed_matrices']} of {len(w['matrices'])} weight matrices changed; overall ‖ΔW‖_F/‖W‖_F = "
               f"{_f(w['relative_norm'])}. Effective rank: smallest k holding 90 % of ΔW's squared singular values. "
               f"Intruders: top-{delta.INTRUDER_TOP_K} singular vectors of W_tuned with |cos| < {delta.INTRUDER_COSINE} "
@@ -339,12 +359,11 @@ def markdown(report: dict) -> str:
     lines += _md_table(["layer", "matrices", "‖ΔW‖/‖W‖", "mean effective rank", "intruders"],
                        [["-" if r["layer"] is None else r["layer"], r["matrices"], _f(r["relative_norm"]),
                          _f(r["mean_effective_rank"], 3), r["intruders"]] for r in w["by_layer"]])
-    if report["side_by_side"]:
-        lines += ["", "## Side by side (held-out prompts, greedy)", ""]
-        for x in report["side_by_side"]:
-            lines += [f"**Prompt:** {x['prompt']}", "", f"- reference: `{x['reference']}`",
-                      f"- base: `{x['base']}`", f"- tuned: `{x['tuned']}`", ""]
-    tr = report.get("training")
+    return lines
+
+
+def training_markdown(tr: dict | None) -> list[str]:
+    lines = []
     if tr:
         lines += ["", "## Training", "",
                   f"- steps: {tr.get('steps')}, train loss at the end: {_f(tr.get('train_loss'))}",
@@ -352,8 +371,7 @@ def markdown(report: dict) -> str:
         if tr["curves"]["eval_loss"]:
             lines.append("- validation loss by step: " +
                          ", ".join(f"{s}: {v:.4f}" for s, v in tr["curves"]["eval_loss"]))
-    lines += ["", "Measurement time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()), ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _markdown_to_html(md: str) -> str:
@@ -406,12 +424,19 @@ def html_page(title: str, md: str, images: dict[str, str]) -> str:
             f"<style>{HTML_STYLE}</style></head><body>{body}{figs}</body></html>\n")
 
 
-def write(out_dir: Path, report: dict) -> dict[str, Path]:
-    """report.md, report.html (self-contained) and delta.json in out_dir."""
+def files_text(paths: dict[str, Path]) -> str:
+    """`/abs/dir/{report.md, report.html, delta.json}`: where the files went, resolved for display."""
+    folder = {p.parent for p in paths.values()}
+    names = ", ".join(p.name for p in paths.values())
+    return f"{folder.pop().resolve()}/{{{names}}}" if len(folder) == 1 else ", ".join(str(p.resolve()) for p in paths.values())
+
+
+def write(out_dir: Path, report: dict, render=None) -> dict[str, Path]:
+    """report.md, report.html (self-contained) and delta.json in out_dir; `render`: report -> Markdown."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = _clean(report)
-    md = markdown(report)
+    md = (render or markdown)(report)
     paths = {"md": out_dir / "report.md", "html": out_dir / "report.html", "json": out_dir / "delta.json"}
     paths["md"].write_text(md, encoding="utf-8")
     paths["html"].write_text(html_page("deltatune delta report", md, plots(report)), encoding="utf-8")
@@ -424,9 +449,9 @@ def write(out_dir: Path, report: dict) -> dict[str, Path]:
 
 def build(base, tuned, tokenizer, *, base_model: str, tuned_model: str, val_examples, base_predictions,
           tuned_predictions, metric: str, options: ReportOptions, device, metrics_path=None, fit=None) -> dict:
-    report = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+    report = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "task_type": "causal_lm",
               "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "base_model": base_model, "tuned_model": tuned_model}
+              "base_model": display_name(base_model), "tuned_model": display_name(tuned_model)}
     report.update(measure(base, tuned, tokenizer, val_examples=val_examples, base_predictions=base_predictions,
                           tuned_predictions=tuned_predictions, metric=metric, options=options, device=device))
     report["training"] = training_section(metrics_path, fit)
@@ -459,15 +484,15 @@ def after_training(cfg, tuned, tokenizer, val_examples, before: dict, after: dic
     paths = write(out_dir, report)
     del base
     print_summary(report)
-    print(f"delta report: {paths['md']}, {paths['html']}, {paths['json']} ({report['seconds']['total']:.0f} s)")
+    print(f"delta report: {files_text(paths)} ({report['seconds']['total']:.0f} s)")
     return report
 
 
 def compare(base_name: str, tuned_name: str, data_file: str, out_dir: Path, *, fmt: str = "auto",
-            check: Check = Check(), max_examples: int = 64, max_seq_length: int = 1024,
+            check: Check = Check(), max_examples: int | None = 64, max_seq_length: int = 1024,
             max_new_tokens: int = 64, options: ReportOptions = ReportOptions(), allow_pickle: bool = False,
             trust_remote_code: bool = False) -> dict:
-    """`deltatune compare`: the same report for any pair of models on a data file."""
+    """`deltatune compare`: the same report for any pair of models on a data file (classifiers included)."""
     from deltatune.data import build_sft_examples
     from deltatune.errors import UserError
     from deltatune.evaluate import generate, references
@@ -476,9 +501,15 @@ def compare(base_name: str, tuned_name: str, data_file: str, out_dir: Path, *, f
     from deltatune.pipeline import pick_device
 
     records, fmt = load_records(data_file, fmt)
+    if fmt == "classification":  # two classifiers: accuracy, macro-F1 and representation drift instead
+        from deltatune import delta_classify
+
+        return delta_classify.compare(base_name, tuned_name, records, data_file, out_dir, options=options,
+                                      max_examples=max_examples, max_seq_length=max_seq_length,
+                                      allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if fmt not in CHAT_FORMATS:
         raise UserError(f"{data_file}: format '{fmt}' has no conversations to compare the models on")
-    records = records[:max_examples]
+    records = records[:max_examples or 64]
     for f in options.probe_files:
         probes.load_probe_file(f)  # bad probe files fail before the models load
     device = pick_device()
@@ -505,7 +536,7 @@ def compare(base_name: str, tuned_name: str, data_file: str, out_dir: Path, *, f
     report["seconds"]["total"] = time.perf_counter() - start
     paths = write(out_dir, report)
     print_summary(report)
-    print(f"delta report: {paths['md']}, {paths['html']}, {paths['json']}")
+    print(f"delta report: {files_text(paths)}")
     return report
 
 

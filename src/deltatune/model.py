@@ -157,13 +157,21 @@ def _load_error(name, err: Exception) -> UserError:
     return UserError(f"{name}: cannot load model ({text})")
 
 
-def load_tokenizer(folder: Path | str, *, trust_remote_code: bool = False):
+def load_tokenizer(folder: Path | str, *, trust_remote_code: bool = False, generates: bool = True):
+    """`generates=False` (a classifier): no chat template or end-of-sequence token is needed, only a pad id."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as err:
         raise _load_error(folder, err) from None
+    if not generates:
+        if tokenizer.pad_token_id is None and tokenizer.eos_token is None:
+            raise UserError(f"{folder}: the tokenizer has no pad and no end-of-sequence token, so batches cannot "
+                            "be padded (add pad_token to tokenizer_config.json)")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
     if tokenizer.chat_template is None and tokenizer.eos_token is None:
         raise UserError(f"{folder}: the tokenizer has no chat template and no end-of-sequence token, so a "
                         "tuned model could not learn where an answer ends (add chat_template and eos_token "

@@ -197,4 +197,11 @@ def run(cfg: RunConfig) -> RunResult:
         print("delta report: skipped under several processes (run `deltatune compare` on final/)")
     elif cfg.delta_report and cfg.task != "classification":  # the report compares next-token distributions
         after_training(cfg, model, tokenizer, data.val, before, after, result, out, device)
+    elif cfg.delta_report:  # a classifier: accuracy/macro-F1 gain, backbone drift, weight change
+        from deltatune import delta_classify
+
+        delta_classify.after_training(
+            cfg, model, tokenizer, val_examples=data.val, metric_examples=data.test_examples or data.val,
+            metric_records=splits.test or splits.val, evaluated_on="test file" if data.test_examples else "validation data",
+            before=before, fit=result, out_dir=out, device=device)
     return RunResult(out, before, after, result)

@@ -6,8 +6,10 @@ Each combination runs in `output_dir/<key-value_...>/` with the delta report on;
 `delta.json` exists is finished and skipped, so an interrupted sweep resumes where it stopped
 (the interrupted run restarts). Then `frontier.md/html/json` in `output_dir` list, per run,
 the task gain (test-metric gain when there is a test set, otherwise the fall of validation
-loss) and the forgetting (mean per-token KL(base ‖ tuned) on general text), mark the
-Pareto-optimal runs (no other run has more gain with less forgetting) and recommend one.
+loss; accuracy gain for a classifier) and the forgetting (mean per-token KL(base ‖ tuned) on
+general text; 1 − linear CKA of the backbone's sentence embeddings for a classifier), mark the
+Pareto-optimal runs (no other run has more gain with less forgetting) and recommend one by the
+rule in `recommend` (RULE below), which states its reason.
 """
 
 from __future__ import annotations
@@ -15,14 +17,43 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from deltatune.config import load_config
 from deltatune.errors import UserError
 
 SCHEMA = "deltatune.frontier"
-SCHEMA_VERSION = 1
-NEAR_BEST_GAIN = 0.9  # the recommendation trades at most 10 % of the best gain for less forgetting
+SCHEMA_VERSION = 2  # 2: forgetting budget, within_budget/budget_ratio per run, classification runs
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much forgetting a recommended run may show (the defaults of `deltatune sweep`)."""
+    max_perplexity_increase: float = 0.10  # causal: general-text perplexity at most +10 %
+    min_fact_retention: float = 0.90       # causal: at least 90 % of the facts the base knew
+    min_cka: float = 0.90                  # classification: backbone CKA on general text at least 0.9
+
+    def __post_init__(self):
+        if not self.max_perplexity_increase > 0:
+            raise UserError(f"--max-perplexity-increase {self.max_perplexity_increase}: must be > 0 (0.1 = +10 %)")
+        for flag, value in (("--min-fact-retention", self.min_fact_retention), ("--min-cka", self.min_cka)):
+            if not 0 <= value < 1:
+                raise UserError(f"{flag} {value}: must be at least 0 and below 1 (e.g. 0.9)")
+
+
+RULE = ("Only runs with a positive, significant gain (95 % CI above 0) are candidates; if none has one, runs "
+        "with a positive gain are, and the reason says so. Among candidates within the forgetting budget "
+        "(causal: general-text perplexity increase ≤ {ppl:.0%} and fact retention ≥ {ret:.0%}; classification: "
+        "backbone CKA ≥ {cka:.2f}), the one with the highest gain is recommended (ties: less forgetting). If no "
+        "candidate is within the budget, the one that overshoots it least is recommended (overshoot: the largest "
+        "of perplexity increase / {ppl:.0%}, lost facts / {lost:.0%}, (1 − CKA) / {drift:.2f}; ties: more gain), "
+        "and the reason says so. A run with no positive gain is never recommended.")
+
+
+def rule_text(budget: Budget) -> str:
+    return RULE.format(ppl=budget.max_perplexity_increase, ret=budget.min_fact_retention, cka=budget.min_cka,
+                       lost=1 - budget.min_fact_retention, drift=1 - budget.min_cka)
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
@@ -45,7 +76,7 @@ def run_name(settings: dict[str, str]) -> str:
     return "_".join(f"{k}-{re.sub(r'[^A-Za-z0-9.+-]', '', v)}" for k, v in settings.items())
 
 
-def run_sweep(config_path: str, grid_items: list[str], overrides: list[str] = ()) -> dict:
+def run_sweep(config_path: str, grid_items: list[str], overrides: list[str] = (), budget: Budget = Budget()) -> dict:
     from deltatune.pipeline import run
 
     grid = parse_grid(grid_items)
@@ -66,15 +97,20 @@ def run_sweep(config_path: str, grid_items: list[str], overrides: list[str] = ()
         run(cfg)
     entries = [entry(name, settings, json.loads((root / name / "delta.json").read_text(encoding="utf-8")))
                for name, settings, _ in runs]
-    frontier = build_frontier(entries)
+    frontier = build_frontier(entries, budget)
     paths = write_frontier(root, frontier)
     print_frontier(frontier)
-    print(f"frontier: {paths['md']}, {paths['html']}, {paths['json']}")
+    from deltatune.delta_report import files_text
+
+    print(f"frontier: {files_text(paths)}")
     return frontier
 
 
 def entry(name: str, settings: dict, report: dict) -> dict:
-    """One run's point: gain (test metric, else validation loss) and forgetting (general-text KL)."""
+    """One run's point: gain (test metric, else validation loss) and forgetting (general-text KL;
+    1 − CKA for a classifier)."""
+    if report.get("task_type") == "classification":
+        return classification_entry(name, settings, report)
     metric, val = report["task"].get("metric"), report["task"].get("validation")
     if metric:
         gain = {"gain": metric["gain"], "gain_ci": metric["gain_ci"], "significant": metric["significant"],
@@ -89,7 +125,25 @@ def entry(name: str, settings: dict, report: dict) -> dict:
     return {"name": name, "settings": settings, **gain, "forgetting": g["kl_per_token"],
             "perplexity_change": g["perplexity_change"], "kl_base_samples": samples.get("kl_per_token"),
             "fact_retention": report["forgetting"]["fact_recall"]["retention"],
-            "weight_change": report["weights"]["relative_norm"]}
+            "weight_change": report["weights"]["relative_norm"], "task_type": "causal_lm"}
+
+
+def classification_entry(name: str, settings: dict, report: dict) -> dict:
+    """A classifier's point: accuracy gain (else the fall of validation loss) against 1 − backbone CKA."""
+    acc, val = report["task"].get("accuracy"), report["task"].get("validation")
+    if acc:
+        gain = {"gain": acc["gain"], "gain_ci": acc["gain_ci"], "significant": acc["significant"],
+                "gain_measure": "accuracy gain"}
+    elif val:
+        gain = {"gain": val["loss"]["gain"], "gain_ci": val["loss"]["gain_ci"],
+                "significant": val["loss"]["significant"], "gain_measure": "validation loss decrease"}
+    else:
+        gain = {"gain": None, "gain_ci": None, "significant": False, "gain_measure": "none"}
+    r = report["forgetting"]["representation"]
+    return {"name": name, "settings": settings, **gain, "forgetting": r["drift"], "cka": r["cka"],
+            "mean_cosine": r["mean_cosine"], "macro_f1_gain": (report["task"].get("macro_f1") or {}).get("gain"),
+            "perplexity_change": None, "fact_retention": None,
+            "weight_change": report["weights"]["relative_norm"], "task_type": "classification"}
 
 
 def pareto(points: list[tuple[float, float]]) -> list[bool]:
@@ -99,33 +153,83 @@ def pareto(points: list[tuple[float, float]]) -> list[bool]:
     return [not any(dominates(q, p) for q in points if q is not p) for p in points]
 
 
-def build_frontier(entries: list[dict]) -> dict:
+FORGETTING_MEASURES = {"causal_lm": "mean per-token KL(base‖tuned) on general text",
+                       "classification": "1 − linear CKA of the backbone's sentence embeddings on general text"}
+
+
+def build_frontier(entries: list[dict], budget: Budget = Budget()) -> dict:
     usable = [e for e in entries if e["gain"] is not None and e["forgetting"] is not None]
     flags = pareto([(e["gain"], e["forgetting"]) for e in usable])
     for e in entries:
         e["pareto"] = False
+        e["budget_ratio"] = budget_ratio(e, budget)
+        e["within_budget"] = e["budget_ratio"] is not None and e["budget_ratio"] <= 1.0
     for e, flag in zip(usable, flags):
         e["pareto"] = flag
-    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+    task_type = entries[0].get("task_type", "causal_lm") if entries else "causal_lm"
+    recommended, reason = recommend(usable, budget)
+    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "task_type": task_type,
             "gain_measure": usable[0]["gain_measure"] if usable else "none",
-            "forgetting_measure": "mean per-token KL(base‖tuned) on general text",
-            "runs": entries, "recommended": recommend(usable)}
+            "forgetting_measure": FORGETTING_MEASURES[task_type], "budget": asdict(budget), "rule": rule_text(budget),
+            "runs": entries, "recommended": recommended, "recommendation_reason": reason}
 
 
-def recommend(entries: list[dict]) -> dict | None:
-    """Among Pareto-optimal runs (significant gains first): the least forgetting within 10 % of the best gain."""
-    front = [e for e in entries if e["pareto"]]
-    if not front:
-        return None
-    significant = [e for e in front if e["significant"] and e["gain"] > 0]
-    pool = significant or front
-    best = max(e["gain"] for e in pool)
-    near = [e for e in pool if e["gain"] >= NEAR_BEST_GAIN * best] if best > 0 else pool
-    pick = min(near, key=lambda e: (e["forgetting"], -e["gain"]))
-    reason = (f"Pareto-optimal{' with a significant gain' if significant else ' (no run has a significant gain)'}; "
-              f"{pick['gain_measure']} {pick['gain']:+.4f} vs best {best:+.4f}, the least forgetting "
-              f"(KL {pick['forgetting']:.4g}/token) among runs within {round(100 * (1 - NEAR_BEST_GAIN))} % of the best gain")
-    return {"name": pick["name"], "settings": pick["settings"], "reason": reason}
+def _known(x) -> bool:
+    return x is not None and x == x  # NaN (a measure that could not be taken) counts as unknown
+
+
+def budget_ratio(e: dict, budget: Budget) -> float | None:
+    """How much of the forgetting budget a run uses: ≤ 1 within it, 1.5 = 50 % over. None: not measured."""
+    parts = []
+    if _known(e.get("perplexity_change")):
+        parts.append(e["perplexity_change"] / budget.max_perplexity_increase)
+    if _known(e.get("fact_retention")):
+        parts.append((1.0 - e["fact_retention"]) / (1.0 - budget.min_fact_retention))
+    if _known(e.get("cka")):
+        parts.append((1.0 - e["cka"]) / (1.0 - budget.min_cka))
+    return max(parts) if parts else None
+
+
+def _forgetting_text(e: dict) -> str:
+    parts = []
+    if _known(e.get("perplexity_change")):
+        parts.append(f"general perplexity {100 * e['perplexity_change']:+.1f}%")
+    if _known(e.get("fact_retention")):
+        parts.append(f"fact retention {100 * e['fact_retention']:.0f}%")
+    if _known(e.get("cka")):
+        parts.append(f"backbone CKA {e['cka']:.3f}")
+    return ", ".join(parts) or "forgetting not measured"
+
+
+def recommend(entries: list[dict], budget: Budget = Budget()) -> tuple[dict | None, str]:
+    """(the recommended run or None, why): the rule in RULE, applied to runs with a gain and a forgetting."""
+    significant = [e for e in entries if e["significant"] and e["gain"] > 0]
+    candidates = significant or [e for e in entries if e["gain"] > 0]
+    if not candidates:
+        return None, "no run improved the task (no positive gain), so none is recommended"
+    kind = "a significant gain" if significant else "a positive gain"
+    which = f"runs with {kind}" + ("" if significant else " (none is significant: treat the pick as tentative)")
+    ratio = {id(e): budget_ratio(e, budget) for e in candidates}
+    within = [e for e in candidates if ratio[id(e)] is not None and ratio[id(e)] <= 1.0]
+    if within:
+        pick = max(within, key=lambda e: (e["gain"], -e["forgetting"]))
+        reason = (f"the highest {pick['gain_measure']} ({pick['gain']:+.4g}) among {len(within)} of {len(candidates)} "
+                  f"{which} that stay within the forgetting budget ({_forgetting_text(pick)})")
+        better = [e for e in candidates if e["gain"] > pick["gain"]]
+        if better:
+            top = max(better, key=lambda e: e["gain"])
+            reason += f"; {top['name']} gains more ({top['gain']:+.4g}) but forgets too much ({_forgetting_text(top)})"
+    else:
+        pick = min(candidates, key=lambda e: (float("inf") if ratio[id(e)] is None else ratio[id(e)], -e["gain"]))
+        reason = (f"no run with {kind} stays within the forgetting budget; "
+                  f"{pick['name']} overshoots it least ({_forgetting_text(pick)}, {_ratio_text(ratio[id(pick)])}) "
+                  f"with {pick['gain_measure']} {pick['gain']:+.4g}: the best trade-off, not a safe setting")
+    return {"name": pick["name"], "settings": pick["settings"], "reason": reason,
+            "within_budget": bool(within)}, reason
+
+
+def _ratio_text(r: float | None) -> str:
+    return "overshoot unknown" if r is None else f"{r:.2f}× the budget"
 
 
 def _f(x) -> str:
@@ -134,18 +238,29 @@ def _f(x) -> str:
 
 def table_rows(frontier: dict) -> list[list[str]]:
     rec = (frontier.get("recommended") or {}).get("name")
+    classification = frontier.get("task_type") == "classification"
     rows = []
     for e in sorted(frontier["runs"], key=lambda e: (e["forgetting"] is None, e["forgetting"] or 0)):
         ci = f" [{e['gain_ci'][0]:+.3g}, {e['gain_ci'][1]:+.3g}]" if e["gain_ci"] else ""
         mark = ("★ " if e["name"] == rec else "") + ("pareto" if e["pareto"] else "")
-        rows.append([e["name"], f"{_f(e['gain'])}{ci}", _f(e["forgetting"]),
-                     "-" if e["perplexity_change"] is None else f"{100 * e['perplexity_change']:+.1f}%",
-                     "-" if e["fact_retention"] is None else f"{100 * e['fact_retention']:.0f}%",
-                     _f(e["weight_change"]), mark])
+        if classification:
+            measures = [_f(e.get("cka")), _f(e.get("mean_cosine"))]
+        else:
+            measures = ["-" if e["perplexity_change"] is None else f"{100 * e['perplexity_change']:+.1f}%",
+                        "-" if e["fact_retention"] is None else f"{100 * e['fact_retention']:.0f}%"]
+        budget = "-" if e.get("budget_ratio") is None else ("yes" if e["within_budget"] else "no")
+        rows.append([e["name"], f"{_f(e['gain'])}{ci}" + ("" if e["significant"] else " (n.s.)"),
+                     _f(e["forgetting"]), *measures, _f(e["weight_change"]), budget, mark])
     return rows
 
 
-HEADER = ["run", "gain [95% CI]", "KL general /tok", "general ppl", "fact retention", "‖ΔW‖/‖W‖", ""]
+HEADER = ["run", "gain [95% CI]", "KL general /tok", "general ppl", "fact retention", "‖ΔW‖/‖W‖", "within budget", ""]
+CLASSIFICATION_HEADER = ["run", "accuracy gain [95% CI]", "1 − CKA", "CKA", "mean cosine", "‖ΔW‖/‖W‖ backbone",
+                         "within budget", ""]
+
+
+def header(frontier: dict) -> list[str]:
+    return CLASSIFICATION_HEADER if frontier.get("task_type") == "classification" else HEADER
 
 
 def markdown(frontier: dict) -> str:
@@ -154,9 +269,11 @@ def markdown(frontier: dict) -> str:
     lines = ["# Stability–plasticity frontier", "",
              f"Gain: {frontier['gain_measure']}. Forgetting: {frontier['forgetting_measure']}. "
              "Pareto-optimal: no other run has at least as much gain with at most as much forgetting.", ""]
-    lines += _md_table(HEADER, table_rows(frontier))
+    lines += _md_table(header(frontier), table_rows(frontier))
     rec = frontier.get("recommended")
-    lines += ["", f"**Recommended:** `{rec['name']}`: {rec['reason']}." if rec else "No recommendation: no run has a gain.", ""]
+    reason = frontier.get("recommendation_reason") or "no run has a gain"
+    lines += ["", f"**Recommended:** `{rec['name']}`: {reason}." if rec else f"**No recommendation:** {reason}.", "",
+              f"**Rule:** {frontier['rule']}" if frontier.get("rule") else "", ""]
     return "\n".join(lines)
 
 
@@ -199,10 +316,12 @@ def print_frontier(frontier: dict) -> None:
     from rich.table import Table
 
     table = Table(title="stability–plasticity frontier")
-    for col in HEADER:
+    for col in header(frontier):
         table.add_column(col)
     for row in table_rows(frontier):
         table.add_row(*row)
     Console(width=max(120, Console().width)).print(table)
     if frontier.get("recommended"):
-        print(f"recommended: {frontier['recommended']['name']}: {frontier['recommended']['reason']}")
+        print(f"recommended: {frontier['recommended']['name']}: {frontier['recommendation_reason']}")
+    else:
+        print(f"no recommendation: {frontier.get('recommendation_reason')}")
