@@ -316,8 +316,8 @@ def print_frontier(frontier: dict) -> None:
     from rich.table import Table
 
     table = Table(title="stability–plasticity frontier")
-    for col in header(frontier):
-        table.add_column(col)
+    for i, col in enumerate(header(frontier)):
+        table.add_column(col, no_wrap=i == 0)  # the run name is the row's identity: never cut it
     for row in table_rows(frontier):
         table.add_row(*row)
     Console(width=max(120, Console().width)).print(table)
