@@ -31,8 +31,11 @@ def train(config: Path, *extra: str, nproc: int = 2, kill: str | None = None, no
     """`deltatune train --nproc N CONFIG ...`; with `no_pickle_log`, torchrun runs it through no_pickle_main.py."""
     env = {**os.environ, "PYTHONPATH": str(SRC), "TOKENIZERS_PARALLELISM": "false"}
     env.pop("DELTATUNE_TEST_KILL", None)
-    if kill:
-        env["DELTATUNE_TEST_KILL"] = kill
+    env.pop("DELTATUNE_TEST_KILL_RANK", None)
+    if kill:  # POINT:STEP[:SIGNAL][@RANK]
+        env["DELTATUNE_TEST_KILL"], _, only_rank = kill.partition("@")
+        if only_rank:
+            env["DELTATUNE_TEST_KILL_RANK"] = only_rank
     if no_pickle_log:
         env["DELTATUNE_PICKLE_LOG"] = str(no_pickle_log)
         command = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), str(NO_PICKLE_MAIN),
@@ -50,14 +53,21 @@ def _is_json_or_safetensors(path: Path) -> bool:
     return all(json.loads(line) is not None for line in lines)
 
 
-# (parallelism, method, SIGKILL point, checkpoint the resume starts from). step:8 kills every rank
-# after step 8; checkpoint-write:6 kills rank 0 with checkpoint-6's shards written by both
-# ranks but before its manifest and rename (so checkpoint-6 must not exist).
-CASES = [("ddp", "full", "step:8", 6), ("fsdp", "full", "checkpoint-write:6", 3), ("fsdp", "lora", "step:8", 6)]
+# (parallelism, method, how the first attempt ends, damage the newest checkpoint?, checkpoint the
+# resume starts from, checkpoints at the end).
+# step:7:SIGTERM@1: rank 1 alone gets SIGTERM after step 7, so both ranks must stop there together
+# and write checkpoint-7. checkpoint-write:9: SIGKILL to rank 0 with checkpoint-9's shards written
+# by both ranks, before its manifest and rename (checkpoint-9 must not exist). step:8: SIGKILL to
+# every rank after step 8; then one flipped bit in rank 1's shard of checkpoint-6 makes `latest`
+# pass it over for checkpoint-3.
+CASES = [("ddp", "full", "step:7:SIGTERM@1", False, 7, [7, 9]),
+         ("fsdp", "full", "checkpoint-write:9", False, 6, [6, 9]),
+         ("fsdp", "lora", "step:8", True, 3, [6, 9])]
 
 
-@pytest.mark.parametrize("parallelism, method, kill, resumed_from", CASES)
-def test_killed_run_resumes_to_the_same_end(parallelism, method, kill, resumed_from, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("parallelism, method, kill, damage_newest, resumed_from, kept", CASES)
+def test_interrupted_run_resumes_to_the_same_end(parallelism, method, kill, damage_newest, resumed_from, kept,
+                                                 tmp_path, tiny_model_dir):
     """Global batch 2 ranks x 2 x accumulation 2; 18 examples: 3 steps an epoch, the last one short
     (one rank gets a blank micro-batch); 10 steps; checkpoints every 3, logging every 4 (so each
     checkpoint carries a part-filled logging window, per rank), evaluation every 4 (checkpoint-6
@@ -70,9 +80,19 @@ def test_killed_run_resumes_to_the_same_end(parallelism, method, kill, resumed_f
 
     killed = train(crashed, *settings, kill=kill)
     assert killed.returncode != 0
+    if "SIGTERM" in kill:  # one line, from rank 0, saying how to go on
+        assert killed.stderr.count("stopped: SIGTERM after step 7; checkpoint ") == 1, killed.stderr[-3000:]
+        assert f"continue with: deltatune train --nproc 2 {crashed} " in killed.stderr
     out = crashed.parent / "out"
+    assert all(verify(c) is None for c in checkpoints(out))
+    if damage_newest:
+        shard = checkpoints(out)[-1] / "shard-00002-model-00001-of-00001.safetensors"
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 1
+        shard.write_bytes(bytes(data))
+        assert verify(checkpoints(out)[-1]) == f"{shard.name} does not match its SHA-256 in the manifest"
     ckpt = out / f"checkpoint-{resumed_from}"
-    assert checkpoints(out)[-1] == ckpt and all(verify(c) is None for c in checkpoints(out))
+    assert [c for c in checkpoints(out) if verify(c) is None][-1] == ckpt
     saved = json.loads((ckpt / "state.json").read_text())
     assert saved["world_size"] == 2 and saved["step"] == resumed_from
     assert len(saved["loop"]["window_loss_by_rank"]) == 2 and saved["loop"]["window_loss_by_rank"][1] > 0
@@ -88,7 +108,7 @@ def test_killed_run_resumes_to_the_same_end(parallelism, method, kill, resumed_f
     assert all(_is_json_or_safetensors(p) for p in ckpt.iterdir())
     assert set(load_file(ckpt / "rng.safetensors")) == {"rank0.torch", "rank1.torch"}
     if kill.startswith("checkpoint-write"):  # killed with the shards written, before the manifest and rename
-        assert len(list(out.glob(".checkpoint-6.tmp-sharded/shard-*"))) == 2
+        assert len(list(out.glob(".checkpoint-9.tmp-sharded/shard-*"))) == 2
 
     if parallelism == "ddp":  # another number of processes is refused with one line, before anything changes
         before = sorted(p.name for p in out.rglob("*"))
@@ -104,6 +124,8 @@ def test_killed_run_resumes_to_the_same_end(parallelism, method, kill, resumed_f
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not pickle_log.exists(), pickle_log.read_text()
     assert f"resuming from {ckpt} at step {resumed_from + 1}" in resumed.stdout
+    if damage_newest:
+        assert "resume: skipping" in resumed.stdout and "does not match its SHA-256" in resumed.stdout
 
     want = load_file(reference.parent / "out" / "final" / ("adapter_model.safetensors" if method == "lora" else "model.safetensors"))
     got = load_file(out / "final" / ("adapter_model.safetensors" if method == "lora" else "model.safetensors"))
@@ -113,7 +135,7 @@ def test_killed_run_resumes_to_the_same_end(parallelism, method, kill, resumed_f
     assert sorted(p.name for p in (out / "final").iterdir()) == sorted(p.name for p in (reference.parent / "out" / "final").iterdir())
     assert logged(out) == logged(reference.parent / "out")  # every step once, the same numbers
     assert [r["step"] for r in logged(out) if "loss" in r and "event" not in r] == [4, 8, 10]
-    assert [c.name for c in checkpoints(out)] == ["checkpoint-6", "checkpoint-9"]  # save_total_limit: 2
+    assert [c.name for c in checkpoints(out)] == [f"checkpoint-{n}" for n in kept]  # save_total_limit: 2
     assert not list(out.glob(".*")), "temporary or trash folders left behind"
     initial = load_file(tiny_model_dir / "model.safetensors")
     if method == "full":

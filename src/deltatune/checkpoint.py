@@ -95,9 +95,10 @@ def checkpoints(out_dir: Path) -> list[Path]:
 
 
 def crash_point(point: str, step: int) -> None:
-    """Crash-safety tests set DELTATUNE_TEST_KILL=POINT:STEP[:SIGNAL] to signal this process here."""
+    """Crash-safety tests set DELTATUNE_TEST_KILL=POINT:STEP[:SIGNAL] to signal this process here
+    (under torchrun: every rank that gets there, or only rank DELTATUNE_TEST_KILL_RANK)."""
     spec = os.environ.get("DELTATUNE_TEST_KILL")
-    if spec:
+    if spec and os.environ.get("DELTATUNE_TEST_KILL_RANK", str(distributed.rank())) == str(distributed.rank()):
         want_point, want_step, *sig = spec.split(":")
         if want_point == point and int(want_step) == step:
             os.kill(os.getpid(), getattr(signal, sig[0]) if sig else signal.SIGKILL)

@@ -52,7 +52,17 @@ def cmd_train(args) -> int:
     if args.nproc > 1:
         check_resume_before_launch(cfg, args.nproc)
         exec_torchrun(args)
-    return _run_until_stopped(cfg, again=" ".join(["deltatune train", args.config, *args.overrides, "--resume"]))
+    return _run_until_stopped(cfg, again=" ".join([*_launcher(), args.config, *args.overrides, "--resume"]))
+
+
+def _launcher() -> list[str]:
+    """How this run was started, for the command that continues it (which needs as many processes)."""
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if world == 1:
+        return ["deltatune", "train"]
+    if world == local:  # one machine: what --nproc runs
+        return ["deltatune", "train", "--nproc", str(world)]
+    return ["torchrun", "...", "-m", "deltatune", "train"]  # several machines: the user's own torchrun line
 
 
 def check_resume_before_launch(cfg, nproc: int) -> None:
