@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from conftest import SRC
 from deltatune.checkpoint import checkpoints, verify
+from test_distributed import _tied_model_dir
 from test_resume import logged, make_run
 
 NO_PICKLE_MAIN = Path(__file__).resolve().parent / "no_pickle_main.py"
@@ -86,15 +87,17 @@ def _resume_without_pickle(config: Path, settings: list[str], tmp_path: Path) ->
 # (parallelism, how the first attempt ends, checkpoint the resume starts from, checkpoints at the end)
 # step:7:SIGTERM@1: rank 1 alone gets SIGTERM after step 7, so both ranks must stop there together
 # and write checkpoint-7. checkpoint-write:9: SIGKILL to rank 0 with checkpoint-9's shards written
-# by both ranks, before its manifest and rename (checkpoint-9 must not exist).
+# by both ranks, before its manifest and rename (checkpoint-9 must not exist). The FSDP model has
+# a tied output head (as SmolLM2): one tensor under two names in FSDP's state dict.
 CASES = [("ddp", "step:7:SIGTERM@1", 7, [7, 9]), ("fsdp", "checkpoint-write:9", 6, [6, 9])]
 
 
 @pytest.mark.parametrize("parallelism, kill, resumed_from, kept", CASES)
 def test_interrupted_run_resumes_to_the_same_end(parallelism, kill, resumed_from, kept, tmp_path, tiny_model_dir):
     settings = [f"parallelism={parallelism}", "max_steps=10", "delta_report=false"]
-    reference = make_run(tmp_path / "reference", tiny_model_dir, logging_steps=4)
-    crashed = make_run(tmp_path / "crashed", tiny_model_dir, logging_steps=4)
+    model_dir = _tied_model_dir(tmp_path / "tied") if parallelism == "fsdp" else tiny_model_dir
+    reference = make_run(tmp_path / "reference", model_dir, logging_steps=4)
+    crashed = make_run(tmp_path / "crashed", model_dir, logging_steps=4)
     # The FSDP reference also writes the delta report (it does not change weights or metrics).
     done = train(reference, *settings, *(["delta_report=true"] if parallelism == "fsdp" else []))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -138,7 +141,7 @@ def test_interrupted_run_resumes_to_the_same_end(parallelism, kill, resumed_from
     resumed = _resume_without_pickle(crashed, settings, tmp_path)
     assert f"resuming from {ckpt} at step {resumed_from + 1}" in resumed.stdout
     _assert_same_end(out, reference.parent / "out", "full", kept)
-    initial = load_file(tiny_model_dir / "model.safetensors")
+    initial = load_file(model_dir / "model.safetensors")
     final = load_file(out / "final" / "model.safetensors")
     assert not torch.equal(final["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
 

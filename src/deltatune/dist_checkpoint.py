@@ -103,9 +103,24 @@ def _state_dict_options():
     return StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
+def _without_aliases(state: dict) -> dict:
+    """Tied weights (input embeddings = output head, as in SmolLM2) are one tensor under two names:
+    keep the first name only (safetensors refuses to store shared memory twice). Loading it fills
+    the other name too, which is the same memory."""
+    seen, kept = set(), {}
+    for name, value in state.items():
+        local = getattr(value, "_local_tensor", value)
+        where = (local.data_ptr(), tuple(local.shape)) if local.numel() else None
+        if where is not None and where in seen:
+            continue
+        seen.add(where)
+        kept[name] = value
+    return kept
+
+
 def _flat(model_state: dict, optim_state: dict, best_state: dict | None) -> dict[str, torch.Tensor]:
     """One flat name -> tensor dict (the tensors themselves, so loading into it fills the state dicts)."""
-    flat = {f"model/{k}": v for k, v in model_state.items()}
+    flat = {f"model/{k}": v for k, v in _without_aliases(model_state).items()}
     flat.update({f"optim/{fqn}/{k}": v for fqn, s in optim_state["state"].items() for k, v in s.items()})
     flat.update({f"best/{k}": v for k, v in (best_state or {}).items()})
     return flat
