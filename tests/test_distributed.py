@@ -92,16 +92,32 @@ def _job(tmp_path: Path, **overrides) -> Path:
     return path
 
 
+def _unshard(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The weights of an FSDP checkpoint: every rank's shards joined along dim 0 by their saved offsets."""
+    from safetensors import safe_open
+
+    prefix, pieces = "model/model.", {}  # DCP key: "model/" + the FSDP shell's name for the weight
+    for f in sorted(ckpt.glob("shard-*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            offsets = json.loads(st.metadata()["DCP_SHARDING_INFO"])
+            for key in st.keys():
+                if key.startswith(prefix):
+                    pieces.setdefault(key[len(prefix):], []).append((offsets[key]["saved_offsets"], st.get_tensor(key)))
+    assert len(list(ckpt.glob("shard-*.safetensors"))) == 2
+    return {k: torch.cat([t for _, t in sorted(v, key=lambda x: x[0])]) for k, v in pieces.items()}
+
+
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_cli_fsdp_run_writes_what_a_single_process_run_writes(tmp_path):
-    """`deltatune train --nproc 2` with FSDP: one metrics log, the same final/ and checkpoint
-    folders (tied weights saved once), and the same training curve as one process with the same
-    global batch."""
+    """`deltatune train --nproc 2` with FSDP: one metrics log, the same final/ folder (tied weights
+    saved once), sharded checkpoints of the same weights, and the same training curve as one
+    process with the same global batch."""
     from safetensors.torch import load_file
 
+    from deltatune.checkpoint import verify
     from deltatune.config import load_config
     from deltatune.pipeline import run
 
@@ -114,11 +130,11 @@ def test_cli_fsdp_run_writes_what_a_single_process_run_writes(tmp_path):
 
     one, two = tmp_path / "one", tmp_path / "two"
     assert sorted(p.name for p in (one / "final").iterdir()) == sorted(p.name for p in (two / "final").iterdir())
-    # One process writes a resumable checkpoint (trainable.safetensors + optimizer, RNG, manifest);
-    # two processes write the step's weights as a plain model folder (not resumable yet).
-    assert sorted(p.name for p in (two / "checkpoint-5").iterdir()) == sorted(p.name for p in (one / "final").iterdir())
-    c1, c2 = load_file(one / "checkpoint-5" / "trainable.safetensors"), load_file(two / "checkpoint-5" / "model.safetensors")
-    assert set(c1) == set(c2)
+    # One process writes trainable.safetensors; two FSDP processes write each rank's shard (DCP,
+    # safetensors with the offsets in the header). Put back together they are the same weights.
+    assert verify(two / "checkpoint-5") is None
+    c1, c2 = load_file(one / "checkpoint-5" / "trainable.safetensors"), _unshard(two / "checkpoint-5")
+    assert set(c1) == set(c2)  # the tied head is stored once, under the embeddings' name
     for name in c1:
         torch.testing.assert_close(c2[name], c1[name], atol=1e-6, rtol=1e-5, msg=name)
     assert json.loads((one / "final" / "config.json").read_text()) == json.loads((two / "final" / "config.json").read_text())

@@ -34,6 +34,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from deltatune import distributed
 from deltatune.errors import UserError
 
 PREFIX = "checkpoint-"
@@ -94,9 +95,10 @@ def checkpoints(out_dir: Path) -> list[Path]:
 
 
 def crash_point(point: str, step: int) -> None:
-    """Crash-safety tests set DELTATUNE_TEST_KILL=POINT:STEP[:SIGNAL] to signal this process here."""
+    """Crash-safety tests set DELTATUNE_TEST_KILL=POINT:STEP[:SIGNAL] to signal this process here
+    (under torchrun: every rank that gets there, or only rank DELTATUNE_TEST_KILL_RANK)."""
     spec = os.environ.get("DELTATUNE_TEST_KILL")
-    if spec:
+    if spec and os.environ.get("DELTATUNE_TEST_KILL_RANK", str(distributed.rank())) == str(distributed.rank()):
         want_point, want_step, *sig = spec.split(":")
         if want_point == point and int(want_step) == step:
             os.kill(os.getpid(), getattr(signal, sig[0]) if sig else signal.SIGKILL)
@@ -112,9 +114,58 @@ def data_fingerprint(examples) -> str:
 
 # --- writing ---------------------------------------------------------------------------------
 
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """This process's torch (and CUDA) generator states."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return rng
+
+
+def run_state(step: int, cfg, loop: dict, scheduler, optimizer: dict) -> dict:
+    """What state.json holds: everything but tensors (Python/NumPy RNGs included)."""
+    py_rng = random.getstate()
+    np_rng = np.random.get_state()
+    return {"step": step, "world_size": distributed.world_size(), "loop": loop, "config": cfg.model_dump(),
+            "optimizer": optimizer, "scheduler": scheduler.state_dict(),
+            "python_rng": [py_rng[0], list(py_rng[1]), py_rng[2]],
+            "numpy_rng": [np_rng[0], np_rng[1].tolist(), *np_rng[2:]]}
+
+
+def write_run_files(tmp: Path, state: dict, metrics_path: Path | None) -> None:
+    (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
+    if metrics_path is not None and metrics_path.is_file():  # the log as of this step: a resume restores exactly these lines
+        shutil.copyfile(metrics_path, tmp / "metrics.jsonl")
+
+
+def seal(tmp: Path, target: Path, out_dir: Path, step: int) -> None:
+    """fsync every file of `tmp`, list them in the manifest (written last) and rename `tmp` to `target`."""
+    crash_point("checkpoint-write", step)
+    files = {}
+    for f in sorted(tmp.iterdir()):
+        _fsync(f)
+        files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
+    _fsync(tmp / MANIFEST)
+    _fsync(tmp)
+    if target.exists():  # left by an abandoned continuation of this run
+        _remove(target)
+    os.replace(tmp, target)
+    _fsync(out_dir)
+
+
+def prune(out_dir: Path, keep: int | None) -> None:
+    if keep:
+        for old in checkpoints(out_dir)[:-keep]:
+            _remove(old)
+
+
 def save_checkpoint(out_dir: Path, step: int, cfg, model, optimizer, scheduler, loop: dict,
-                    best_state: dict | None, metrics_path: Path) -> Path | None:
-    """Write `out_dir/checkpoint-STEP` atomically and prune to `save_total_limit`; None if weights are not finite."""
+                    best_state: dict | None, metrics_path: Path | None,
+                    rng: dict[str, torch.Tensor] | None = None) -> Path | None:
+    """Write `out_dir/checkpoint-STEP` atomically and prune to `save_total_limit`; None if weights are not finite.
+
+    `rng`: generator states to store instead of this process's own (DDP: every rank's)."""
     trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     if not all(bool(torch.isfinite(t).all()) for t in trainable.values()):
         print(f"step {step}: weights are not finite; no checkpoint written (the last good one is kept)", flush=True)
@@ -131,38 +182,14 @@ def save_checkpoint(out_dir: Path, step: int, cfg, model, optimizer, scheduler, 
                        if torch.is_tensor(v)}
         opt_other = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items() if not torch.is_tensor(v)}
         save_file(opt_tensors, tmp / "optimizer.safetensors")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, tmp / "rng.safetensors")
-        py_rng = random.getstate()
-        np_rng = np.random.get_state()
-        state = {"step": step, "loop": loop, "config": cfg.model_dump(),
-                 "optimizer": {"param_groups": opt["param_groups"], "other": opt_other},
-                 "scheduler": scheduler.state_dict(),
-                 "python_rng": [py_rng[0], list(py_rng[1]), py_rng[2]],
-                 "numpy_rng": [np_rng[0], np_rng[1].tolist(), *np_rng[2:]]}
-        (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
-        if metrics_path.is_file():  # the log as of this step: a resume restores exactly these lines
-            shutil.copyfile(metrics_path, tmp / "metrics.jsonl")
-        crash_point("checkpoint-write", step)
-        files = {}
-        for f in sorted(tmp.iterdir()):
-            _fsync(f)
-            files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
-        _fsync(tmp / MANIFEST)
-        _fsync(tmp)
-        if target.exists():  # left by an abandoned continuation of this run
-            _remove(target)
-        os.replace(tmp, target)
-        _fsync(out_dir)
+        save_file(rng if rng is not None else rng_tensors(), tmp / "rng.safetensors")
+        state = run_state(step, cfg, loop, scheduler, {"param_groups": opt["param_groups"], "other": opt_other})
+        write_run_files(tmp, state, metrics_path)
+        seal(tmp, target, out_dir, step)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     crash_point("checkpoint-renamed", step)
-    if cfg.save_total_limit:
-        for old in checkpoints(out_dir)[:-cfg.save_total_limit]:
-            _remove(old)
+    prune(out_dir, cfg.save_total_limit)
     return target
 
 
@@ -203,8 +230,11 @@ def _config_differences(saved: dict, cfg) -> list[str]:
             if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k)]
 
 
-def find_resume_checkpoint(cfg) -> Path | None:
-    """The checkpoint `resume_from_checkpoint` asks for (None: start at step 0), checked before anything loads."""
+def find_resume_checkpoint(cfg, world_size: int = 1) -> Path | None:
+    """The checkpoint `resume_from_checkpoint` asks for (None: start at step 0), checked before anything loads.
+
+    `world_size`: processes of the run that resumes; it must be the checkpoint's (each rank's share
+    of every step, its RNG and, under FSDP, its shard depend on it)."""
     if cfg.resume_from_checkpoint is None:
         return None
     out = Path(cfg.output_dir)
@@ -229,11 +259,15 @@ def find_resume_checkpoint(cfg) -> Path | None:
         if problem:
             raise UserError(f"{ckpt}: checkpoint is incomplete or damaged ({problem}); resume from an older "
                             "checkpoint, or use resume_from_checkpoint: latest")
-    saved = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))["config"]
-    diffs = _config_differences(saved, cfg)
+    state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+    diffs = _config_differences(state["config"], cfg)
     if diffs:
         raise UserError(f"{ckpt}: written with a different config ({'; '.join(diffs[:3])}); resuming would not "
                         "continue the same run (restore those values, or start a new output_dir)")
+    saved_world = state.get("world_size", 1)
+    if saved_world != world_size:
+        raise UserError(f"{ckpt}: written by {saved_world} process(es), this run has {world_size}; resuming needs "
+                        f"the same number (run with --nproc {saved_world}, or start a new output_dir)")
     return ckpt
 
 
@@ -281,17 +315,26 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[dict, dict
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in state["optimizer"]["param_groups"]]
     optimizer.load_state_dict({"state": per_param, "param_groups": groups})
     scheduler.load_state_dict(state["scheduler"])
+    restore_rng(state, load_file(ckpt / "rng.safetensors"))
+    best = ckpt / "best.safetensors"
+    return state["loop"], (load_file(best) if best.is_file() else None)
+
+
+def restore_rng(state: dict, rng: dict[str, torch.Tensor]) -> None:
+    """Set every generator as the checkpoint has it. Several processes store each rank's torch and
+    CUDA states as `rankN.torch`, `rankN.cuda.I`; Python's and NumPy's are rank 0's (every rank
+    seeds them alike and the loop draws nothing from them)."""
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = state["numpy_rng"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    rng = load_file(ckpt / "rng.safetensors")
-    torch.set_rng_state(rng["torch"])
-    cuda = [rng[f"cuda.{i}"] for i in range(len(rng) - 1) if f"cuda.{i}" in rng]
+    prefix = f"rank{distributed.rank()}." if f"rank{distributed.rank()}.torch" in rng else ""
+    torch.set_rng_state(rng[prefix + "torch"])
+    cuda = []
+    while f"{prefix}cuda.{len(cuda)}" in rng:
+        cuda.append(rng[f"{prefix}cuda.{len(cuda)}"])
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-    best = ckpt / "best.safetensors"
-    return state["loop"], (load_file(best) if best.is_file() else None)
 
 
 # --- signals ---------------------------------------------------------------------------------

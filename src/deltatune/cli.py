@@ -35,7 +35,10 @@ def _run_until_stopped(cfg, again: str | None) -> int:
         with peer_failures_explained(cfg.ddp_timeout):
             run(cfg)
     except StopRequested as stop:
-        print(f"stopped: {stop}" + (f"; continue with: {again}" if again else ""), file=sys.stderr)
+        from deltatune.distributed import is_main
+
+        if is_main():  # under torchrun every rank stopped at the same step; one says so
+            print(f"stopped: {stop}" + (f"; continue with: {again}" if again else ""), file=sys.stderr)
         return stop.exit_code
     shutdown()  # under torchrun: leave the process group cleanly
     return 0
@@ -47,8 +50,31 @@ def cmd_train(args) -> int:
     overrides = list(args.overrides) + (["resume_from_checkpoint=latest"] if args.resume else [])
     cfg = load_config(args.config, overrides)  # a bad config fails here, once, before any process starts
     if args.nproc > 1:
+        check_resume_before_launch(cfg, args.nproc)
         exec_torchrun(args)
-    return _run_until_stopped(cfg, again=" ".join(["deltatune train", args.config, *args.overrides, "--resume"]))
+    return _run_until_stopped(cfg, again=" ".join([*_launcher(), args.config, *args.overrides, "--resume"]))
+
+
+def _launcher() -> list[str]:
+    """How this run was started, for the command that continues it (which needs as many processes)."""
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if world == 1:
+        return ["deltatune", "train"]
+    if world == local:  # one machine: what --nproc runs
+        return ["deltatune", "train", "--nproc", str(world)]
+    return ["torchrun", "...", "-m", "deltatune", "train"]  # several machines: the user's own torchrun line
+
+
+def check_resume_before_launch(cfg, nproc: int) -> None:
+    """A resume that would be refused (other world size, other config) fails here with one line,
+    not once per process inside torchrun. Quiet: rank 0 prints what it resumes from."""
+    import contextlib
+    import io
+
+    from deltatune.checkpoint import find_resume_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        find_resume_checkpoint(cfg, world_size=nproc)
 
 
 def exec_torchrun(args) -> None:

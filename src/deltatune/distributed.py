@@ -306,6 +306,8 @@ def peer_failures_explained(timeout_seconds: float):
 class NullLog:
     """The metrics log of ranks other than 0: they compute the same numbers and write nothing."""
 
+    path = None  # no metrics.jsonl to copy into a checkpoint
+
     def write(self, record: dict) -> None:
         pass
 

@@ -146,10 +146,8 @@ def run(cfg: RunConfig) -> RunResult:
     check_inputs(cfg)
     load_check(cfg.metric, cfg.metric_pattern, cfg.metric_schema)  # a broken regex or schema fails before training
     check_method_available(cfg.method, device)
-    if distributed.world_size() > 1 and cfg.resume_from_checkpoint is not None:
-        raise UserError("resume: resumable checkpoints are single-process for now; under several processes "
-                        "save_steps writes model folders only (start a new run, or resume on one process)")
-    resume = find_resume_checkpoint(cfg)  # None: start at step 0
+    resume = find_resume_checkpoint(cfg, distributed.world_size())  # None: start at step 0
+    distributed.barrier()  # every rank has read output_dir before rank 0 rewrites config.yaml and tidies it
     model, tokenizer = load_for_task(cfg, splits)
     data = tokenize_splits(splits, cfg, tokenizer, model)
     bf16 = resolve_bf16(cfg.bf16, device)
@@ -159,7 +157,7 @@ def run(cfg: RunConfig) -> RunResult:
     print(f"method: {cfg.method}", *trained.lines(), sep="\n", flush=True)
     out = (prepare_output_dir(cfg, resuming=cfg.resume_from_checkpoint is not None) if distributed.is_main()
            else Path(cfg.output_dir))  # rank 0 writes
-    resumed_step = restore_run_files(out, resume) if cfg.resume_from_checkpoint is not None else 0
+    resumed_step = restore_run_files(out, resume) if cfg.resume_from_checkpoint is not None and distributed.is_main() else 0
     model = distributed.wrap_model(model, cfg.parallelism, device, cfg.fsdp_cpu_offload)  # one process: .to(device)
 
     with torch.no_grad():  # every rank evaluates (FSDP needs all of them for each forward)
@@ -193,9 +191,13 @@ def run(cfg: RunConfig) -> RunResult:
                          *summary_lines(before, after)])
     print_comparison(before, after)
     print(f"tuned model: {out / 'final'}\nsummary: {out / 'summary.md'}")
-    if distributed.world_size() > 1:
-        print("delta report: skipped under several processes (run `deltatune compare` on final/)")
-    elif cfg.delta_report and cfg.task != "classification":  # the report compares next-token distributions
+    if cfg.delta_report and cfg.task != "classification":  # the report compares next-token distributions
+        if distributed.world_size() > 1:
+            # The other ranks have left; rank 0 measures alone, on final/ loaded as a plain model
+            # (FSDP's weights are shards, and no rank must wait on another for the report's length).
+            model, _ = load_causal_lm(str(out / "final"), allow_pickle=cfg.allow_pickle,
+                                      trust_remote_code=cfg.trust_remote_code)
+            model.to(device).eval()
         after_training(cfg, model, tokenizer, data.val, before, after, result, out, device)
     elif cfg.delta_report:  # a classifier: accuracy/macro-F1 gain, backbone drift, weight change
         from deltatune import delta_classify

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -24,9 +23,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from deltatune import distributed
-from deltatune.checkpoint import (StopRequested, crash_point, data_fingerprint, latest_checkpoint, load_checkpoint,
-                                  save_checkpoint, stop_on_signals)
+from deltatune import dist_checkpoint, distributed
+from deltatune.checkpoint import StopRequested, crash_point, data_fingerprint, latest_checkpoint, stop_on_signals
 from deltatune.config import RunConfig
 from deltatune.data import IGNORE_INDEX, Example, collate, length_batches, micro_batches, step_groups
 from deltatune.errors import UserError
@@ -227,15 +225,6 @@ def _progress(total: int):
                     disable=not sys.stderr.isatty(), transient=False)
 
 
-def _save_model_snapshot(model, tokenizer, out_dir: Path, step: int, keep: int | None) -> None:
-    """Under several processes: `checkpoint-STEP/` as a plain model folder (no optimizer state, not resumable)."""
-    distributed.save_model(model, tokenizer, out_dir / f"checkpoint-{step}")
-    if keep and distributed.is_main():
-        existing = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in existing[:-keep]:
-            shutil.rmtree(old)
-
-
 # --- the loop --------------------------------------------------------------------------------
 
 def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConfig, out_dir: Path,
@@ -270,7 +259,7 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
                    "trainable_parameters": sum(p.numel() for p in params),
                    "total_parameters": sum(p.numel() for p in model.parameters())})
     else:  # continue exactly where the checkpoint was taken: weights, optimizer, RNGs, data order, windows
-        state, best_state = load_checkpoint(resume, model, optimizer, scheduler)
+        state, best_state = dist_checkpoint.load(resume, model, optimizer, scheduler)  # every rank its part
         if state["data"] != fingerprint:
             raise UserError(f"{resume}: the training data (or its tokenisation) differs from the run's; "
                             "resuming would not continue the same run (restore the data, or start a new output_dir)")
@@ -363,19 +352,15 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
             result.steps = step
             crash_point("step", step)
             due = cfg.save_steps and step % cfg.save_steps == 0 and step != total_steps
-            if distributed.world_size() > 1:  # resumable checkpoints are single-process for now: save weights only
-                if due:
-                    _save_model_snapshot(model, tokenizer, out_dir, step, cfg.save_total_limit)
-                if stop.signum:
-                    raise StopRequested(stop.signum, step, None)
-            elif stop.signum or due:
+            signum = dist_checkpoint.agreed_stop_signal(stop.signum)  # under torchrun: one rank's signal stops all
+            if signum or due:
                 loop = {"step": step, "epoch": epoch, "groups": groups, "bad_evals": bad_evals,
                         "nonfinite_in_a_row": nonfinite_in_a_row, "window_loss": window_loss.item(),
                         "window_tokens": int(window_tokens), "window_seen": window_seen,
                         "data": fingerprint, "result": asdict(result)}
-                saved = save_checkpoint(out_dir, step, cfg, model, optimizer, scheduler, loop, best_state, log.path)
-                if stop.signum:
-                    raise StopRequested(stop.signum, step, saved)
+                saved = dist_checkpoint.save(out_dir, step, cfg, model, optimizer, scheduler, loop, best_state, log.path)
+                if signum:
+                    raise StopRequested(signum, step, saved)
 
     if best_state is not None:  # early stopping keeps the weights of the best evaluation
         with torch.no_grad():
