@@ -292,3 +292,17 @@ def test_classifier_tokenizer_needs_a_pad_id_but_no_chat_template_or_eos(tmp_pat
     assert tok.eos_token is None and tok.pad_token_id is not None
     with pytest.raises(UserError, match="no pad and no end-of-sequence token"):
         load_classifier(variant("no-pad", ["eos_token", "pad_token", "chat_template"]), LABELS)
+
+
+def test_classification_report_after_two_fsdp_processes(tmp_path, tiny_bert_dir):
+    """Under torchrun rank 0 reports alone on final/ (FSDP's in-memory weights are shards)."""
+    config = _classify_config(tmp_path, tiny_bert_dir, num_train_epochs=2, per_device_train_batch_size=2)
+    proc = run_cli("train", "--nproc", "2", str(config), "parallelism=fsdp", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = tmp_path / "runs" / "out"
+    report = json.loads((out / "delta.json").read_text())
+    assert report["task_type"] == "classification"
+    assert report["task"]["base_matches_training_start"] is True
+    events = {e["event"]: e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "event" in e}
+    assert report["task"]["accuracy"]["tuned"] == pytest.approx(events["tuned_eval"]["accuracy"])
+    assert report["weights"]["changed_matrices"] > 0

@@ -106,6 +106,16 @@ def test_chunked_head_loss_frozen_head_gives_hidden_gradient_only(chunk_elements
     assert weight.grad is None
 
 
+def test_chunked_head_loss_of_no_rows_is_zero_with_zero_gradients():
+    # Under several processes a rank can get a blank micro-batch: it still takes part in backward.
+    hidden = torch.zeros(0, 16, requires_grad=True)
+    weight = torch.randn(400, 16, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.shape == (0, 16)
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
 def test_chunked_head_loss_needs_no_grad_in_eval():
     hidden, weight = torch.randn(5, 8), torch.randn(50, 8)
     with torch.no_grad():

@@ -42,6 +42,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if want_weight:
                 chunk_grad = probs.t().matmul(h).to(acc)
                 grad_weight = chunk_grad if grad_weight is None else grad_weight.add_(chunk_grad)
+        if want_weight and grad_weight is None:  # no rows (a rank's blank micro-batch): a zero gradient
+            grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if want_weight else None)
         return total
 

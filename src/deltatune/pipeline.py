@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from deltatune import distributed
+from deltatune import delta_classify, distributed
 from deltatune.checkpoint import find_resume_checkpoint, restore_run_files
 from deltatune.config import RunConfig, dump_config
 from deltatune.classify import (build_classification_examples, classification_loss, evaluate_classifier,
@@ -191,19 +191,20 @@ def run(cfg: RunConfig) -> RunResult:
                          *summary_lines(before, after)])
     print_comparison(before, after)
     print(f"tuned model: {out / 'final'}\nsummary: {out / 'summary.md'}")
-    if cfg.delta_report and cfg.task != "classification":  # the report compares next-token distributions
-        if distributed.world_size() > 1:
-            # The other ranks have left; rank 0 measures alone, on final/ loaded as a plain model
-            # (FSDP's weights are shards, and no rank must wait on another for the report's length).
-            model, _ = load_causal_lm(str(out / "final"), allow_pickle=cfg.allow_pickle,
-                                      trust_remote_code=cfg.trust_remote_code)
-            model.to(device).eval()
-        after_training(cfg, model, tokenizer, data.val, before, after, result, out, device)
-    elif cfg.delta_report:  # a classifier: accuracy/macro-F1 gain, backbone drift, weight change
-        from deltatune import delta_classify
-
+    if not cfg.delta_report:
+        return RunResult(out, before, after, result)
+    if distributed.world_size() > 1:
+        # The other ranks have left; rank 0 measures alone, on final/ loaded as a plain model
+        # (FSDP's weights are shards, and no rank must wait on another for the report's length).
+        opts = dict(allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
+        model = (load_classifier(str(out / "final"), None, **opts) if cfg.task == "classification"
+                 else load_causal_lm(str(out / "final"), **opts))[0]
+        model.to(device).eval()
+    if cfg.task == "classification":  # accuracy/macro-F1 gain, backbone drift, weight change
         delta_classify.after_training(
             cfg, model, tokenizer, val_examples=data.val, metric_examples=data.test_examples or data.val,
             metric_records=splits.test or splits.val, evaluated_on="test file" if data.test_examples else "validation data",
             before=before, fit=result, out_dir=out, device=device)
+    else:  # next-token distributions: task gain, forgetting, weight change
+        after_training(cfg, model, tokenizer, data.val, before, after, result, out, device)
     return RunResult(out, before, after, result)
