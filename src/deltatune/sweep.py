@@ -106,20 +106,25 @@ def run_sweep(config_path: str, grid_items: list[str], overrides: list[str] = ()
     return frontier
 
 
+def _gain(headline: dict | None, measure: str, validation: dict | None) -> dict:
+    """A run's gain: the headline metric's when it was measured, else the fall of validation loss."""
+    if headline:
+        return {"gain": headline["gain"], "gain_ci": headline["gain_ci"], "significant": headline["significant"],
+                "gain_measure": measure}
+    if validation:
+        loss = validation["loss"]
+        return {"gain": loss["gain"], "gain_ci": loss["gain_ci"], "significant": loss["significant"],
+                "gain_measure": "validation loss decrease"}
+    return {"gain": None, "gain_ci": None, "significant": False, "gain_measure": "none"}
+
+
 def entry(name: str, settings: dict, report: dict) -> dict:
     """One run's point: gain (test metric, else validation loss) and forgetting (general-text KL;
     1 − CKA for a classifier)."""
     if report.get("task_type") == "classification":
         return classification_entry(name, settings, report)
-    metric, val = report["task"].get("metric"), report["task"].get("validation")
-    if metric:
-        gain = {"gain": metric["gain"], "gain_ci": metric["gain_ci"], "significant": metric["significant"],
-                "gain_measure": f"{metric['name']} gain"}
-    elif val:
-        gain = {"gain": val["loss"]["gain"], "gain_ci": val["loss"]["gain_ci"],
-                "significant": val["loss"]["significant"], "gain_measure": "validation loss decrease"}
-    else:
-        gain = {"gain": None, "gain_ci": None, "significant": False, "gain_measure": "none"}
+    metric = report["task"].get("metric")
+    gain = _gain(metric, f"{metric['name']} gain" if metric else "", report["task"].get("validation"))
     g = report["forgetting"]["general_text"]
     samples = report["forgetting"].get("base_samples") or {}
     return {"name": name, "settings": settings, **gain, "forgetting": g["kl_per_token"],
@@ -130,15 +135,7 @@ def entry(name: str, settings: dict, report: dict) -> dict:
 
 def classification_entry(name: str, settings: dict, report: dict) -> dict:
     """A classifier's point: accuracy gain (else the fall of validation loss) against 1 − backbone CKA."""
-    acc, val = report["task"].get("accuracy"), report["task"].get("validation")
-    if acc:
-        gain = {"gain": acc["gain"], "gain_ci": acc["gain_ci"], "significant": acc["significant"],
-                "gain_measure": "accuracy gain"}
-    elif val:
-        gain = {"gain": val["loss"]["gain"], "gain_ci": val["loss"]["gain_ci"],
-                "significant": val["loss"]["significant"], "gain_measure": "validation loss decrease"}
-    else:
-        gain = {"gain": None, "gain_ci": None, "significant": False, "gain_measure": "none"}
+    gain = _gain(report["task"].get("accuracy"), "accuracy gain", report["task"].get("validation"))
     r = report["forgetting"]["representation"]
     return {"name": name, "settings": settings, **gain, "forgetting": r["drift"], "cka": r["cka"],
             "mean_cosine": r["mean_cosine"], "macro_f1_gain": (report["task"].get("macro_f1") or {}).get("gain"),
