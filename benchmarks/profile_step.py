@@ -1,16 +1,19 @@
 """Where one fine-tuning step's time goes, on the embedded SmolLM2-135M.
 
-    python benchmarks/profile_step.py [--steps 3] [--batch-size 4] [--packing/--no-packing] [--checkpointing]
+    python benchmarks/profile_step.py [--steps 3] [--batch-size 4] [--no-packing] [--checkpointing]
+                                      [--row-tokens N] [--in-backward] [--method full|lora]
 
 Manual timers around the phases of deltatune's step (the same calls fit() makes): decoder
 forward, output head + cross-entropy (chunked, gradients in forward), backward through the
 decoder, gradient clipping, AdamW (fused) and zero_grad. The first step is a warm-up and is
-not counted. Prints the median seconds per phase and its share.
+not counted. Prints the mean seconds per phase, its share, and the process's peak RSS. With
+`--in-backward` AdamW runs inside backward (optimizer_in_backward), so its time is in that phase.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -29,6 +32,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--method", default="full", help="full or lora (r=16, all linear layers)")
+    parser.add_argument("--row-tokens", type=int, default=None, help="packed row length (default packing.ROW_TOKENS)")
+    parser.add_argument("--in-backward", action="store_true", help="AdamW inside backward (optimizer_in_backward)")
     args = parser.parse_args()
 
     import torch
@@ -39,8 +44,8 @@ def main() -> None:
     from deltatune.head_loss import linear_cross_entropy
     from deltatune.methods import apply_method
     from deltatune.model import load_causal_lm
-    from deltatune.packing import collate_packed, model_mask, packed_micro_batches
-    from deltatune.train import build_optimizer
+    from deltatune.packing import ROW_TOKENS, collate_packed, model_mask, packed_micro_batches
+    from deltatune.train import build_optimizer, optimizer_steps_in_backward
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,9 +62,10 @@ def main() -> None:
     model.train()
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
     params = [p for p in model.parameters() if p.requires_grad]
+    in_backward = optimizer_steps_in_backward(optimizer, args.in_backward).__enter__()
     groups = step_groups(len(train), args.batch_size, seed=0, epoch=0)
     phases: dict[str, list[float]] = {}
-    tokens = []
+    tokens, micro = [], []
 
     def timed(name, fn):
         start = time.perf_counter()
@@ -71,12 +77,14 @@ def main() -> None:
         group = groups[step]
         if args.packing:
             batches = [collate_packed([[train[i] for i in row] for row in mb], tokenizer.pad_token_id)
-                       for mb in packed_micro_batches(group, train, args.batch_size)]
+                       for mb in packed_micro_batches(group, train, args.batch_size, args.row_tokens or ROW_TOKENS)]
         else:
             batches = [collate([train[i] for i in mb], tokenizer.pad_token_id)
                        for mb in micro_batches(group, train, args.batch_size)]
         n_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        for b in batches:
+        for k, b in enumerate(batches):
+            if in_backward and k == len(batches) - 1:
+                in_backward.arm(True)
             extra = {}
             mask = b["attention_mask"]
             if "position_ids" in b:
@@ -88,20 +96,27 @@ def main() -> None:
             loss = timed("head + cross-entropy (fwd+grads)",
                          lambda: linear_cross_entropy(hidden, model.lm_head.weight, b["labels"][:, 1:][keep]))
             timed("backward (decoder + embedding)", lambda: (loss / n_labels).backward())
-        timed("clip grad norm", lambda: torch.nn.utils.clip_grad_norm_(params, 1.0))
-        timed("AdamW step (fused)", optimizer.step)
+        if in_backward:
+            timed("AdamW after backward (first step only)", in_backward.finish)
+        else:
+            timed("clip grad norm", lambda: torch.nn.utils.clip_grad_norm_(params, 1.0))
+            timed("AdamW step (fused)", optimizer.step)
         timed("zero_grad(set_to_none)", lambda: optimizer.zero_grad(set_to_none=True))
         if step == 0:  # warm-up step: discard
             phases.clear()
             continue
         tokens.append(sum(len(train[i].input_ids) for i in group))
+        micro.append(len(batches))
     per_step = {k: sum(v) / args.steps for k, v in phases.items()}
     total = sum(per_step.values())
     print(f"{args.steps} steps of {args.batch_size} examples ({statistics.mean(tokens):.0f} real tokens/step), "
-          f"method={args.method}, packing={args.packing}, checkpointing={args.checkpointing}, threads={torch.get_num_threads()}")
+          f"method={args.method}, packing={args.packing}, checkpointing={args.checkpointing}, in_backward={args.in_backward}, "
+          f"row_tokens={args.row_tokens or ROW_TOKENS}, {statistics.mean(micro):.2f} micro-batches/step, "
+          f"threads={torch.get_num_threads()}")
     for name, seconds in per_step.items():
         print(f"  {name:36s} {seconds:7.3f} s  {seconds / total:6.1%}")
     print(f"  {'total':36s} {total:7.3f} s  -> {statistics.mean(tokens) / total:.0f} real tokens/s")
+    print(f"  peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ MODEL = "smollm2-135m-instruct"
 OUR_SETTINGS = {  # name -> deltatune config keys (the first one listed in --ours is the reference)
     "packed": {}, "unpacked": {"packing": False},
     "checkpointing": {"gradient_checkpointing": True}, "compile": {"torch_compile": True},
+    # Lean: AdamW inside backward (no whole-model gradients; needs clipping off).
+    "lean": {"optimizer_in_backward": True, "max_grad_norm": 0.0},
+    "lean-checkpointing": {"optimizer_in_backward": True, "max_grad_norm": 0.0, "gradient_checkpointing": True},
 }
 TRL_SETTINGS = {  # name -> (bf16, gradient_checkpointing)
     "defaults": (True, True), "fastest": (True, False),
@@ -71,12 +74,13 @@ def run_deltatune(args) -> dict:
     model, tokenizer, train_records, val = load_data(args)
     train, _ = build_sft_examples(train_records, tokenizer, max_seq_length=args.max_seq_length)
     out = Path(tempfile.mkdtemp(prefix="bench-deltatune-"))
-    cfg = build_config(dict(train_file="unused", output_dir=str(out), learning_rate=args.learning_rate,
-                            method=args.method, lora_r=args.lora_r, lora_dropout=0.0,
-                            num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
-                            gradient_accumulation_steps=1, warmup_steps=0, lr_scheduler_type="linear",
-                            max_grad_norm=1.0, weight_decay=0.0, seed=args.seed, logging_steps=10**6,
-                            max_seq_length=args.max_seq_length, **OUR_SETTINGS[args.setting]), "bench")
+    settings = dict(train_file="unused", output_dir=str(out), learning_rate=args.learning_rate,
+                    method=args.method, lora_r=args.lora_r, lora_dropout=0.0,
+                    num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+                    gradient_accumulation_steps=1, warmup_steps=0, lr_scheduler_type="linear",
+                    max_grad_norm=1.0, weight_decay=0.0, seed=args.seed, logging_steps=10**6,
+                    max_seq_length=args.max_seq_length)
+    cfg = build_config({**settings, **OUR_SETTINGS[args.setting]}, "bench")
     model = apply_method(model, cfg)  # LoRA: r, alpha 2r, all linear layers of the blocks, like TRL's below
     log = MetricsLog(out)
     start = time.perf_counter()

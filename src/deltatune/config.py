@@ -107,6 +107,8 @@ class RunConfig(BaseModel):
     """Recompute each layer's activations in backward: less memory, about a third more compute."""
     torch_compile: bool = False
     """Compile the decoder with torch.compile (dynamic shapes); pays off only on long runs."""
+    optimizer_in_backward: bool = False
+    """Run AdamW on each parameter as soon as its gradient is complete and free that gradient: the gradients of the whole model never exist at once (saves 4 bytes a trainable parameter). Same update as the ordinary step; needs max_grad_norm: 0 (no global norm exists before the update) and one process."""
 
     # --- logging, evaluation, checkpoints -----------------------------------------------
     output_dir: str = "runs/deltatune"
@@ -188,6 +190,13 @@ class RunConfig(BaseModel):
                 re.compile(pattern)
             except re.error as err:
                 raise ValueError(f"trainable_modules: '{pattern}' is not a valid regex ({err})") from None
+        return self
+
+    @model_validator(mode="after")
+    def _check_optimizer_keys(self) -> "RunConfig":
+        if self.optimizer_in_backward and self.max_grad_norm > 0:
+            raise ValueError("optimizer_in_backward updates each weight as soon as its gradient is ready, so the "
+                             "global gradient norm cannot be clipped: set max_grad_norm: 0 with it")
         return self
 
 

@@ -15,7 +15,7 @@ import functools
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -128,6 +128,74 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device
                              fused=fused, foreach=None if fused else True)
 
 
+@contextmanager
+def optimizer_steps_in_backward(optimizer: torch.optim.Optimizer, enabled: bool):
+    """With `optimizer_in_backward`, update each parameter the moment its gradient is complete
+    and free that gradient at once: a full model's gradients never exist together, which saves
+    their memory (4 bytes a parameter in float32). Yields None when disabled.
+
+    The update is AdamW's own (`optimizer.step()` on one parameter at a time), so it equals the
+    ordinary step bit for bit; what cannot exist is a *global* gradient norm before the update,
+    hence no clipping (config.py refuses max_grad_norm > 0 with it). Only the last micro-batch's
+    backward of a step is armed: earlier ones accumulate as usual.
+    """
+    if not enabled:
+        yield None
+        return
+    steps = _InBackwardSteps(optimizer)
+    handles = [p.register_post_accumulate_grad_hook(steps.update) for p in steps.home]
+    try:
+        yield steps
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _InBackwardSteps:
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.groups = optimizer.param_groups
+        self.home = {p: group for group in self.groups for p in group["params"]}
+        self.armed = self.finite = False
+        self.norm_sq = torch.zeros((), dtype=torch.float64)  # of this step's gradients, for the log
+
+    def update(self, p: torch.Tensor) -> None:
+        if not self.armed:
+            return
+        sq = torch.linalg.vector_norm(p.grad.detach()).double().square()  # a reduction: no gradient-sized temporary
+        self.norm_sq = self.norm_sq.to(sq.device) + sq
+        if bool(torch.isfinite(sq)):  # a non-finite gradient must not reach AdamW's moments
+            # Narrow every group to this one parameter for a moment: AdamW steps only what it lists.
+            everyone = [group["params"] for group in self.groups]
+            for group in self.groups:
+                group["params"] = [p] if group is self.home[p] else []
+            try:
+                self.optimizer.step()
+            finally:
+                for group, params in zip(self.groups, everyone):
+                    group["params"] = params
+        p.grad = None
+
+    def arm(self, finite_loss: bool) -> None:
+        """Called before a step's last backward: update during it only if the loss is finite."""
+        self.finite = finite_loss
+        # AdamW allocates a parameter's moments at its first update: inside backward they would
+        # pile up on top of the live activations. So the first update runs after backward.
+        self.armed = finite_loss and len(self.optimizer.state) == len(self.home)
+        self.norm_sq = torch.zeros((), dtype=torch.float64)
+
+    def finish(self) -> torch.Tensor:
+        """After the step's backward: the first update, one parameter at a time (each gradient
+        freed as its moments are allocated); returns the step's gradient norm."""
+        if self.finite and not self.armed:
+            self.armed = True
+            for p in self.home:
+                if p.grad is not None:
+                    self.update(p)
+        self.armed = False
+        return self.norm_sq.sqrt()
+
+
 # --- evaluation loss (used during training and by evaluate.py) ---------------------------
 
 @torch.no_grad()
@@ -150,13 +218,16 @@ def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int, devi
 
 
 def accumulate_gradients(model, batches: list[dict], loss_fn: LossFn, device: torch.device,
-                         bf16: bool) -> tuple[torch.Tensor, int]:
+                         bf16: bool, before_last_backward: Callable[[bool], None] | None = None
+                         ) -> tuple[torch.Tensor, int]:
     """Backward over a step's micro-batches; returns (this process's summed loss, label tokens of
     the step across all processes).
 
     Each micro-batch's summed loss is divided by the label tokens of the *whole step*, not its
     own: a micro-batch with few response tokens must not weigh as much as one with many, and
     the gradient is then the same however the step is split, over micro-batches or processes.
+    `before_last_backward(finite)` is told, before the step's last backward, whether the step's
+    loss is finite (optimizer_in_backward updates during that backward, or not at all).
     """
     step_tokens = distributed.all_reduce_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))
     # DDP and FSDP *average* gradients over processes; we want their *sum* (each process holds
@@ -169,8 +240,10 @@ def accumulate_gradients(model, batches: list[dict], loss_fn: LossFn, device: to
         with distributed.gradient_sync(model, enabled=i == len(batches) - 1):  # sync once per step
             with autocast(device, bf16):
                 loss_sum, _ = distributed.call(model, loss_fn, batch)
+            total += loss_sum.detach().double()
+            if before_last_backward is not None and i == len(batches) - 1:
+                before_last_backward(bool(torch.isfinite(total)))
             (loss_sum * world / max(step_tokens, 1)).backward()
-        total += loss_sum.detach().double()
     return total, step_tokens
 
 
@@ -272,7 +345,12 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
         print(f"resuming from {resume} at step {first_step}", flush=True)
     start = window_start = time.perf_counter()
     model.train()
-    with _progress(total_steps) as bar, stop_on_signals() as stop:
+    if cfg.optimizer_in_backward and distributed.world_size() > 1:
+        raise UserError("optimizer_in_backward: true works on one process only (DDP and FSDP reduce gradients "
+                        "after backward, the in-backward update would use this process's part); turn it off "
+                        "under torchrun / --nproc")
+    with _progress(total_steps) as bar, stop_on_signals() as stop, \
+            optimizer_steps_in_backward(optimizer, cfg.optimizer_in_backward) as in_backward:
         task = bar.add_task("train", total=total_steps, info="", completed=first_step - 1)
         for step in range(first_step, total_steps + 1):
             if not groups:  # next epoch: a fresh seeded shuffle
@@ -287,13 +365,18 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
                 batches = [collate([train[i] for i in mb], pad_id)
                            for mb in micro_batches(group, train, cfg.per_device_train_batch_size,
                                                    cfg.max_tokens_per_batch)]
-            step_loss, step_tokens = accumulate_gradients(model, distributed.local_share(batches), loss_fn, device, bf16)
+            step_loss, step_tokens = accumulate_gradients(model, distributed.local_share(batches), loss_fn, device, bf16,
+                                                          in_backward.arm if in_backward else None)
             seen = sum(len(train[i].input_ids) for i in group)  # the whole step's, counted on the host: no sync
             window_seen += seen
             result.seen_tokens += seen
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            if in_backward:  # AdamW ran parameter by parameter during backward (after it, the first time)
+                grad_norm = in_backward.finish()
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
             if bool(torch.isfinite(step_loss + grad_norm)):
-                optimizer.step()
+                if not in_backward:
+                    optimizer.step()
                 window_loss += step_loss
                 window_tokens += step_tokens
                 result.trained_tokens += step_tokens
@@ -302,7 +385,8 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
                 nonfinite_in_a_row += 1
                 result.skipped_steps += 1
                 log.write({"step": step, "event": "nonfinite_skipped", "in_a_row": nonfinite_in_a_row})
-                print(f"step {step}: loss or gradient norm is not finite; update skipped", flush=True)
+                print(f"step {step}: loss or gradient norm is not finite; update skipped"
+                      + (" (for the parameters whose gradient was not finite)" if in_backward else ""), flush=True)
                 if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                     last = latest_checkpoint(out_dir)
                     raise UserError(
