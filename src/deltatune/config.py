@@ -107,6 +107,8 @@ class RunConfig(BaseModel):
     """Recompute each layer's activations in backward: less memory, about a third more compute."""
     torch_compile: bool = False
     """Compile the decoder with torch.compile (dynamic shapes); pays off only on long runs."""
+    frozen_weights_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """method lora/dora: keep the frozen base weights of the blocks' linear layers in this dtype while training (half the memory of float32); only their storage changes, every matmul still computes in the activation dtype. Costs rounding (float16 keeps 11 significant bits, bfloat16 8) during training only: the float32 weights are restored, bit for bit, before the tuned model is evaluated and saved."""
 
     # --- logging, evaluation, checkpoints -----------------------------------------------
     output_dir: str = "runs/deltatune"
@@ -188,6 +190,21 @@ class RunConfig(BaseModel):
                 re.compile(pattern)
             except re.error as err:
                 raise ValueError(f"trainable_modules: '{pattern}' is not a valid regex ({err})") from None
+        return self
+
+    @model_validator(mode="after")
+    def _check_frozen_weights_dtype(self) -> "RunConfig":
+        if self.frozen_weights_dtype != "float32" and self.method not in ("lora", "dora"):
+            raise ValueError(f"frozen_weights_dtype: {self.frozen_weights_dtype} applies to method lora or dora only "
+                             f"(method is '{self.method}'; set frozen_weights_dtype: float32)")
+        if self.frozen_weights_dtype != "float32" and self.method == "dora" and self.lora_dropout > 0:
+            # peft's DoRA then recomputes the base output from a float32 copy of each weight and
+            # keeps that copy for backward: more memory, not less.
+            raise ValueError(f"frozen_weights_dtype: {self.frozen_weights_dtype} with method dora needs lora_dropout: 0 "
+                             "(set lora_dropout: 0 or frozen_weights_dtype: float32)")
+        if self.frozen_weights_dtype != "float32" and self.parallelism == "fsdp":
+            raise ValueError(f"frozen_weights_dtype: {self.frozen_weights_dtype} does not work with parallelism: fsdp, "
+                             "which shards every weight in one dtype (use parallelism: ddp or frozen_weights_dtype: float32)")
         return self
 
 
