@@ -3,6 +3,7 @@
 
     python benchmarks/frozen_dtype.py                   # 6 steps each, SmolLM2-135M, LoRA r=16
     python benchmarks/frozen_dtype.py --steps 10 --dtypes float32,float16
+    python benchmarks/frozen_dtype.py --ab 5            # speed only: steps alternated in one process
 
 Each setting runs in its own process, so its peak RSS (VmHWM) is its own. Per run: peak RSS
 after loading, after training and after restoring the float32 weights; seconds per training
@@ -74,6 +75,44 @@ def worker(args) -> dict:
                 tokens_per_second=result.tokens_per_second, val_loss=val_loss)
 
 
+def speed_ab(args) -> None:
+    """Seconds per training step (forward + backward of the same 4 examples), float32 storage and
+    each other dtype alternated in one process: a machine's changing load hits both sides alike."""
+    import statistics
+
+    import torch
+
+    from deltatune import lowp
+    from deltatune.config import RunConfig
+    from deltatune.data import build_sft_examples
+    from deltatune.formats import load_records
+    from deltatune.methods import apply_method
+    from deltatune.model import load_causal_lm
+    from deltatune.packing import collate_packed, packed_micro_batches
+    from deltatune.train import accumulate_gradients, causal_lm_loss
+
+    model, tokenizer = load_causal_lm(MODEL)
+    train, _ = build_sft_examples(load_records(Path(args.data) / "train.jsonl", "auto")[0], tokenizer,
+                                  max_seq_length=args.max_seq_length)
+    model = apply_method(model, RunConfig(train_file="unused", method="lora", lora_r=args.lora_r)).train()
+    group = list(range(args.batch_size))
+    batches = [collate_packed([[train[i] for i in row] for row in mb], tokenizer.pad_token_id)
+               for mb in packed_micro_batches(group, train, args.batch_size)]
+    times: dict[str, list[float]] = {}
+    dtypes = args.dtypes.split(",")
+    for _ in range(args.ab + 1):  # the first round warms up and is not counted
+        for dtype in dtypes:
+            lowp.store_frozen_weights(model, dtype)
+            start = time.perf_counter()
+            accumulate_gradients(model, batches, causal_lm_loss, torch.device("cpu"), False)
+            times.setdefault(dtype, []).append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+            lowp.restore_frozen_weights(model, lambda: load_causal_lm(MODEL)[0])
+    for dtype in dtypes:
+        print(f"{dtype:>9}: {statistics.median(times[dtype][1:]):.2f} s per forward+backward of {args.batch_size} "
+              f"examples (median of {args.ab}; runs {', '.join(f'{t:.2f}' for t in times[dtype][1:])})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", default="float32,float16,bfloat16")
@@ -88,7 +127,11 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing-on", dest="checkpoint_flag", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ab", type=int, default=0,
+                        help="instead: time one training step N times per dtype, alternated in one process")
     args = parser.parse_args()
+    if args.ab:
+        return speed_ab(args)
     if args.worker:
         args.checkpointing = args.checkpoint_flag
         print(json.dumps(worker(args)))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import chat, make_tiny_llama, make_tokenizer, write_jsonl
+from conftest import chat, make_tiny_llama, make_tokenizer, run_cli, write_jsonl
 from deltatune import lowp, pipeline
 from deltatune.cli import main
 from deltatune.config import RunConfig, build_config
@@ -177,3 +177,15 @@ def test_resume_with_float16_storage_ends_where_an_uninterrupted_run_does(tmp_pa
     want = load_file(tmp_path / "a" / "out" / "final" / "adapter_model.safetensors")
     got = load_file(tmp_path / "b" / "out" / "final" / "adapter_model.safetensors")
     assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want)
+
+
+def test_two_ddp_processes_train_on_float16_storage(tmp_path, tiny_model_dir):
+    config = write_run(tmp_path, tiny_model_dir, "per_device_train_batch_size: 2\nparallelism: ddp\ndelta_report: false\n")
+    proc = run_cli("train", "--nproc", "2", str(config), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("frozen_weights_dtype: float16 storage for the 14 frozen linear layers") == 1  # rank 0 prints
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r and "event" not in r]
+    assert [r["world_size"] for r in rows if r.get("event") == "start"] == [2] and losses[-1] < losses[0]
+    adapter = load_file(tmp_path / "out" / "final" / "adapter_model.safetensors")
+    assert len(adapter) == 28 and all(t.abs().sum() > 0 for n, t in adapter.items() if ".lora_B." in n)
