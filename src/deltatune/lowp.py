@@ -108,8 +108,10 @@ def restore_frozen_weights(model: torch.nn.Module, load_base) -> int:
     """Undo `store_frozen_weights`: the original float32 weights, re-read from the model source by
     `load_base()` (a fresh copy of the base model), and nn.Linear's own forward. Returns how many
     layers were restored; `load_base` is not called when none was changed."""
-    stored = {name: linear for name, linear in adapter_base_linears(model).items() if "forward" in vars(linear)}
-    if not stored:
+    inner = distributed.unwrap(model)
+    stored = {name: m for name, m in inner.named_modules()
+              if getattr(vars(m).get("forward"), "__func__", None) is _stored_forward}
+    if not stored:  # float32, the default: nothing to undo
         return 0
     fresh = load_base()
     fresh = fresh.get_base_model() if hasattr(fresh, "get_base_model") else fresh
