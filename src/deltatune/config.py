@@ -109,6 +109,8 @@ class RunConfig(BaseModel):
     """Compile the decoder with torch.compile (dynamic shapes); pays off only on long runs."""
     optimizer_in_backward: bool = False
     """Run AdamW on each parameter as soon as its gradient is complete and free that gradient: the gradients of the whole model never exist at once (saves 4 bytes a trainable parameter). Same update as the ordinary step; needs max_grad_norm: 0 (no global norm exists before the update) and one process."""
+    frozen_weights_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """method lora/dora: keep the frozen base weights of the blocks' linear layers in this dtype while training (half the memory of float32); only their storage changes, every matmul still computes in the activation dtype. Costs rounding (float16 keeps 11 significant bits, bfloat16 8) during training only: the float32 weights are restored, bit for bit, before the tuned model is evaluated and saved."""
 
     # --- logging, evaluation, checkpoints -----------------------------------------------
     output_dir: str = "runs/deltatune"
@@ -197,6 +199,21 @@ class RunConfig(BaseModel):
         if self.optimizer_in_backward and self.max_grad_norm > 0:
             raise ValueError("optimizer_in_backward updates each weight as soon as its gradient is ready, so the "
                              "global gradient norm cannot be clipped: set max_grad_norm: 0 with it")
+        return self
+
+    @model_validator(mode="after")
+    def _check_frozen_weights_dtype(self) -> "RunConfig":
+        if self.frozen_weights_dtype != "float32" and self.method not in ("lora", "dora"):
+            raise ValueError(f"frozen_weights_dtype: {self.frozen_weights_dtype} applies to method lora or dora only "
+                             f"(method is '{self.method}'; set frozen_weights_dtype: float32)")
+        if self.frozen_weights_dtype != "float32" and self.method == "dora" and self.lora_dropout > 0:
+            # peft's DoRA then recomputes the base output from a float32 copy of each weight and
+            # keeps that copy for backward: more memory, not less.
+            raise ValueError(f"frozen_weights_dtype: {self.frozen_weights_dtype} with method dora needs lora_dropout: 0 "
+                             "(set lora_dropout: 0 or frozen_weights_dtype: float32)")
+        if self.frozen_weights_dtype != "float32" and self.parallelism == "fsdp":
+            raise ValueError(f"frozen_weights_dtype: {self.frozen_weights_dtype} does not work with parallelism: fsdp, "
+                             "which shards every weight in one dtype (use parallelism: ddp or frozen_weights_dtype: float32)")
         return self
 
 

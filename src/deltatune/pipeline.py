@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from deltatune import delta_classify, distributed
+from deltatune import delta_classify, distributed, lowp
 from deltatune.checkpoint import find_resume_checkpoint, restore_run_files
 from deltatune.config import RunConfig, dump_config
 from deltatune.classify import (build_classification_examples, classification_loss, evaluate_classifier,
@@ -168,7 +168,9 @@ def run(cfg: RunConfig) -> RunResult:
             log.write({"step": 0, "event": "method", "method": cfg.method, **trained.as_record()})
             log.write({"step": 0, "event": "base_eval", **{k: v for k, v in before.items() if k != "predictions"}})
         loss_fn = classification_loss if cfg.task == "classification" else causal_lm_loss
+        lowp.store_frozen_weights(model, cfg.frozen_weights_dtype)  # after the base evaluation: it saw float32
         result = fit(model, tokenizer, data.train, data.val, cfg, out, log, device, loss_fn=loss_fn, resume=resume)
+        lowp.restore_frozen_weights(model, lambda: load_for_task(cfg, splits)[0])  # bit for bit, before evaluating
         with torch.no_grad():
             after = distributed.call(model, _evaluate, tokenizer, data, cfg, device, bf16)
         log.write({"step": result.steps, "event": "tuned_eval", **{k: v for k, v in after.items() if k != "predictions"}})

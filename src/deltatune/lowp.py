@@ -1,0 +1,127 @@
+"""Frozen weights in a cheaper storage dtype while an adapter trains (config `frozen_weights_dtype`).
+
+LoRA/DoRA leave the base weights of the blocks' linear layers untouched, so those weights need
+no float32 master copy while training: stored in float16 they take half the memory. Only the
+*storage* changes: every matmul still runs in the activation dtype (float32 on a CPU without
+fast half-precision matmuls), on a copy of the weight upcast for that one call.
+
+The upcast happens inside `StoredLinear`, an autograd Function that saves the low-precision
+weight itself for backward and upcasts it again there. `F.linear(x, w.float())` would look the
+same but let autograd keep each upcast float32 copy until backward: every layer's, the whole
+model's worth, more memory than before instead of less.
+
+Rounding: float16 keeps 11 significant bits (relative error <= 2^-11 per weight), bfloat16 8.
+After training, `restore_frozen_weights` puts the original float32 values back, bit for bit,
+by re-reading them from the model source: the tuned model is then evaluated and compared with
+the base model on exactly the base weights it was evaluated with before training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from deltatune import distributed
+from deltatune.errors import UserError
+from deltatune.methods import find_blocks
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class StoredLinear(torch.autograd.Function):
+    """y = x @ W^T + b for a frozen W (and b) kept in a storage dtype; computes in x's dtype
+    (or the autocast dtype). Saves only W, the parameter itself, for backward: no copy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        device = x.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        ctx.compute_dtype = compute
+        ctx.save_for_backward(weight)
+        # Grad mode is off inside forward: the upcast copies are freed when this call returns.
+        return F.linear(x.to(compute), weight.to(compute), None if bias is None else bias.to(compute))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        compute = ctx.compute_dtype
+        grad_x = grad_out.to(compute) @ weight.to(compute)  # dL/dx = dL/dy · W; W and b are frozen
+        return grad_x, None, None
+
+
+def _stored_forward(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return StoredLinear.apply(x, linear.weight, linear.bias)
+
+
+def adapter_base_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """{name: nn.Linear} of the frozen base layers under peft's LoRA/DoRA layers inside the
+    transformer blocks. Outside the blocks a weight may be shared (an output head tied to the
+    embeddings), and changing its dtype would change the embeddings too."""
+    from peft.tuners.lora import LoraLayer
+
+    inner = distributed.unwrap(model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    prefix, _ = find_blocks(base)
+    found = {}
+    for name, module in base.named_modules():
+        if not (isinstance(module, LoraLayer) and name.startswith(prefix + ".")):
+            continue
+        linear = module.get_base_layer()
+        if type(linear) is torch.nn.Linear and not any(p.requires_grad for p in linear.parameters()):
+            found[f"{name}.base_layer"] = linear
+    return found
+
+
+def store_frozen_weights(model: torch.nn.Module, dtype_name: str) -> int:
+    """Keep the frozen base linears' weights in `dtype_name` and compute through StoredLinear;
+    returns how many layers changed (0 for float32, which changes nothing). FSDP is refused by
+    the config: it shards every weight of a block in one dtype."""
+    if dtype_name == "float32":
+        return 0
+    linears = adapter_base_linears(model)
+    if not linears:
+        raise UserError(f"frozen_weights_dtype: {dtype_name}: no LoRA layer wraps an nn.Linear inside the "
+                        "transformer blocks (check lora_target_modules, or set frozen_weights_dtype: float32)")
+    dtype = DTYPES[dtype_name]
+    with torch.no_grad():
+        for linear in linears.values():
+            linear.weight.data = linear.weight.data.to(dtype)  # the same Parameter, new storage
+            linear.forward = _stored_forward.__get__(linear)  # this instance only
+        # A model loaded from safetensors is memory-mapped from the file, one mapping kept alive by
+        # any weight still in it, and every page read counts as resident memory: the float32 block
+        # weights would stay there beside their float16 copies. Copying the other frozen weights
+        # (embeddings, norms; ~20% of a small model) out of the file lets the mapping go.
+        for p in distributed.unwrap(model).parameters():
+            if not p.requires_grad and p.dtype == torch.float32:
+                p.data = p.data.clone()
+    print(f"frozen_weights_dtype: {dtype_name} storage for the {len(linears)} frozen linear layers under adapters "
+          "while training", flush=True)
+    return len(linears)
+
+
+def _plain_name(name: str) -> str:
+    """A module's name in the plain base model: without peft's wrapper prefixes."""
+    return name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+def restore_frozen_weights(model: torch.nn.Module, load_base) -> int:
+    """Undo `store_frozen_weights`: the original float32 weights, re-read from the model source by
+    `load_base()` (a fresh copy of the base model), and nn.Linear's own forward. Returns how many
+    layers were restored; `load_base` is not called when none was changed."""
+    inner = distributed.unwrap(model)
+    stored = {name: m for name, m in inner.named_modules()
+              if getattr(vars(m).get("forward"), "__func__", None) is _stored_forward}
+    if not stored:  # float32, the default: nothing to undo
+        return 0
+    fresh = load_base()
+    fresh = fresh.get_base_model() if hasattr(fresh, "get_base_model") else fresh
+    originals = {_plain_name(name): m for name, m in fresh.named_modules() if isinstance(m, torch.nn.Linear)}
+    with torch.no_grad():
+        for name, linear in stored.items():
+            original = originals.get(_plain_name(name))
+            if original is None or original.weight.shape != linear.weight.shape:
+                raise UserError(f"frozen_weights_dtype: cannot find {_plain_name(name)} in the reloaded base model "
+                                "to restore its float32 weight (set frozen_weights_dtype: float32)")
+            linear.weight.data = original.weight.data.to(linear.weight.device)
+            del linear.forward
+    return len(stored)
