@@ -58,6 +58,7 @@ def worker(args) -> dict:
                             warmup_steps=0, lr_scheduler_type="linear", max_grad_norm=1.0, weight_decay=0.0,
                             seed=args.seed, logging_steps=10**6, max_seq_length=args.max_seq_length,
                             gradient_checkpointing=args.checkpointing, frozen_weights_dtype=args.dtype), "bench")
+    torch.manual_seed(args.seed)  # LoRA's A starts random: the same start for every setting, as pipeline.run does
     model = apply_method(model, cfg)
     loaded = peak_rss_gb()
     lowp.store_frozen_weights(model, cfg.frozen_weights_dtype)

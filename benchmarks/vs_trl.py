@@ -2,6 +2,7 @@
 
     python benchmarks/vs_trl.py                      # full FT and LoRA, 3 pairs, TRL fp32 defaults + fastest
     python benchmarks/vs_trl.py --pairs 1 --methods full --trl defaults,fastest,defaults-fp32,fastest-fp32
+    python benchmarks/vs_trl.py --ours packed,lean     # also deltatune's least-memory settings (LEAN below)
 
 Same model (embedded SmolLM2-135M-Instruct), same seeded data (benchmarks/make_data.py), same
 examples per optimizer step, learning rate, schedule, epochs and seed. Each run is its own
@@ -39,9 +40,12 @@ MODEL = "smollm2-135m-instruct"
 OUR_SETTINGS = {  # name -> deltatune config keys (the first one listed in --ours is the reference)
     "packed": {}, "unpacked": {"packing": False},
     "checkpointing": {"gradient_checkpointing": True}, "compile": {"torch_compile": True},
-    # Lean: AdamW inside backward (no whole-model gradients; needs clipping off).
-    "lean": {"optimizer_in_backward": True, "max_grad_norm": 0.0},
-    "lean-checkpointing": {"optimizer_in_backward": True, "max_grad_norm": 0.0, "gradient_checkpointing": True},
+}
+LEAN = {  # `--ours lean`: the least memory deltatune offers for the method, checkpointing on
+    # AdamW inside backward: the whole model's gradients never exist at once (needs clipping off).
+    "full": {"optimizer_in_backward": True, "max_grad_norm": 0.0, "gradient_checkpointing": True},
+    # The frozen block weights stored in float16, computed in float32.
+    "lora": {"frozen_weights_dtype": "float16", "gradient_checkpointing": True},
 }
 TRL_SETTINGS = {  # name -> (bf16, gradient_checkpointing)
     "defaults": (True, True), "fastest": (True, False),
@@ -66,9 +70,11 @@ def load_data(args):
 def run_deltatune(args) -> dict:
     import torch
 
+    from deltatune import lowp
     from deltatune.config import build_config
     from deltatune.data import build_sft_examples
     from deltatune.methods import apply_method
+    from deltatune.model import load_causal_lm
     from deltatune.train import MetricsLog, fit, mean_loss
 
     model, tokenizer, train_records, val = load_data(args)
@@ -80,13 +86,16 @@ def run_deltatune(args) -> dict:
                     gradient_accumulation_steps=1, warmup_steps=0, lr_scheduler_type="linear",
                     max_grad_norm=1.0, weight_decay=0.0, seed=args.seed, logging_steps=10**6,
                     max_seq_length=args.max_seq_length)
-    cfg = build_config({**settings, **OUR_SETTINGS[args.setting]}, "bench")
+    ours = LEAN[args.method] if args.setting == "lean" else OUR_SETTINGS[args.setting]
+    cfg = build_config({**settings, **ours}, "bench")
     model = apply_method(model, cfg)  # LoRA: r, alpha 2r, all linear layers of the blocks, like TRL's below
+    lowp.store_frozen_weights(model, cfg.frozen_weights_dtype)
     log = MetricsLog(out)
     start = time.perf_counter()
     fit(model, tokenizer, train, [], cfg, out, log, torch.device("cpu"))
     wall = time.perf_counter() - start
     log.close()
+    lowp.restore_frozen_weights(model, lambda: load_causal_lm(MODEL)[0])  # scored like TRL's: float32 weights
     val_loss, _ = mean_loss(model, val, 8, tokenizer.pad_token_id, torch.device("cpu"))
     real = sum(len(e.input_ids) for e in train) * args.epochs
     trained = sum(sum(l != -100 for l in e.labels[1:]) for e in train) * args.epochs
@@ -198,7 +207,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--methods", default="full,lora")
     parser.add_argument("--ours", default="packed",
-                        help=f"deltatune settings, the first is the reference for the ratios: {', '.join(OUR_SETTINGS)}")
+                        help=f"deltatune settings, the first is the reference for the ratios: {', '.join(OUR_SETTINGS)}, lean")
     parser.add_argument("--trl", default="defaults-fp32,fastest-fp32",
                         help=f"TRL settings to compare against: {', '.join(TRL_SETTINGS)}")
     parser.add_argument("--data", default=str(HERE / "data"))

@@ -116,6 +116,15 @@ def test_chunked_head_loss_of_no_rows_is_zero_with_zero_gradients():
     assert torch.equal(weight.grad, torch.zeros_like(weight))
 
 
+def test_chunked_head_loss_refuses_a_second_backward_instead_of_scaling_twice():
+    # Its gradients are computed in forward and scaled in place in backward (no second copy).
+    hidden, weight = torch.randn(5, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.zeros(5, dtype=torch.long)) * 0.5
+    loss.backward(retain_graph=True)
+    with pytest.raises(AttributeError):
+        loss.backward()
+
+
 def test_chunked_head_loss_needs_no_grad_in_eval():
     hidden, weight = torch.randn(5, 8), torch.randn(50, 8)
     with torch.no_grad():

@@ -44,15 +44,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_weight = chunk_grad if grad_weight is None else grad_weight.add_(chunk_grad)
         if want_weight and grad_weight is None:  # no rows (a rank's blank micro-batch): a zero gradient
             grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if want_weight else None)
+        # Kept as attributes, not saved tensors: backward scales them in place and hands them on,
+        # so no second copy of a [vocabulary x hidden] gradient exists; a second backward through
+        # the same graph then fails loudly (AttributeError) instead of scaling twice.
+        ctx.grad_hidden = grad_hidden
+        ctx.grad_weight = grad_weight.to(weight.dtype) if want_weight else None
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        scale_hidden = grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None
-        scale_weight = grad_weight * grad_output.to(grad_weight.dtype) if grad_weight is not None else None
-        return scale_hidden, scale_weight, None, None
+        grads = []
+        for name in ("grad_hidden", "grad_weight"):
+            grad = getattr(ctx, name)
+            delattr(ctx, name)
+            grads.append(grad.mul_(grad_output.to(grad.dtype)) if grad is not None else None)
+        return grads[0], grads[1], None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

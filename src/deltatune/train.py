@@ -303,6 +303,10 @@ def _progress(total: int):
 def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConfig, out_dir: Path,
         log: MetricsLog, device: torch.device, loss_fn: LossFn = causal_lm_loss,
         resume: Path | None = None) -> FitResult:
+    if cfg.optimizer_in_backward and distributed.world_size() > 1:
+        raise UserError("optimizer_in_backward: true works on one process only (DDP and FSDP reduce gradients "
+                        "after backward, the in-backward update would use this process's part); turn it off "
+                        "under torchrun / --nproc")
     torch.manual_seed(cfg.seed)
     bf16 = resolve_bf16(cfg.bf16, device)
     pad_id = tokenizer.pad_token_id
@@ -345,10 +349,6 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
         print(f"resuming from {resume} at step {first_step}", flush=True)
     start = window_start = time.perf_counter()
     model.train()
-    if cfg.optimizer_in_backward and distributed.world_size() > 1:
-        raise UserError("optimizer_in_backward: true works on one process only (DDP and FSDP reduce gradients "
-                        "after backward, the in-backward update would use this process's part); turn it off "
-                        "under torchrun / --nproc")
     with _progress(total_steps) as bar, stop_on_signals() as stop, \
             optimizer_steps_in_backward(optimizer, cfg.optimizer_in_backward) as in_backward:
         task = bar.add_task("train", total=total_steps, info="", completed=first_step - 1)
@@ -386,7 +386,8 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
                 result.skipped_steps += 1
                 log.write({"step": step, "event": "nonfinite_skipped", "in_a_row": nonfinite_in_a_row})
                 print(f"step {step}: loss or gradient norm is not finite; update skipped"
-                      + (" (for the parameters whose gradient was not finite)" if in_backward else ""), flush=True)
+                      + (" for the parameters whose gradient was not finite (optimizer_in_backward had "
+                         "updated the others)" if in_backward and in_backward.finite else ""), flush=True)
                 if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                     last = latest_checkpoint(out_dir)
                     raise UserError(
