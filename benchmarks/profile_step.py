@@ -62,7 +62,7 @@ def main() -> None:
     model.train()
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
     params = [p for p in model.parameters() if p.requires_grad]
-    in_backward = optimizer_steps_in_backward(optimizer, args.in_backward).__enter__()
+    in_backward = optimizer_steps_in_backward(optimizer, args.in_backward).__enter__()  # hooks for the whole process
     groups = step_groups(len(train), args.batch_size, seed=0, epoch=0)
     phases: dict[str, list[float]] = {}
     tokens, micro = [], []
