@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from deltatune import delta
 from deltatune.data import IGNORE_INDEX, Example, collate, length_batches
 from deltatune.errors import UserError
+from deltatune.methods import head_module_names, without_adapters
 
 REPRESENTATION_PASSAGES = 128  # general-text passages; the causal report's 16 come first
 SENTENCE_TOKENS = 64
@@ -66,23 +67,16 @@ BASE_DEFINITION = ("the pre-trained backbone with the freshly initialised classi
 
 # --- the model's parts ---------------------------------------------------------------------------
 
-def unwrap(model):
-    """The transformers model inside a peft wrapper (LoRA layers stay in place)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def backbone(model):
-    return unwrap(model).base_model  # transformers: the module under `base_model_prefix` (bert, model, ...)
+    return without_adapters(model).base_model  # transformers: the module under `base_model_prefix` (bert, model, ...)
 
 
 def head_prefixes(model) -> tuple[str, ...]:
-    from deltatune.methods import head_module_names
-
-    return tuple(f"{name}." for name in head_module_names(unwrap(model)))
+    return tuple(f"{name}." for name in head_module_names(without_adapters(model)))
 
 
 def label_list(model) -> list[str]:
-    config = unwrap(model).config
+    config = without_adapters(model).config
     return [config.id2label[i] for i in range(config.num_labels)]
 
 
@@ -498,7 +492,7 @@ def compare(base_name: str, tuned_name: str, records, data_file: str, out_dir: P
     base.to(device).eval()
     tuned.to(device).eval()
     examples, _ = build_classification_examples(records, tokenizer, max_seq_length=max_seq_length,
-                                                label2id=unwrap(tuned).config.label2id, name=str(data_file))
+                                                label2id=without_adapters(tuned).config.label2id, name=str(data_file))
     start = time.perf_counter()
     metrics_path = Path(tuned_name).parent / "metrics.jsonl"
     report = build(base, tuned, tokenizer, base_model=base_name, tuned_model=tuned_name,

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from deltatune.errors import UserError
+from deltatune.methods import without_adapters
 
 # Test hook: "RANK:STEP" makes that rank raise at that step, "RANK:STEP:hang" makes it stop
 # responding, so tests can check that a broken rank ends the job rather than hanging it.
@@ -134,8 +135,7 @@ class _Shell(torch.nn.Module):
 
 def _transformer_blocks(model) -> list[torch.nn.Module]:
     """The model's repeated blocks, found by the class names transformers keeps for sharding."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(base, "_no_split_modules", None) or [])
+    names = set(getattr(without_adapters(model), "_no_split_modules", None) or [])
     return [m for m in model.modules() if type(m).__name__ in names]
 
 

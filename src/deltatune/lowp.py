@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from deltatune import distributed
 from deltatune.errors import UserError
-from deltatune.methods import find_blocks
+from deltatune.methods import find_blocks, without_adapters
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -60,7 +60,7 @@ def adapter_base_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     from peft.tuners.lora import LoraLayer
 
     inner = distributed.unwrap(model)
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    base = without_adapters(inner)
     prefix, _ = find_blocks(base)
     found = {}
     for name, module in base.named_modules():
@@ -113,8 +113,7 @@ def restore_frozen_weights(model: torch.nn.Module, load_base) -> int:
               if getattr(vars(m).get("forward"), "__func__", None) is _stored_forward}
     if not stored:  # float32, the default: nothing to undo
         return 0
-    fresh = load_base()
-    fresh = fresh.get_base_model() if hasattr(fresh, "get_base_model") else fresh
+    fresh = without_adapters(load_base())
     originals = {_plain_name(name): m for name, m in fresh.named_modules() if isinstance(m, torch.nn.Linear)}
     with torch.no_grad():
         for name, linear in stored.items():

@@ -61,6 +61,11 @@ def default_lora_targets(model: torch.nn.Module) -> str:
     return rf"{re.escape(prefix)}\.\d+\.({inner})"
 
 
+def without_adapters(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (its LoRA layers stay in place); any other model as is."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 # --- applying a method ------------------------------------------------------------------------
 
 def check_method_available(method: str, device: torch.device) -> None:
