@@ -8,8 +8,9 @@ Same model (embedded SmolLM2-135M-Instruct), same seeded data (benchmarks/make_d
 examples per optimizer step, learning rate, schedule, epochs and seed. Each run is its own
 process (so peak RSS is its own), and runs alternate A B A B. Per run: wall time of the
 training epoch(s) (model loading and evaluation excluded), real (non-padding) tokens/s,
-trained (label) tokens/s, peak RSS, final validation loss (the same function scores both
-sides' models on the same held-out split), and MFU against the measured float32 matmul peak.
+trained (label) tokens/s, peak RSS when training ends (model loading included; the ratios use
+it) and at exit (after scoring), final validation loss (the same function scores both sides'
+models on the same held-out split), and MFU against the measured float32 matmul peak.
 
 TRL settings: `defaults` = its CPU defaults (bf16 autocast, gradient checkpointing on),
 `fastest` = bf16, checkpointing off; the `-fp32` variants turn bf16 off (on CPUs without
@@ -43,9 +44,11 @@ OUR_SETTINGS = {  # name -> deltatune config keys (the first one listed in --our
 }
 LEAN = {  # `--ours lean`: the least memory deltatune offers for the method, checkpointing on
     # AdamW inside backward: the whole model's gradients never exist at once (needs clipping off).
-    "full": {"optimizer_in_backward": True, "max_grad_norm": 0.0, "gradient_checkpointing": True},
+    # cpu_heap_trim: glibc hands freed activations back to the OS between blocks.
+    "full": {"optimizer_in_backward": True, "max_grad_norm": 0.0, "gradient_checkpointing": True,
+             "cpu_heap_trim": True},
     # The frozen block weights stored in float16, computed in float32.
-    "lora": {"frozen_weights_dtype": "float16", "gradient_checkpointing": True},
+    "lora": {"frozen_weights_dtype": "float16", "gradient_checkpointing": True, "cpu_heap_trim": True},
 }
 TRL_SETTINGS = {  # name -> (bf16, gradient_checkpointing)
     "defaults": (True, True), "fastest": (True, False),
@@ -94,12 +97,14 @@ def run_deltatune(args) -> dict:
     start = time.perf_counter()
     fit(model, tokenizer, train, [], cfg, out, log, torch.device("cpu"))
     wall = time.perf_counter() - start
+    train_peak = peak_rss_gb()
     log.close()
     lowp.restore_frozen_weights(model, lambda: load_causal_lm(MODEL)[0])  # scored like TRL's: float32 weights
     val_loss, _ = mean_loss(model, val, 8, tokenizer.pad_token_id, torch.device("cpu"))
     real = sum(len(e.input_ids) for e in train) * args.epochs
     trained = sum(sum(l != -100 for l in e.labels[1:]) for e in train) * args.epochs
-    return dict(wall=wall, real_tokens=real, trained_tokens=trained, val_loss=val_loss, extrapolated=False)
+    return dict(wall=wall, real_tokens=real, trained_tokens=trained, val_loss=val_loss, extrapolated=False,
+                train_peak_rss_gb=train_peak)
 
 
 def run_trl(args) -> dict:
@@ -134,6 +139,7 @@ def run_trl(args) -> dict:
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
+    train_peak = peak_rss_gb()
     data = trainer.train_dataset
     real = sum(len(ids) for ids in data["input_ids"]) * args.epochs
     if "completion_mask" in data.column_names:
@@ -145,7 +151,12 @@ def run_trl(args) -> dict:
         wall *= steps_per_epoch * args.epochs / max_steps
     val_loss = float("nan") if extrapolated else mean_loss(trainer.model, val, 8, tokenizer.pad_token_id,
                                                            torch.device("cpu"))[0]
-    return dict(wall=wall, real_tokens=real, trained_tokens=trained, val_loss=val_loss, extrapolated=extrapolated)
+    return dict(wall=wall, real_tokens=real, trained_tokens=trained, val_loss=val_loss, extrapolated=extrapolated,
+                train_peak_rss_gb=train_peak)
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
 def worker(args) -> None:
@@ -153,7 +164,7 @@ def worker(args) -> None:
 
     torch.manual_seed(args.seed)
     result = run_deltatune(args) if args.side == "deltatune" else run_trl(args)
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+    result["peak_rss_gb"] = peak_rss_gb()  # with the scoring, which reloads float32 weights after float16 storage
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -189,7 +200,8 @@ def launch(side: str, setting: str, method: str, args) -> dict:
     result = json.loads(Path(result_path).read_text())
     Path(result_path).unlink()
     print(f"    wall {result['wall']:.1f} s, {result['real_tokens'] / result['wall']:.0f} real tok/s, "
-          f"peak RSS {result['peak_rss_gb']:.2f} GB, val loss {result['val_loss']:.4f}", flush=True)
+          f"peak RSS {result['train_peak_rss_gb']:.2f} GB training ({result['peak_rss_gb']:.2f} with scoring), "
+          f"val loss {result['val_loss']:.4f}", flush=True)
     return result
 
 
@@ -198,7 +210,7 @@ def summarise(runs: list[dict]) -> dict:
         return statistics.median(r[key] for r in runs)
     return dict(wall=med("wall"), real_tps=statistics.median(r["real_tokens"] / r["wall"] for r in runs),
                 trained_tps=statistics.median(r["trained_tokens"] / r["wall"] for r in runs),
-                rss=med("peak_rss_gb"), val_loss=med("val_loss"), real_tokens=runs[0]["real_tokens"],
+                rss=med("train_peak_rss_gb"), rss_scored=med("peak_rss_gb"), val_loss=med("val_loss"), real_tokens=runs[0]["real_tokens"],
                 trained_tokens=runs[0]["trained_tokens"], extrapolated=runs[0]["extrapolated"])
 
 
@@ -252,8 +264,8 @@ def main() -> None:
             for side, setting in runners:
                 all_runs.setdefault((method, side, setting), []).append(launch(side, setting, method, args))
     print()
-    print("| method | runner | epoch wall s | real tok/s | trained tok/s | peak RSS GB | val loss | MFU fp32 | "
-          f"time ratio vs {' '.join(reference)} | RSS ratio {' '.join(reference)}/this |")
+    print("| method | runner | epoch wall s | real tok/s | trained tok/s | peak RSS GB training (with scoring) | "
+          f"val loss | MFU fp32 | time ratio vs {' '.join(reference)} | RSS ratio {' '.join(reference)}/this |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for method in args.methods.split(","):
         per_real, per_trained = model_flops_per_token(method)
@@ -268,9 +280,12 @@ def main() -> None:
             ratio = f"{s['wall'] / ours['wall']:.2f}x"  # > 1: this runner is slower than the reference
             rss = f"{ours['rss'] / s['rss']:.2f}"
             print(f"| {method} | {side} {setting} | {s['wall']:.1f}{star} | {s['real_tps']:.0f} | {s['trained_tps']:.0f} | "
-                  f"{s['rss']:.2f} | {s['val_loss']:.4f} | {mfu:.1%} | {ratio} | {rss} |")
+                  f"{s['rss']:.2f} ({s['rss_scored']:.2f}) | {s['val_loss']:.4f} | {mfu:.1%} | {ratio} | {rss} |")
     print(f"\n{args.pairs} pair(s) per setting, medians; * = extrapolated from {args.max_steps_bf16} timed steps. "
-          "MFU: model FLOPs (6N full / 4N LoRA per token, head at label positions only) over the measured float32 peak.")
+          "MFU: model FLOPs (6N full / 4N LoRA per token, head at label positions only) over the measured float32 peak. "
+          "Peak RSS training: the process's peak when training ends (model loading included); with scoring: at exit, "
+          "after the benchmark's own validation pass (the same function for both sides; deltatune's float16 storage "
+          "reloads the float32 weights for it).")
     if args.json:
         Path(args.json).write_text(json.dumps({"peak": peak, "runs": {"/".join(k): v for k, v in all_runs.items()}},
                                               indent=1))

@@ -109,6 +109,8 @@ class RunConfig(BaseModel):
     """Compile the decoder with torch.compile (dynamic shapes); pays off only on long runs."""
     optimizer_in_backward: bool = False
     """Run AdamW on each parameter as soon as its gradient is complete and free that gradient: the gradients of the whole model never exist at once (saves 4 bytes a trainable parameter). Same update as the ordinary step; needs max_grad_norm: 0 (no global norm exists before the update) and one process."""
+    cpu_heap_trim: bool = False
+    """Linux with glibc: while training, hand the memory PyTorch freed back to the OS before each transformer block's forward and backward, whenever the process grew by 32 MB since the last time. glibc otherwise keeps freed activations inside its heap (~0.4 GB for SmolLM2-135M with LoRA). Costs time: returned pages are faulted in again when reused (~30% a step there; benchmarks/RESULTS.md). Numbers are unchanged."""
     frozen_weights_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """method lora/dora: keep the frozen base weights of the blocks' linear layers in this dtype while training (half the memory of float32); only their storage changes, every matmul still computes in the activation dtype. Costs rounding (float16 keeps 11 significant bits, bfloat16 8) during training only: the float32 weights are restored, bit for bit, before the tuned model is evaluated and saved."""
 
@@ -199,6 +201,15 @@ class RunConfig(BaseModel):
         if self.optimizer_in_backward and self.max_grad_norm > 0:
             raise ValueError("optimizer_in_backward updates each weight as soon as its gradient is ready, so the "
                              "global gradient norm cannot be clipped: set max_grad_norm: 0 with it")
+        return self
+
+    @model_validator(mode="after")
+    def _check_cpu_heap_trim(self) -> "RunConfig":
+        from deltatune.host_memory import heap_trim_available
+
+        if self.cpu_heap_trim and not heap_trim_available():
+            raise ValueError("cpu_heap_trim: true needs glibc's malloc_trim (Linux with glibc), which this system "
+                             "lacks (set cpu_heap_trim: false)")
         return self
 
     @model_validator(mode="after")

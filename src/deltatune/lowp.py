@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from deltatune import distributed
+from deltatune import distributed, host_memory
 from deltatune.errors import UserError
 from deltatune.methods import find_blocks, without_adapters
 
@@ -83,17 +83,22 @@ def store_frozen_weights(model: torch.nn.Module, dtype_name: str) -> int:
         raise UserError(f"frozen_weights_dtype: {dtype_name}: no LoRA layer wraps an nn.Linear inside the "
                         "transformer blocks (check lora_target_modules, or set frozen_weights_dtype: float32)")
     dtype = DTYPES[dtype_name]
+    # A model loaded from safetensors is memory-mapped from the file, and every page read counts
+    # as resident memory until the whole mapping goes: the float32 block weights would stay
+    # there beside their float16 copies. Each one's pages are handed back as soon as it is
+    # converted (page_out), and the other frozen weights (embeddings, norms; ~20% of a small
+    # model) are copied out of the file, which lets the mapping go.
     with torch.no_grad():
         for linear in linears.values():
-            linear.weight.data = linear.weight.data.to(dtype)  # the same Parameter, new storage
+            original = linear.weight.data
+            linear.weight.data = original.to(dtype)  # the same Parameter, new storage
+            host_memory.page_out([original])
             linear.forward = _stored_forward.__get__(linear)  # this instance only
-        # A model loaded from safetensors is memory-mapped from the file, one mapping kept alive by
-        # any weight still in it, and every page read counts as resident memory: the float32 block
-        # weights would stay there beside their float16 copies. Copying the other frozen weights
-        # (embeddings, norms; ~20% of a small model) out of the file lets the mapping go.
         for p in distributed.unwrap(model).parameters():
             if not p.requires_grad and p.dtype == torch.float32:
-                p.data = p.data.clone()
+                original = p.data
+                p.data = original.clone()
+                host_memory.page_out([original])
     print(f"frozen_weights_dtype: {dtype_name} storage for the {len(linears)} frozen linear layers under adapters "
           "while training", flush=True)
     return len(linears)

@@ -23,12 +23,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from deltatune import dist_checkpoint, distributed
+from deltatune import dist_checkpoint, distributed, host_memory
 from deltatune.checkpoint import StopRequested, crash_point, data_fingerprint, latest_checkpoint, stop_on_signals
 from deltatune.config import RunConfig
 from deltatune.data import IGNORE_INDEX, Example, collate, length_batches, micro_batches, step_groups
 from deltatune.errors import UserError
 from deltatune.head_loss import linear_cross_entropy
+from deltatune.methods import find_blocks, without_adapters
 from deltatune.packing import collate_packed, model_mask, packed_micro_batches
 from deltatune.speed import prepare_for_training
 
@@ -349,8 +350,10 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConf
         print(f"resuming from {resume} at step {first_step}", flush=True)
     start = window_start = time.perf_counter()
     model.train()
+    trimmed_blocks = find_blocks(without_adapters(distributed.unwrap(model)))[1] if cfg.cpu_heap_trim else None
     with _progress(total_steps) as bar, stop_on_signals() as stop, \
-            optimizer_steps_in_backward(optimizer, cfg.optimizer_in_backward) as in_backward:
+            optimizer_steps_in_backward(optimizer, cfg.optimizer_in_backward) as in_backward, \
+            host_memory.heap_trimmed_between_blocks(trimmed_blocks):
         task = bar.add_task("train", total=total_steps, info="", completed=first_step - 1)
         for step in range(first_step, total_steps + 1):
             if not groups:  # next epoch: a fresh seeded shuffle
