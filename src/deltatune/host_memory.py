@@ -29,6 +29,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import sys
 
 import torch
 
@@ -115,8 +116,8 @@ def page_out(tensors) -> None:
     stay (or at most go to swap): contents never change. Call it on memory no tensor will
     read soon."""
     libc = _libc()
-    if libc is None or not hasattr(libc, "madvise"):
-        return
+    if not sys.platform.startswith("linux") or libc is None or not hasattr(libc, "madvise"):
+        return  # the advice number is Linux's
     for t in tensors:
         if t.device.type != "cpu" or t.numel() == 0:
             continue
