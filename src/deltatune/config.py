@@ -109,6 +109,8 @@ class RunConfig(BaseModel):
     """Compile the decoder with torch.compile (dynamic shapes); pays off only on long runs."""
     optimizer_in_backward: bool = False
     """Run AdamW on each parameter as soon as its gradient is complete and free that gradient: the gradients of the whole model never exist at once (saves 4 bytes a trainable parameter). Same update as the ordinary step; needs max_grad_norm: 0 (no global norm exists before the update) and one process."""
+    optimizer_state_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Store AdamW's two moments in this dtype. bfloat16 halves the optimizer's memory (4 bytes a trainable parameter instead of 8; for full fine-tuning that is as much as the weights themselves). Each step still computes in float32 with PyTorch's fused AdamW; the moments are written back with stochastic rounding, exact in expectation (round-to-nearest would stall the second moment). Clipping works as usual. Not with parallelism: fsdp."""
     cpu_heap_trim: bool = False
     """Linux with glibc: while training, hand the memory PyTorch freed back to the OS before each transformer block's forward and backward, whenever the process grew by 32 MB since the last time. glibc otherwise keeps freed activations inside its heap (~0.4 GB for SmolLM2-135M with LoRA). Costs time: returned pages are faulted in again when reused (~30% a step there; benchmarks/RESULTS.md). Numbers are unchanged."""
     frozen_weights_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -201,6 +203,9 @@ class RunConfig(BaseModel):
         if self.optimizer_in_backward and self.max_grad_norm > 0:
             raise ValueError("optimizer_in_backward updates each weight as soon as its gradient is ready, so the "
                              "global gradient norm cannot be clipped: set max_grad_norm: 0 with it")
+        if self.optimizer_state_dtype != "float32" and self.parallelism == "fsdp":
+            raise ValueError(f"optimizer_state_dtype: {self.optimizer_state_dtype} does not work with parallelism: fsdp, "
+                             "whose sharded parameters it cannot chunk (use parallelism: ddp or optimizer_state_dtype: float32)")
         return self
 
     @model_validator(mode="after")

@@ -30,6 +30,7 @@ from deltatune.data import IGNORE_INDEX, Example, collate, length_batches, micro
 from deltatune.errors import UserError
 from deltatune.head_loss import linear_cross_entropy
 from deltatune.methods import find_blocks, without_adapters
+from deltatune.optimizers import AdamWBf16Moments
 from deltatune.packing import collate_packed, model_mask, packed_micro_batches
 from deltatune.speed import prepare_for_training
 
@@ -113,7 +114,7 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return factor
 
 
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -122,6 +123,8 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device
     if not decay and not no_decay:
         raise UserError("no parameter is trainable (check method / freeze settings)")
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer_state_dtype == "bfloat16":  # half the moments' memory, same update rule
+        return AdamWBf16Moments(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, seed=cfg.seed)
     # Fused AdamW (one kernel per tensor, also on CPU): measured 5x faster than foreach on this
     # 2-core CPU over SmolLM2-sized parameters, same update to float rounding.
     fused = device.type in ("cuda", "cpu")
