@@ -126,24 +126,35 @@ def test_refused_with_clipping_and_with_several_processes(tmp_path, monkeypatch)
         train(tmp_path, optimizer_in_backward=True)
 
 
-def test_cli_run_and_exact_resume(tmp_path, tiny_model_dir, monkeypatch, capsys):
+def write_cli_run(tmp_path, tiny_model_dir, monkeypatch, extra_yaml: str) -> None:
+    """run.yaml (6 steps, a checkpoint every 2) and its train.jsonl in tmp_path, the working directory."""
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "train.jsonl", [chat(f"say {w}", f"{w} {w}") for w in WORDS * 3])
     (tmp_path / "run.yaml").write_text(
         f"model: {tiny_model_dir}\ntrain_file: train.jsonl\nmax_steps: 6\nbf16: false\nmetric: none\n"
-        "per_device_train_batch_size: 2\nlearning_rate: 5.0e-3\nsave_steps: 2\ndelta_report: false\n"
-        "optimizer_in_backward: true\n")
+        "per_device_train_batch_size: 2\nlearning_rate: 5.0e-3\nsave_steps: 2\ndelta_report: false\n" + extra_yaml)
+
+
+def killed_and_resumed_ends_as_whole(tmp_path, monkeypatch, *overrides: str) -> dict[str, torch.Tensor]:
+    """Run run.yaml whole, and again killed after step 3 then resumed: the final weights must be
+    bit-identical. Returns them."""
+    assert main(["train", "run.yaml", *overrides, "output_dir=whole"]) == 0
+    monkeypatch.setenv("DELTATUNE_TEST_KILL", "step:3:SIGTERM")
+    assert main(["train", "run.yaml", *overrides, "output_dir=cut"]) == 143
+    monkeypatch.delenv("DELTATUNE_TEST_KILL")
+    assert main(["train", "run.yaml", *overrides, "output_dir=cut", "--resume"]) == 0
+    want = load_file(tmp_path / "whole" / "final" / "model.safetensors")
+    got = load_file(tmp_path / "cut" / "final" / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    return got
+
+
+def test_cli_run_and_exact_resume(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    write_cli_run(tmp_path, tiny_model_dir, monkeypatch, "optimizer_in_backward: true\n")
     assert main(["train", "run.yaml"]) == 2  # clipping is on by default
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "max_grad_norm: 0" in err and not (tmp_path / "runs").exists()
 
-    assert main(["train", "run.yaml", "max_grad_norm=0", "output_dir=whole"]) == 0
-    monkeypatch.setenv("DELTATUNE_TEST_KILL", "step:3:SIGTERM")
-    assert main(["train", "run.yaml", "max_grad_norm=0", "output_dir=cut"]) == 143
-    monkeypatch.delenv("DELTATUNE_TEST_KILL")
-    assert main(["train", "run.yaml", "max_grad_norm=0", "output_dir=cut", "--resume"]) == 0
-    want = load_file(tmp_path / "whole" / "final" / "model.safetensors")
-    got = load_file(tmp_path / "cut" / "final" / "model.safetensors")
-    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    got = killed_and_resumed_ends_as_whole(tmp_path, monkeypatch, "max_grad_norm=0")
     base = load_file(tiny_model_dir / "model.safetensors")
     assert not torch.equal(base["model.layers.0.mlp.up_proj.weight"], got["model.layers.0.mlp.up_proj.weight"])

@@ -6,15 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import chat, make_tiny_llama, make_tokenizer, write_jsonl
+from conftest import make_tiny_llama, make_tokenizer
 from deltatune import optimizers
-from deltatune.cli import main
 from deltatune.config import build_config
-from deltatune.data import build_sft_examples
 from deltatune.errors import UserError
-from deltatune.formats import Record
 from deltatune.optimizers import AdamWBf16Moments
-from deltatune.train import MetricsLog, build_optimizer, fit
+from deltatune.train import build_optimizer
+from test_optimizer_in_backward import killed_and_resumed_ends_as_whole, train, write_cli_run
 
 CPU = torch.device("cpu")
 SHAPES = [(40, 30), (700,), (3, 5, 7)]
@@ -106,31 +104,11 @@ def test_a_loaded_state_continues_bit_for_bit(small_chunks):
     assert all(torch.equal(p, q) for p, q in zip(ours, resumed_params))
 
 
-WORDS = ["fox", "dog", "cat", "sun", "sky", "tea"]
-
-
-def train_tiny(tmp_path, **kw):
-    tokenizer = make_tokenizer()
-    model = make_tiny_llama(tokenizer, seed=5)
-    records = [Record(messages=chat(f"say {w}", f"{w} " * (1 + i % 3))["messages"], source=f"t:{i}")
-               for i, w in enumerate(WORDS * 2)]
-    train = build_sft_examples(records, tokenizer, max_seq_length=64)[0]
-    settings = dict(train_file="unused.jsonl", output_dir=str(tmp_path), learning_rate=1e-2, max_steps=6,
-                    logging_steps=1, bf16=False, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                    weight_decay=0.1, warmup_steps=2, packing=False, optimizer_state_dtype="bfloat16", **kw)
-    log = MetricsLog(tmp_path)
-    try:
-        result = fit(model, tokenizer, train, [], build_config(settings, "test"), tmp_path, log, CPU)
-    finally:
-        log.close()
-    return model, result
-
-
 def test_inside_backward_it_makes_the_same_updates(tmp_path, small_chunks):
     """optimizer_in_backward narrows the optimizer to one parameter at a time: the noise each
     parameter draws must not depend on that."""
-    ordinary, a = train_tiny(tmp_path / "a", max_grad_norm=0.0)
-    in_backward, b = train_tiny(tmp_path / "b", max_grad_norm=0.0, optimizer_in_backward=True)
+    ordinary, a = train(tmp_path / "a", optimizer_state_dtype="bfloat16")
+    in_backward, b = train(tmp_path / "b", optimizer_state_dtype="bfloat16", optimizer_in_backward=True)
     for (name, p), q in zip(ordinary.named_parameters(), in_backward.parameters()):
         assert torch.equal(p, q), name
     losses = [r["loss"] for r in a.history if "loss" in r]
@@ -149,20 +127,8 @@ def test_build_and_refusals():
 
 
 def test_cli_full_fine_tuning_with_clipping_and_exact_resume(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    write_jsonl(tmp_path / "train.jsonl", [chat(f"say {w}", f"{w} {w}") for w in WORDS * 3])
-    (tmp_path / "run.yaml").write_text(
-        f"model: {tiny_model_dir}\ntrain_file: train.jsonl\nmax_steps: 6\nbf16: false\nmetric: none\n"
-        "per_device_train_batch_size: 2\nlearning_rate: 5.0e-3\nsave_steps: 2\ndelta_report: false\n"
-        "max_grad_norm: 0.5\noptimizer_state_dtype: bfloat16\n")
-    assert main(["train", "run.yaml", "output_dir=whole"]) == 0
-    monkeypatch.setenv("DELTATUNE_TEST_KILL", "step:3:SIGTERM")
-    assert main(["train", "run.yaml", "output_dir=cut"]) == 143
-    monkeypatch.delenv("DELTATUNE_TEST_KILL")
-    assert main(["train", "run.yaml", "output_dir=cut", "--resume"]) == 0
-    want = load_file(tmp_path / "whole" / "final" / "model.safetensors")
-    got = load_file(tmp_path / "cut" / "final" / "model.safetensors")
-    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    write_cli_run(tmp_path, tiny_model_dir, monkeypatch, "max_grad_norm: 0.5\noptimizer_state_dtype: bfloat16\n")
+    got = killed_and_resumed_ends_as_whole(tmp_path, monkeypatch)
     base = load_file(tiny_model_dir / "model.safetensors")
     assert all(not torch.equal(base[k], got[k]) for k in got if "layers" in k and k.endswith("proj.weight"))
     saved = load_file(next((tmp_path / "cut").glob("checkpoint-*")) / "optimizer.safetensors")
