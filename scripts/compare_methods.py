@@ -15,9 +15,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from deltatune import classify_task, demo_task  # noqa: E402
-from deltatune.config import load_config  # noqa: E402
-from deltatune.pipeline import run  # noqa: E402
+from deltatune.demo import routing as classify_task
+from deltatune.demo import orders as demo_task
+from deltatune.config import load_config
+from deltatune.pipeline import run
 
 EXAMPLES = {
     # example -> (config, data generator, data folder, metric, {method: overrides})

@@ -115,3 +115,16 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     env = {**os.environ, "PYTHONPATH": str(SRC), "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-m", "deltatune", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def run_fit(model, tokenizer, train, val, cfg, out_dir, log, device, loss_fn=None, resume=None):
+    """`fit` handed a whole RunConfig's groups and this run's FitRun, as `pipeline.run` calls it."""
+    from dataclasses import replace
+
+    from deltatune.pipeline import fit_run
+    from deltatune.train.loop import fit
+
+    run = fit_run(cfg, Path(out_dir), log, device, resume)
+    if loss_fn is not None:
+        run = replace(run, loss_fn=loss_fn)
+    return fit(model, tokenizer, train, val, cfg.train, cfg.memory, run)

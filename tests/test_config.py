@@ -13,8 +13,8 @@ def write(tmp_path, text):
 def test_overrides_and_relative_paths(tmp_path):
     path = write(tmp_path, "train_file: data/train.jsonl\nlearning_rate: 1e-4\n")
     cfg = load_config(path, ["learning_rate=3e-5", "num_train_epochs=2", "bf16=false"])
-    assert cfg.learning_rate == 3e-5 and cfg.num_train_epochs == 2 and cfg.bf16 is False
-    assert cfg.train_file == str(tmp_path / "data/train.jsonl")  # relative to the config file
+    assert cfg.train.learning_rate == 3e-5 and cfg.train.num_train_epochs == 2 and cfg.memory.bf16 is False
+    assert cfg.data.train_file == str(tmp_path / "data/train.jsonl")  # relative to the config file
 
 
 def test_unknown_key_suggests_the_right_one(tmp_path):

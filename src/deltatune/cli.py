@@ -18,25 +18,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
+from deltatune.config import default
 from deltatune.errors import UserError
 
 
 def _run_until_stopped(cfg, again: str | None) -> int:
     """Run the pipeline; a SIGINT/SIGTERM that ended it with a checkpoint exits 130/143 saying how to go on."""
-    from deltatune.checkpoint import StopRequested
     from deltatune.pipeline import run
-
-    from deltatune.distributed import peer_failures_explained, shutdown
+    from deltatune.runtime.distributed import is_main, peer_failures_explained, shutdown
+    from deltatune.train.checkpoint import StopRequested
 
     try:
-        with peer_failures_explained(cfg.ddp_timeout):
+        with peer_failures_explained(cfg.parallel.ddp_timeout):
             run(cfg)
     except StopRequested as stop:
-        from deltatune.distributed import is_main
-
         if is_main():  # under torchrun every rank stopped at the same step; one says so
             print(f"stopped: {stop}" + (f"; continue with: {again}" if again else ""), file=sys.stderr)
         return stop.exit_code
@@ -71,7 +70,7 @@ def check_resume_before_launch(cfg, nproc: int) -> None:
     import contextlib
     import io
 
-    from deltatune.checkpoint import find_resume_checkpoint
+    from deltatune.train.checkpoint import find_resume_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()):
         find_resume_checkpoint(cfg, world_size=nproc)
@@ -89,13 +88,13 @@ def exec_torchrun(args) -> None:
 
 
 def cmd_demo(args) -> int:
-    from deltatune import demo_task
     from deltatune.config import load_config
+    from deltatune.demo import orders
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out}: demo folder is not empty (pass --overwrite or --out NEW_DIR)")
-    paths = demo_task.write(out / "data")
+    paths = orders.write(out / "data")
     defaults = [f"train_file={paths['train']}", f"validation_file={paths['validation']}",
                 f"test_file={paths['test']}", f"output_dir={out / 'run'}", "overwrite_output_dir=true",
                 "model=smollm2-135m-instruct", "learning_rate=1e-4", "num_train_epochs=1",
@@ -105,13 +104,15 @@ def cmd_demo(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from deltatune.delta_report import ReportOptions, compare
+    from deltatune.delta.measures import CompareSettings, ReportOptions
+    from deltatune.tasks import compare_models
 
     options = ReportOptions(general_text_file=args.general_text, probe_files=tuple(args.probe_file),
                             side_by_side=args.side_by_side, kl_samples=args.kl_samples, batch_size=args.batch_size)
-    compare(args.base, args.tuned, args.data, Path(args.out), fmt=args.format, check=_check(args),
-            max_examples=args.max_examples, max_seq_length=args.max_seq_length, max_new_tokens=args.max_new_tokens,
-            options=options, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    settings = CompareSettings(options=options, check=_check(args), max_examples=args.max_examples,
+                               max_seq_length=args.max_seq_length, max_new_tokens=args.max_new_tokens,
+                               allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    compare_models(args.base, args.tuned, args.data, Path(args.out), args.format, settings)
     return 0
 
 
@@ -124,8 +125,8 @@ def cmd_sweep(args) -> int:
 
 
 def _load_for_inference(model_path: str, allow_pickle: bool, trust_remote_code: bool):
-    from deltatune.model import load_causal_lm
-    from deltatune.pipeline import pick_device
+    from deltatune.model.load import load_causal_lm
+    from deltatune.runtime.precision import pick_device
 
     model, tokenizer = load_causal_lm(model_path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     device = pick_device()
@@ -133,7 +134,7 @@ def _load_for_inference(model_path: str, allow_pickle: bool, trust_remote_code: 
 
 
 def cmd_generate(args) -> int:
-    from deltatune.evaluate import generate
+    from deltatune.evaluate.generate import generate
 
     model, tokenizer, device = _load_for_inference(args.model, args.allow_pickle, args.trust_remote_code)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
@@ -143,7 +144,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from deltatune.evaluate import generate
+    from deltatune.evaluate.generate import generate
 
     model, tokenizer, device = _load_for_inference(args.model, args.allow_pickle, args.trust_remote_code)
     history = [{"role": "system", "content": args.system}] if args.system else []
@@ -163,10 +164,10 @@ def cmd_chat(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from deltatune.data import build_sft_examples
-    from deltatune.evaluate import evaluate
-    from deltatune.formats import CHAT_FORMATS, load_records
-    from deltatune.train import resolve_bf16
+    from deltatune.data.examples import build_sft_examples
+    from deltatune.data.formats import CHAT_FORMATS, load_records
+    from deltatune.evaluate.evaluate import evaluate
+    from deltatune.runtime.precision import resolve_bf16
 
     check = _check(args)
     records, fmt = load_records(args.data, args.format)
@@ -188,19 +189,21 @@ def cmd_eval(args) -> int:
 
 def _load_tokenizer(name: str, trust_remote_code: bool):
     """Only the tokenizer: prepare and lint count tokens but need no weights."""
-    from deltatune.model import load_tokenizer, resolve
+    from deltatune.model.load import load_tokenizer, resolve
 
     return load_tokenizer(resolve(name), trust_remote_code=trust_remote_code)
 
 
 def cmd_prepare(args) -> int:
-    from deltatune.prepare import check_output, prepare
+    from deltatune.docs.prepare import check_output, prepare
+    from deltatune.tasks import TASKS
 
     out = Path(args.out)
     check_output(out, args.overwrite)  # before any work: an existing file is never replaced silently
+    kind = TASKS[args.task].prepares  # question/answer pairs, or labelled text from class folders
     generate = None
-    if args.strategy == "model" and args.task != "classification":
-        from deltatune.evaluate import generate as generate_text
+    if args.strategy == "model" and kind == "pairs":
+        from deltatune.evaluate.generate import generate as generate_text
 
         model, tokenizer, device = _load_for_inference(args.model, args.allow_pickle, args.trust_remote_code)
 
@@ -210,13 +213,13 @@ def cmd_prepare(args) -> int:
     else:
         tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
     summary = prepare(args.sources, out, tokenizer=tokenizer, max_tokens=args.max_tokens, strategy=args.strategy,
-                      task=args.task, label_from=args.label_from, generate=generate)
+                      kind=kind, label_from=args.label_from, generate=generate)
     print("\n".join(summary.lines(out, args.max_tokens)))
     return 0
 
 
 def cmd_lint(args) -> int:
-    from deltatune.lint import lint, print_report
+    from deltatune.data.lint import lint, print_report
 
     tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
     report = lint(args.data, tokenizer, max_seq_length=args.max_seq_length, validation=args.validation,
@@ -226,17 +229,21 @@ def cmd_lint(args) -> int:
     else:
         print_report(report)
     return 1 if report["errors"] else 0
-def cmd_merge(args) -> int:
-    from deltatune.methods import merge_adapter
 
-    out = merge_adapter(Path(args.adapter), Path(args.out), allow_pickle=args.allow_pickle,
-                        trust_remote_code=args.trust_remote_code)
+
+def cmd_merge(args) -> int:
+    from deltatune.model.load import merge_adapter
+    from deltatune.tasks import task_for_folder
+
+    load_tuned = task_for_folder(args.adapter).load_tuned
+    out = merge_adapter(Path(args.adapter), Path(args.out), lambda folder: load_tuned(
+        folder, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code))
     print(f"merged model: {out}")
     return 0
 
 
 def cmd_export(args) -> int:
-    from deltatune.export import export_gguf
+    from deltatune.model.export import export_gguf
 
     out = export_gguf(args.model, Path(args.out), dtype=args.dtype, allow_pickle=args.allow_pickle)
     print(f"written: {out}")
@@ -244,17 +251,23 @@ def cmd_export(args) -> int:
 
 
 def _add_metric(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metric", default="exact_match", choices=["exact_match", "contains", "regex", "json_schema", "none"])
+    p.add_argument("--metric", default=default("metric"), choices=["exact_match", "contains", "regex", "json_schema", "none"])
     p.add_argument("--metric-pattern", help="with --metric regex: the regex an output must fully match")
     p.add_argument("--metric-schema", help="with --metric json_schema: JSON Schema file an output must satisfy")
 
 
 def _check(args):
-    from deltatune.evaluate import load_check
+    """The metric flags, checked by the config's own rule (EvalArgs), then loaded."""
+    from deltatune.config import eval_args
+    from deltatune.evaluate.metrics import load_check
 
-    if (args.metric == "regex") != bool(args.metric_pattern) or (args.metric == "json_schema") != bool(args.metric_schema):
-        raise UserError("--metric regex needs --metric-pattern, --metric json_schema needs --metric-schema (and only they)")
-    return load_check(args.metric, args.metric_pattern, args.metric_schema)
+    try:
+        ev = eval_args("command line", metric=args.metric, metric_pattern=args.metric_pattern,
+                       metric_schema=args.metric_schema)
+    except UserError as err:  # the rule in the flags' own names: metric_pattern -> --metric-pattern
+        raise UserError(re.sub(r"\bmetric(_pattern|_schema)?\b", lambda m: "--" + m.group(0).replace("_", "-"),
+                               str(err).replace("key 'config': ", ""))) from None
+    return load_check(ev.metric, ev.metric_pattern, ev.metric_schema)
 
 
 def _add_model_safety(p: argparse.ArgumentParser) -> None:
@@ -287,9 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="JSONL/JSON/CSV conversations with reference answers")
     p.add_argument("--format", default="auto", help="data format (default: detect)")
     _add_metric(p)
-    p.add_argument("--max-seq-length", type=int, default=2048)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-seq-length", type=int, default=default("max_seq_length"))
+    p.add_argument("--max-new-tokens", type=int, default=default("max_new_tokens"))
+    p.add_argument("--batch-size", type=int, default=default("per_device_eval_batch_size"))
     p.add_argument("--show", type=int, default=5, help="include this many predictions in the output")
     p.add_argument("--out", help="JSON file to write (default eval_<data name>.json)")
     _add_model_safety(p)
@@ -305,13 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metric(p)
     p.add_argument("--max-examples", type=int, default=None,
                    help="use at most this many records of --data (default: 64 conversations, every classification record)")
-    p.add_argument("--max-seq-length", type=int, default=1024)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-seq-length", type=int, default=default("max_seq_length"))
+    p.add_argument("--max-new-tokens", type=int, default=default("max_new_tokens"))
+    p.add_argument("--batch-size", type=int, default=default("per_device_eval_batch_size"))
     p.add_argument("--general-text", help="UTF-8 text file for forgetting (default: CPython's pydoc topics)")
     p.add_argument("--probe-file", action="append", default=[], help="extra fact-recall probes (prompt/answer)")
-    p.add_argument("--side-by-side", type=int, default=8, help="prompts shown side by side")
-    p.add_argument("--kl-samples", type=int, default=8, help="base-model samples for the KL estimate")
+    p.add_argument("--side-by-side", type=int, default=default("side_by_side_prompts"), help="prompts shown side by side")
+    p.add_argument("--kl-samples", type=int, default=default("kl_samples"), help="base-model samples for the KL estimate")
     _add_model_safety(p)
     p.set_defaults(func=cmd_compare)
 
@@ -349,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSONL file to write")
     p.add_argument("--strategy", default="template", choices=["template", "model"],
                    help="template: deterministic pairs; model: a local instruct model writes questions")
-    p.add_argument("--model", default="smollm2-135m-instruct",
+    p.add_argument("--model", default=default("model"),
                    help="whose tokenizer measures chunks, and the question writer for --strategy model")
     p.add_argument("--max-tokens", type=int, default=256, help="token budget of one chunk (default 256)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation limit for --strategy model")
@@ -361,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lint", help="check a data file the way training reads it, and report what it holds")
     p.add_argument("data", help="JSONL/JSON/CSV data file")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="whose tokenizer and chat template to use")
-    p.add_argument("--max-seq-length", type=int, default=1024)
+    p.add_argument("--model", default=default("model"), help="whose tokenizer and chat template to use")
+    p.add_argument("--max-seq-length", type=int, default=default("max_seq_length"))
     p.add_argument("--validation", help="validation file to check for overlap with DATA")
     p.add_argument("--format", default="auto", help="data format (default: detect)")
     p.add_argument("--train-on-inputs", action="store_true", help="count every token as trained, as training would")

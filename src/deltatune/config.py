@@ -1,10 +1,15 @@
-"""Run configuration: one flat, typed, validated record of what a run does.
+"""Run configuration: typed groups of settings, read from one flat YAML file.
 
-YAML keys are the field names below; where Hugging Face `TrainingArguments` has a name for
-a setting we use that name, so configs read familiar. Unknown keys are errors with a
-did-you-mean, and values are checked before anything touches the disk. The loaded config is
-never changed afterwards: values derived from it (warm-up steps, the bf16 decision) are
-computed where they are used and logged, not written back.
+YAML keys are flat and, where Hugging Face `TrainingArguments` has a name for a setting, they
+use that name, so configs read familiar. In code they live in groups (`ModelArgs`,
+`TrainArgs`, ...), and each stage is handed the group it needs, not the whole config: `fit`
+takes `TrainArgs` and `MemoryArgs`, the delta report `DeltaArgs`. `task` and `seed` are read
+by every stage, so they sit at the top.
+
+Unknown keys are errors with a did-you-mean, and values are checked before anything touches
+the disk; validators check values only (what the machine can do is `pipeline.preflight`'s
+job). The loaded config is never changed afterwards: values derived from it (warm-up steps,
+the bf16 decision) are computed where they are used and logged, not written back.
 """
 
 from __future__ import annotations
@@ -20,18 +25,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from deltatune.errors import UserError
 
 Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "classification"]
+Task = Literal["sft", "text", "classification"]
+GROUP = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, populate_by_name=True)
+# The base model's default depends on the objective: an encoder for classification.
+DEFAULT_MODEL = {"sft": "smollm2-135m-instruct", "text": "smollm2-135m-instruct", "classification": "minilm-l6"}
+# Keys that once existed: naming one is an error that says what became of it.
+REMOVED_KEYS = {
+    "cpu_heap_trim": "it was removed (a glibc heap knob that slowed training by about 30%); delete the line",
+}
 
+class ModelArgs(BaseModel):
+    """What to train: the base model, which of its parameters train, and what may run when it loads."""
 
-class RunConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    model_config = GROUP
 
-    # --- what to train -------------------------------------------------------------------
-    model: str = "smollm2-135m-instruct"
+    name: str = Field("smollm2-135m-instruct", alias="model")
     """Base model: an embedded name (`smollm2-135m-instruct`, `minilm-l6`), a local Hugging Face folder, a `.gguf` file, or a hub id."""
     method: Literal["full", "lora", "dora", "qlora", "head_only", "freeze"] = "full"
     """Which parameters train: `full` every weight; `lora`/`dora` low-rank adapters (peft); `qlora` LoRA on a 4-bit base (CUDA + bitsandbytes); `head_only` the output or classification head; `freeze` all but `freeze_layers`/`trainable_modules`."""
-    task: Literal["sft", "text", "classification"] = "sft"
-    """Objective: `sft` trains a causal LM on the assistant turns of conversations; `text` continues pre-training on raw text packed into blocks; `classification` trains a sequence classifier on text/label records."""
     lora_r: int = Field(16, ge=1)
     """LoRA rank (lora, dora, qlora)."""
     lora_alpha: float | None = Field(None, gt=0.0)
@@ -44,142 +55,13 @@ class RunConfig(BaseModel):
     """method freeze: the bottom N transformer blocks (and the embeddings) stay frozen."""
     trainable_modules: list[str] | None = None
     """method freeze: regexes (re.search on parameter names); only matching parameters train. Embeddings train only if named."""
-
-    # --- data ----------------------------------------------------------------------------
-    train_file: str | None = None
-    """Training data: JSONL, JSON (array) or CSV."""
-    validation_file: str | None = None
-    """Held-out data for validation loss; when absent, `validation_split` of the training file is held out."""
-    validation_split: float = Field(0.1, ge=0.0, lt=1.0)
-    """Share of the training file held out for validation (seeded) when there is no `validation_file`."""
-    test_file: str | None = None
-    """Held-out prompts with reference answers, scored with `metric` before and after training."""
-    format: Format = "auto"
-    """Record format; `auto` detects it from the first record's fields."""
-    max_seq_length: int = Field(1024, ge=8)
-    """Longer examples are truncated on the right; examples left with no trained token are dropped."""
-    train_on_inputs: bool = False
-    """Train on every token (prompts too) instead of the assistant turns only."""
-
-    # --- optimisation (Hugging Face TrainingArguments names) ----------------------------
-    learning_rate: float = Field(2e-5, gt=0.0, le=1.0)
-    """Peak learning rate of AdamW."""
-    weight_decay: float = Field(0.0, ge=0.0)
-    """Decoupled weight decay (not applied to biases and norms)."""
-    num_train_epochs: float = Field(3.0, gt=0.0)
-    """Passes over the training data; ignored when `max_steps` > 0."""
-    max_steps: int = -1
-    """Optimizer steps to run; -1 means use `num_train_epochs`."""
-    per_device_train_batch_size: int = Field(8, ge=1)
-    """Examples per forward/backward pass."""
-    per_device_eval_batch_size: int = Field(8, ge=1)
-    """Examples per evaluation pass."""
-    max_tokens_per_batch: int | None = Field(16384, ge=1)
-    """Cap on padded tokens (examples x longest) in an evaluation batch or an unpacked training micro-batch: long examples go in smaller batches, so memory is bounded by tokens. null = examples only."""
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    """Micro-batches per optimizer step; the loss is normalised by the label tokens of the whole step."""
-    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    """Share of the steps with a linear warm-up; `warmup_steps` wins when > 0."""
-    warmup_steps: int = Field(0, ge=0)
-    """Steps of linear warm-up."""
-    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
-    """Learning-rate decay after warm-up."""
-    max_grad_norm: float = Field(1.0, ge=0.0)
-    """Clip the global gradient norm to this; 0 disables clipping."""
-    seed: int = 42
-    """Seeds the data split, shuffling and initialisation."""
-    bf16: Literal["auto"] | bool = "auto"
-    """bfloat16 autocast with float32 master weights; `auto` uses it where the hardware runs it natively."""
-    early_stopping_patience: int | None = Field(None, ge=1)
-    """Stop after this many evaluations without a lower validation loss, and keep the best weights."""
-
-    # --- several processes (torchrun / `deltatune train --nproc N`) ---------------------------
-    parallelism: Literal["ddp", "fsdp"] = "ddp"
-    """How processes share the work under torchrun: `ddp` keeps a full model per process, `fsdp` shards weights, gradients and optimizer state (FSDP2, per transformer block). Ignored on one process."""
-    fsdp_cpu_offload: bool = False
-    """With `parallelism: fsdp`, keep the shards and optimizer state in CPU memory (slower; for models that do not fit the GPUs)."""
-    ddp_timeout: int = Field(1800, ge=1)
-    """Seconds a process waits for the others in a collective before the job fails (a crashed or hung rank ends the run instead of hanging it)."""
-    # --- speed and memory ------------------------------------------------------------------
-    packing: bool = True
-    """Pack each optimizer step's examples into rows (block-diagonal mask, per-example positions): no padding, same steps."""
-    gradient_checkpointing: bool = False
-    """Recompute each layer's activations in backward: less memory, about a third more compute."""
-    torch_compile: bool = False
-    """Compile the decoder with torch.compile (dynamic shapes); pays off only on long runs."""
-    optimizer_in_backward: bool = False
-    """Run AdamW on each parameter as soon as its gradient is complete and free that gradient: the gradients of the whole model never exist at once (saves 4 bytes a trainable parameter). Same update as the ordinary step; needs max_grad_norm: 0 (no global norm exists before the update) and one process."""
-    optimizer_state_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Store AdamW's two moments in this dtype. bfloat16 halves the optimizer's memory (4 bytes a trainable parameter instead of 8; for full fine-tuning that is as much as the weights themselves). Each step still computes in float32 with PyTorch's fused AdamW; the moments are written back with stochastic rounding, exact in expectation (round-to-nearest would stall the second moment). Clipping works as usual. Not with parallelism: fsdp."""
-    cpu_heap_trim: bool = False
-    """Linux with glibc: while training, hand the memory PyTorch freed back to the OS before each transformer block's forward and backward, whenever the process grew by 32 MB since the last time. glibc otherwise keeps freed activations inside its heap (~0.4 GB for SmolLM2-135M with LoRA). Costs time: returned pages are faulted in again when reused (~30% a step there; benchmarks/RESULTS.md). Numbers are unchanged."""
-    frozen_weights_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """method lora/dora: keep the frozen base weights of the blocks' linear layers in this dtype while training (half the memory of float32); only their storage changes, every matmul still computes in the activation dtype. Costs rounding (float16 keeps 11 significant bits, bfloat16 8) during training only: the float32 weights are restored, bit for bit, before the tuned model is evaluated and saved."""
-
-    # --- logging, evaluation, checkpoints -----------------------------------------------
-    output_dir: str = "runs/deltatune"
-    """Where the run writes `final/`, `metrics.jsonl`, `summary.md` and checkpoints."""
-    overwrite_output_dir: bool = False
-    """Allow writing into a non-empty `output_dir`."""
-    logging_steps: int = Field(10, ge=1)
-    """Log training loss every this many optimizer steps."""
-    eval_steps: int | None = Field(None, ge=1)
-    """Evaluate every this many steps; by default at the end of each epoch."""
-    save_steps: int | None = Field(None, ge=1)
-    """Write a checkpoint every this many steps; by default none before `final/`."""
-    save_total_limit: int | None = Field(None, ge=1)
-    """Keep at most this many checkpoints, deleting the oldest."""
-    resume_from_checkpoint: str | None = None
-    """Continue a run: `latest` (the newest complete checkpoint in `output_dir`; starts at step 0 if there is none yet) or a checkpoint folder. `deltatune train CONFIG --resume` sets `latest`."""
-    max_nonfinite_steps: int = Field(3, ge=1)
-    """Stop when this many optimizer steps in a row have a non-finite loss or gradient norm (each is skipped, not applied)."""
-    metric: Literal["exact_match", "contains", "regex", "json_schema", "none"] = "exact_match"
-    """Task metric on `test_file`, scored on greedy generations: `exact_match` (equals the reference), `contains` (holds the reference), `regex` (fully matches `metric_pattern`), `json_schema` (is JSON valid under `metric_schema`)."""
-    metric_pattern: str | None = None
-    """With `metric: regex`: the Python regular expression an output must fully match."""
-    metric_schema: str | None = None
-    """With `metric: json_schema`: path of the JSON Schema file an output must satisfy."""
-    max_new_tokens: int = Field(64, ge=1)
-    """Generation length limit for the task metric."""
-
-    # --- delta report (what fine-tuning changed) ------------------------------------------
-    delta_report: bool = True
-    """End the run with report.md/report.html/delta.json comparing base and tuned (task gain, forgetting, weight change)."""
-    general_text_file: str | None = None
-    """UTF-8 text file (passages separated by blank lines) for forgetting; default: CPython's pydoc topics."""
-    probe_files: list[str] = Field(default_factory=list)
-    """Extra fact-recall probe sets (JSONL/JSON/CSV with `prompt` and `answer`), scored with the built-in set."""
-    side_by_side_prompts: int = Field(8, ge=0)
-    """Held-out test prompts shown with base and tuned outputs side by side (classification: texts with the true label and both predictions)."""
-    kl_samples: int = Field(8, ge=0)
-    """Continuations sampled from the base model for the Monte-Carlo KL(base‖tuned); 0 skips it."""
-
-    # --- safety --------------------------------------------------------------------------
     allow_pickle: bool = False
     """Allow loading pickle checkpoints (.bin/.pt), which can run arbitrary code."""
     trust_remote_code: bool = False
     """Allow a model folder's own Python code to run."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _model_default_for_task(cls, raw):
-        # The base model's default depends on the objective: an encoder for classification.
-        if isinstance(raw, dict) and "model" not in raw and raw.get("task") == "classification":
-            raw = {**raw, "model": "minilm-l6"}
-        return raw
-
     @model_validator(mode="after")
-    def _check_sources(self) -> "RunConfig":
-        if self.train_file is None:
-            raise ValueError("train_file is required (path to a JSONL, JSON or CSV file)")
-        if (self.metric == "regex") != (self.metric_pattern is not None):
-            raise ValueError("metric_pattern goes with metric: regex, and metric: regex needs metric_pattern")
-        if (self.metric == "json_schema") != (self.metric_schema is not None):
-            raise ValueError("metric_schema goes with metric: json_schema, and metric: json_schema needs metric_schema")
-        return self
-
-    @model_validator(mode="after")
-    def _check_method_keys(self) -> "RunConfig":
+    def _check_method_keys(self) -> "ModelArgs":
         # Compared with the defaults, not "was it set": a dumped config.yaml lists every key.
         lora_keys = [k for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
                      if getattr(self, k) != type(self).model_fields[k].default]
@@ -198,39 +80,240 @@ class RunConfig(BaseModel):
                 raise ValueError(f"trainable_modules: '{pattern}' is not a valid regex ({err})") from None
         return self
 
+
+class DataArgs(BaseModel):
+    """Where the examples come from and how they are cut."""
+
+    model_config = GROUP
+
+    train_file: str | None = None
+    """Training data: JSONL, JSON (array) or CSV."""
+    validation_file: str | None = None
+    """Held-out data for validation loss; when absent, `validation_split` of the training file is held out."""
+    validation_split: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of the training file held out for validation (seeded) when there is no `validation_file`."""
+    test_file: str | None = None
+    """Held-out prompts with reference answers, scored with `metric` before and after training."""
+    format: Format = "auto"
+    """Record format; `auto` detects it from the first record's fields."""
+    max_seq_length: int = Field(1024, ge=8)
+    """Longer examples are truncated on the right; examples left with no trained token are dropped."""
+    train_on_inputs: bool = False
+    """Train on every token (prompts too) instead of the assistant turns only."""
+
+
+class TrainArgs(BaseModel):
+    """The optimisation: AdamW, its schedule, and when the loop logs, evaluates and saves (Hugging Face TrainingArguments names)."""
+
+    model_config = GROUP
+
+    learning_rate: float = Field(2e-5, gt=0.0, le=1.0)
+    """Peak learning rate of AdamW."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """Decoupled weight decay (not applied to biases and norms)."""
+    num_train_epochs: float = Field(3.0, gt=0.0)
+    """Passes over the training data; ignored when `max_steps` > 0."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 means use `num_train_epochs`."""
+    per_device_train_batch_size: int = Field(8, ge=1)
+    """Examples per forward/backward pass."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step; the loss is normalised by the label tokens of the whole step."""
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of the steps with a linear warm-up; `warmup_steps` wins when > 0."""
+    warmup_steps: int = Field(0, ge=0)
+    """Steps of linear warm-up."""
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warm-up."""
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop after this many evaluations without a lower validation loss, and keep the best weights."""
+    max_nonfinite_steps: int = Field(3, ge=1)
+    """Stop when this many optimizer steps in a row have a non-finite loss or gradient norm (each is skipped, not applied)."""
+    logging_steps: int = Field(10, ge=1)
+    """Log training loss every this many optimizer steps."""
+    eval_steps: int | None = Field(None, ge=1)
+    """Evaluate every this many steps; by default at the end of each epoch."""
+    save_steps: int | None = Field(None, ge=1)
+    """Write a checkpoint every this many steps; by default none before `final/`."""
+
+
+class MemoryArgs(BaseModel):
+    """Speed and memory: the same updates, computed or stored more cheaply."""
+
+    model_config = GROUP
+
+    bf16: Literal["auto"] | bool = "auto"
+    """bfloat16 autocast with float32 master weights; `auto` uses it where the hardware runs it natively."""
+    packing: bool = True
+    """Pack each optimizer step's examples into rows (block-diagonal mask, per-example positions): no padding, same steps."""
+    max_tokens_per_batch: int | None = Field(16384, ge=1)
+    """Cap on padded tokens (examples x longest) in an evaluation batch or an unpacked training micro-batch: long examples go in smaller batches, so memory is bounded by tokens. null = examples only."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in backward: less memory, about a third more compute."""
+    torch_compile: bool = False
+    """Compile the decoder with torch.compile (dynamic shapes); pays off only on long runs."""
+    optimizer_in_backward: bool = False
+    """Run AdamW on each parameter as soon as its gradient is complete and free that gradient: the gradients of the whole model never exist at once (saves 4 bytes a trainable parameter). Same update as the ordinary step; needs max_grad_norm: 0 (no global norm exists before the update) and one process."""
+    optimizer_state_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Store AdamW's two moments in this dtype. bfloat16 halves the optimizer's memory (4 bytes a trainable parameter instead of 8; for full fine-tuning that is as much as the weights themselves). Each step still computes in float32 with PyTorch's fused AdamW; the moments are written back with stochastic rounding, exact in expectation (round-to-nearest would stall the second moment). Clipping works as usual. Not with parallelism: fsdp."""
+    frozen_weights_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """method lora/dora: keep the frozen base weights of the blocks' linear layers in this dtype while training (half the memory of float32); only their storage changes, every matmul still computes in the activation dtype. Costs rounding (float16 keeps 11 significant bits, bfloat16 8) during training only: the float32 weights are restored, bit for bit, before the tuned model is evaluated and saved."""
+
+
+class ParallelArgs(BaseModel):
+    """Several processes (torchrun / `deltatune train --nproc N`)."""
+
+    model_config = GROUP
+
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    """How processes share the work under torchrun: `ddp` keeps a full model per process, `fsdp` shards weights, gradients and optimizer state (FSDP2, per transformer block). Ignored on one process."""
+    fsdp_cpu_offload: bool = False
+    """With `parallelism: fsdp`, keep the shards and optimizer state in CPU memory (slower; for models that do not fit the GPUs)."""
+    ddp_timeout: int = Field(1800, ge=1)
+    """Seconds a process waits for the others in a collective before the job fails (a crashed or hung rank ends the run instead of hanging it)."""
+
+
+class EvalArgs(BaseModel):
+    """Evaluation of the base and the tuned model: validation loss and the task metric on `test_file`."""
+
+    model_config = GROUP
+
+    per_device_eval_batch_size: int = Field(8, ge=1)
+    """Examples per evaluation pass."""
+    metric: Literal["exact_match", "contains", "regex", "json_schema", "none"] = "exact_match"
+    """Task metric on `test_file`, scored on greedy generations: `exact_match` (equals the reference), `contains` (holds the reference), `regex` (fully matches `metric_pattern`), `json_schema` (is JSON valid under `metric_schema`)."""
+    metric_pattern: str | None = None
+    """With `metric: regex`: the Python regular expression an output must fully match."""
+    metric_schema: str | None = None
+    """With `metric: json_schema`: path of the JSON Schema file an output must satisfy."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Generation length limit for the task metric."""
+
     @model_validator(mode="after")
-    def _check_optimizer_keys(self) -> "RunConfig":
-        if self.optimizer_in_backward and self.max_grad_norm > 0:
+    def _check_metric_keys(self) -> "EvalArgs":
+        if (self.metric == "regex") != (self.metric_pattern is not None):
+            raise ValueError("metric_pattern goes with metric: regex, and metric: regex needs metric_pattern")
+        if (self.metric == "json_schema") != (self.metric_schema is not None):
+            raise ValueError("metric_schema goes with metric: json_schema, and metric: json_schema needs metric_schema")
+        return self
+
+
+class OutputArgs(BaseModel):
+    """Where the run writes, what it keeps, and where it resumes from."""
+
+    model_config = GROUP
+
+    output_dir: str = "runs/deltatune"
+    """Where the run writes `final/`, `metrics.jsonl`, `summary.md` and checkpoints."""
+    overwrite_output_dir: bool = False
+    """Allow writing into a non-empty `output_dir`."""
+    save_total_limit: int | None = Field(None, ge=1)
+    """Keep at most this many checkpoints, deleting the oldest."""
+    resume_from_checkpoint: str | None = None
+    """Continue a run: `latest` (the newest complete checkpoint in `output_dir`; starts at step 0 if there is none yet) or a checkpoint folder. `deltatune train CONFIG --resume` sets `latest`."""
+
+
+class DeltaArgs(BaseModel):
+    """The delta report: what fine-tuning changed between base and tuned model."""
+
+    model_config = GROUP
+
+    delta_report: bool = True
+    """End the run with report.md/report.html/delta.json comparing base and tuned (task gain, forgetting, weight change)."""
+    general_text_file: str | None = None
+    """UTF-8 text file (passages separated by blank lines) for forgetting; default: CPython's pydoc topics."""
+    probe_files: list[str] = Field(default_factory=list)
+    """Extra fact-recall probe sets (JSONL/JSON/CSV with `prompt` and `answer`), scored with the built-in set."""
+    side_by_side_prompts: int = Field(8, ge=0)
+    """Held-out test prompts shown with base and tuned outputs side by side (classification: texts with the true label and both predictions)."""
+    kl_samples: int = Field(8, ge=0)
+    """Continuations sampled from the base model for the Monte-Carlo KL(base‖tuned); 0 skips it."""
+
+
+GROUPS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs, "memory": MemoryArgs, "parallel": ParallelArgs,
+          "eval": EvalArgs, "output": OutputArgs, "delta": DeltaArgs}
+# Flat YAML key -> the group that holds it (None: a top-level field of RunConfig).
+KEY_GROUP: dict[str, str | None] = {"task": None, "seed": None} | {
+    (info.alias or name): group for group, cls in GROUPS.items() for name, info in cls.model_fields.items()}
+# config.yaml lists the keys in this order (the order of the flat config before it was grouped).
+FLAT_ORDER = [
+    'model', 'method', 'task', 'lora_r', 'lora_alpha', 'lora_dropout', 'lora_target_modules', 'freeze_layers',
+    'trainable_modules', 'train_file', 'validation_file', 'validation_split', 'test_file', 'format', 'max_seq_length', 'train_on_inputs',
+    'learning_rate', 'weight_decay', 'num_train_epochs', 'max_steps', 'per_device_train_batch_size', 'per_device_eval_batch_size', 'max_tokens_per_batch', 'gradient_accumulation_steps',
+    'warmup_ratio', 'warmup_steps', 'lr_scheduler_type', 'max_grad_norm', 'seed', 'bf16', 'early_stopping_patience', 'parallelism',
+    'fsdp_cpu_offload', 'ddp_timeout', 'packing', 'gradient_checkpointing', 'torch_compile', 'optimizer_in_backward', 'optimizer_state_dtype', 'frozen_weights_dtype',
+    'output_dir', 'overwrite_output_dir', 'logging_steps', 'eval_steps', 'save_steps', 'save_total_limit', 'resume_from_checkpoint', 'max_nonfinite_steps',
+    'metric', 'metric_pattern', 'metric_schema', 'max_new_tokens', 'delta_report', 'general_text_file', 'probe_files', 'side_by_side_prompts',
+    'kl_samples', 'allow_pickle', 'trust_remote_code',
+]
+assert sorted(FLAT_ORDER) == sorted(KEY_GROUP), "every key is dumped exactly once"
+
+
+class RunConfig(BaseModel):
+    """A whole run: the objective, the seed, and one group of settings per stage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: Task = "sft"
+    """Objective: `sft` trains a causal LM on the assistant turns of conversations; `text` continues pre-training on raw text packed into blocks; `classification` trains a sequence classifier on text/label records."""
+    seed: int = 42
+    """Seeds the data split, shuffling and initialisation."""
+    model: ModelArgs = ModelArgs()
+    data: DataArgs = DataArgs()
+    train: TrainArgs = TrainArgs()
+    memory: MemoryArgs = MemoryArgs()
+    parallel: ParallelArgs = ParallelArgs()
+    eval: EvalArgs = EvalArgs()
+    output: OutputArgs = OutputArgs()
+    delta: DeltaArgs = DeltaArgs()
+
+    @model_validator(mode="after")
+    def _check_across_groups(self) -> "RunConfig":
+        method, memory = self.model.method, self.memory
+        if self.data.train_file is None:
+            raise ValueError("train_file is required (path to a JSONL, JSON or CSV file)")
+        if self.parallel.fsdp_cpu_offload and self.parallel.parallelism != "fsdp":
+            raise ValueError("fsdp_cpu_offload: true needs parallelism: fsdp (DDP keeps a full model on each device)")
+        if memory.optimizer_in_backward and self.train.max_grad_norm > 0:
             raise ValueError("optimizer_in_backward updates each weight as soon as its gradient is ready, so the "
                              "global gradient norm cannot be clipped: set max_grad_norm: 0 with it")
-        if self.optimizer_state_dtype != "float32" and self.parallelism == "fsdp":
-            raise ValueError(f"optimizer_state_dtype: {self.optimizer_state_dtype} does not work with parallelism: fsdp, "
-                             "whose sharded parameters it cannot chunk (use parallelism: ddp or optimizer_state_dtype: float32)")
-        return self
-
-    @model_validator(mode="after")
-    def _check_cpu_heap_trim(self) -> "RunConfig":
-        from deltatune.host_memory import heap_trim_available
-
-        if self.cpu_heap_trim and not heap_trim_available():
-            raise ValueError("cpu_heap_trim: true needs glibc's malloc_trim (Linux with glibc), which this system "
-                             "lacks (set cpu_heap_trim: false)")
-        return self
-
-    @model_validator(mode="after")
-    def _check_frozen_weights_dtype(self) -> "RunConfig":
-        if self.frozen_weights_dtype != "float32" and self.method not in ("lora", "dora"):
-            raise ValueError(f"frozen_weights_dtype: {self.frozen_weights_dtype} applies to method lora or dora only "
-                             f"(method is '{self.method}'; set frozen_weights_dtype: float32)")
-        if self.frozen_weights_dtype != "float32" and self.method == "dora" and self.lora_dropout > 0:
+        if memory.optimizer_state_dtype != "float32" and self.parallel.parallelism == "fsdp":
+            raise ValueError(f"optimizer_state_dtype: {memory.optimizer_state_dtype} does not work with parallelism: "
+                             "fsdp, whose sharded parameters it cannot chunk (use parallelism: ddp or "
+                             "optimizer_state_dtype: float32)")
+        stored = memory.frozen_weights_dtype
+        if stored != "float32" and method not in ("lora", "dora"):
+            raise ValueError(f"frozen_weights_dtype: {stored} applies to method lora or dora only "
+                             f"(method is '{method}'; set frozen_weights_dtype: float32)")
+        if stored != "float32" and method == "dora" and self.model.lora_dropout > 0:
             # peft's DoRA then recomputes the base output from a float32 copy of each weight and
             # keeps that copy for backward: more memory, not less.
-            raise ValueError(f"frozen_weights_dtype: {self.frozen_weights_dtype} with method dora needs lora_dropout: 0 "
+            raise ValueError(f"frozen_weights_dtype: {stored} with method dora needs lora_dropout: 0 "
                              "(set lora_dropout: 0 or frozen_weights_dtype: float32)")
-        if self.frozen_weights_dtype != "float32" and self.parallelism == "fsdp":
-            raise ValueError(f"frozen_weights_dtype: {self.frozen_weights_dtype} does not work with parallelism: fsdp, "
-                             "which shards every weight in one dtype (use parallelism: ddp or frozen_weights_dtype: float32)")
+        if stored != "float32" and self.parallel.parallelism == "fsdp":
+            raise ValueError(f"frozen_weights_dtype: {stored} does not work with parallelism: fsdp, which shards "
+                             "every weight in one dtype (use parallelism: ddp or frozen_weights_dtype: float32)")
         return self
+
+    def flat(self) -> dict:
+        """Every key with its value, flat as in YAML and in FLAT_ORDER (config.yaml, checkpoints)."""
+        values = {"task": self.task, "seed": self.seed}
+        for group in GROUPS:
+            values.update(getattr(self, group).model_dump(by_alias=True))
+        return {key: values[key] for key in FLAT_ORDER}
+
+    def with_overrides(self, **changes) -> "RunConfig":
+        """A new config with some flat keys changed (validated again); this one stays as it is."""
+        return build_config({**self.flat(), **changes}, "overrides")
+
+
+def default(key: str):
+    """The default value of a flat key."""
+    group = KEY_GROUP[key]
+    cls = RunConfig if group is None else GROUPS[group]
+    return next(info.default for name, info in cls.model_fields.items() if (info.alias or name) == key)
 
 
 def _did_you_mean(key: str, choices) -> str:
@@ -249,6 +332,14 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     if first["type"] == "value_error":
         msg = msg.removeprefix("Value error, ")
     return f"{origin}: key '{key}': {msg}"
+
+
+def eval_args(origin: str, **values) -> EvalArgs:
+    """EvalArgs from other settings than a config file (the CLI's flags), checked by the same rules."""
+    try:
+        return EvalArgs.model_validate(values)
+    except ValidationError as err:
+        raise UserError(_format_validation_error(err, origin)) from None
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -283,14 +374,29 @@ def _rebase_paths(raw: dict, base_dir: Path) -> dict:
     return raw
 
 
+def check_keys(keys, origin: str, what: str = "unknown key '{key}'") -> None:
+    """Every key must be one of ours: a removed one says what became of it, a typo gets a did-you-mean."""
+    for key in keys:
+        if key in REMOVED_KEYS:
+            raise UserError(f"{origin}: key '{key}': {REMOVED_KEYS[key]}")
+        if key not in KEY_GROUP:
+            raise UserError(f"{origin}: {what.format(key=key)}{_did_you_mean(key, KEY_GROUP)}")
+
+
 def build_config(raw: dict, origin: str) -> RunConfig:
-    """Validate a mapping into a RunConfig, with errors that name the key."""
-    fields = RunConfig.model_fields
-    for key in raw:
-        if key not in fields:
-            raise UserError(f"{origin}: unknown key '{key}'{_did_you_mean(key, fields)}")
-    try:
-        return RunConfig(**raw)
+    """Validate a flat mapping into a RunConfig, with errors that name the key."""
+    check_keys(raw, origin)
+    task = raw.get("task", "sft")
+    if "model" not in raw and task in DEFAULT_MODEL:
+        raw = {**raw, "model": DEFAULT_MODEL[task]}
+    routed: dict[str, dict] = {group: {} for group in GROUPS}
+    top = {}
+    for key, value in raw.items():
+        group = KEY_GROUP[key]
+        (top if group is None else routed[group])[key] = value
+    try:  # group by group, so an error's location is the flat key (or the group's own check)
+        groups = {group: cls.model_validate(routed[group]) for group, cls in GROUPS.items()}
+        return RunConfig(**top, **groups)
     except ValidationError as err:
         raise UserError(_format_validation_error(err, origin)) from None
 
@@ -314,17 +420,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise UserError(f"{path}: not UTF-8 text (save the config as UTF-8)") from None
         if not isinstance(raw, dict):
             raise UserError(f"{path}: a config must be a mapping of key: value lines")
-        for key in raw:
-            if key not in RunConfig.model_fields:
-                raise UserError(f"{path}: unknown key '{key}'{_did_you_mean(key, RunConfig.model_fields)}")
+        check_keys(raw, str(path))
         raw = _rebase_paths(raw, path.parent)
     cli = parse_overrides(list(overrides))
-    for key in cli:
-        if key not in RunConfig.model_fields:
-            raise UserError(f"override '{key}': unknown key{_did_you_mean(key, RunConfig.model_fields)}")
+    check_keys(cli, "override", what="'{key}': unknown key")
     return build_config({**raw, **cli}, origin)
 
 
 def dump_config(cfg: RunConfig) -> str:
     """The resolved config, every key, as YAML (written next to the run's outputs)."""
-    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+    return yaml.safe_dump(cfg.flat(), sort_keys=False)

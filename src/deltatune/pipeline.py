@@ -1,53 +1,36 @@
-"""The whole job on one screen: load → data → evaluate base → fit → evaluate tuned → save → report.
+"""The whole job on one screen: preflight → data → model → evaluate base → fit → evaluate tuned → save → report.
 
-Everything that can fail on bad input (config, model, data) runs before the output folder is
-created, so a mistake leaves nothing half-written on disk.
+Everything that can be refused (the machine, the config's files, a resume) is refused in
+`preflight`, and everything that can fail on bad input (config, model, data) runs before the
+output folder is created, so a mistake leaves nothing half-written on disk. What differs
+between tasks comes from `tasks.TASKS`.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import importlib.util
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from deltatune import delta_classify, distributed, lowp
-from deltatune.checkpoint import find_resume_checkpoint, restore_run_files
 from deltatune.config import RunConfig, dump_config
-from deltatune.classify import (build_classification_examples, classification_loss, evaluate_classifier,
-                                label_names, load_classifier, save_labels_if_adapter, summary_lines)
-from deltatune.data import DatasetStats, Example, build_text_blocks, split_records
-from deltatune.datacache import cached_sft_examples
-from deltatune.delta_report import after_training, check_inputs
+from deltatune.data.examples import Example, split_records
+from deltatune.data.formats import load_records
+from deltatune.delta.measures import check_inputs
+from deltatune.delta.summary import print_comparison, write_summary
 from deltatune.errors import UserError
-from deltatune.evaluate import evaluate, load_check
-from deltatune.formats import CHAT_FORMATS, Record, load_records
-from deltatune.methods import apply_method, check_method_available, quantization_config, trainable_summary
-from deltatune.model import load_causal_lm, save_pretrained_atomic
-from deltatune.report import print_comparison, write_summary
-from deltatune.train import FitResult, MetricsLog, causal_lm_loss, fit, resolve_bf16
-
-TASK_FORMATS = {"sft": CHAT_FORMATS, "text": ("text",), "classification": ("classification",)}
-PEFT_TASK_TYPES = {"sft": "CAUSAL_LM", "text": "CAUSAL_LM", "classification": "SEQ_CLS"}
-
-
-@dataclass
-class Splits:
-    """Validated records, read before any model is loaded so bad data fails fast."""
-    train: list[Record]
-    val: list[Record]
-    test: list[Record]
-
-
-@dataclass
-class Datasets:
-    train: list[Example]
-    val: list[Example]
-    test: list[Record]
-    stats: dict[str, DatasetStats]
-    test_examples: list[Example] = field(default_factory=list)  # classification: scored test records
+from deltatune.evaluate.metrics import load_check
+from deltatune.model.methods import apply_method, trainable_summary
+from deltatune.runtime import distributed
+from deltatune.runtime.precision import resolve_bf16
+from deltatune.tasks import TASKS, Datasets, Splits, Task
+from deltatune.train.checkpoint import find_resume_checkpoint, restore_run_files
+from deltatune.train.frozen_weights import frozen_weights
+from deltatune.train.loop import FitResult, FitRun, fit
+from deltatune.train.metrics_log import MetricsLog, NullLog
 
 
 @dataclass
@@ -58,67 +41,78 @@ class RunResult:
     fit: FitResult
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass(frozen=True)
+class Preflight:
+    """What the checks before loading decided: this process's device and the checkpoint to resume (or None)."""
+    device: torch.device
+    resume: Path | None
 
 
-def read_splits(cfg: RunConfig) -> Splits:
-    records, fmt = load_records(cfg.train_file, cfg.format)
-    if fmt not in TASK_FORMATS[cfg.task]:
-        raise UserError(f"{cfg.train_file}: format '{fmt}' does not fit task '{cfg.task}', which needs "
-                        f"one of {', '.join(TASK_FORMATS[cfg.task])} (set task: or format:)")
-    if cfg.test_file and cfg.task == "text":
-        raise UserError(f"test_file: task 'text' is scored by validation loss and perplexity "
-                        f"(give {cfg.test_file} as validation_file instead)")
-    if cfg.validation_file:
-        train, val = records, load_records(cfg.validation_file, fmt)[0]
+def preflight(cfg: RunConfig) -> Preflight:
+    """Every refusal that needs no model: what this machine and launch can run, the report's and
+    the metric's own files, and the resume; before any model is loaded or anything is written."""
+    device = distributed.init(cfg.parallel.ddp_timeout)  # under torchrun: this rank's device
+    world = distributed.world_size()
+    missing = []
+    if cfg.model.method == "qlora" and device.type != "cuda":
+        missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
+    if cfg.model.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("the bitsandbytes package (pip install bitsandbytes)")
+    if missing:
+        raise UserError(f"method 'qlora' needs {' and '.join(missing)}; use method: lora on this machine")
+    if cfg.memory.optimizer_in_backward and world > 1:
+        raise UserError("optimizer_in_backward: true works on one process only (DDP and FSDP reduce gradients "
+                        "after backward, the in-backward update would use this process's part); turn it off "
+                        "under torchrun / --nproc")
+    if cfg.parallel.fsdp_cpu_offload and device.type != "cuda":
+        raise UserError("fsdp_cpu_offload: true needs CUDA devices (on CPU the shards are in CPU memory already; "
+                        "set it to false)")
+    check_inputs(cfg.delta, cfg.seed)  # a bad probe or corpus file fails in seconds, not after training
+    load_check(cfg.eval.metric, cfg.eval.metric_pattern, cfg.eval.metric_schema)  # a broken regex or schema
+    resume = find_resume_checkpoint(cfg, world)  # None: start at step 0
+    distributed.barrier()  # every rank has read output_dir before rank 0 rewrites config.yaml and tidies it
+    return Preflight(device, resume)
+
+
+def read_splits(cfg: RunConfig, task: Task) -> Splits:
+    data = cfg.data
+    records, fmt = load_records(data.train_file, data.format)
+    if fmt not in task.formats:
+        raise UserError(f"{data.train_file}: format '{fmt}' does not fit task '{task.name}', which needs "
+                        f"one of {', '.join(task.formats)} (set task: or format:)")
+    if data.test_file and task.test_file_hint:
+        raise UserError(f"test_file: {task.test_file_hint} (give {data.test_file} as validation_file instead)")
+    if data.validation_file:
+        train, val = records, load_records(data.validation_file, fmt)[0]
     else:
-        train, val = split_records(records, cfg.validation_split, cfg.seed)
-    test = load_records(cfg.test_file, fmt)[0] if cfg.test_file else []
+        train, val = split_records(records, data.validation_split, cfg.seed)
+    test = load_records(data.test_file, fmt)[0] if data.test_file else []
     return Splits(train, val, test)
 
 
-def load_for_task(cfg: RunConfig, splits: Splits):
-    """(model, tokenizer): a causal LM, or a classifier whose new head is sized to the training labels."""
-    opts = dict(allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code,
-                quantization_config=quantization_config(cfg.method))
-    if cfg.task == "classification":
-        return load_classifier(cfg.model, label_names(splits.train), seed=cfg.seed, **opts)
-    return load_causal_lm(cfg.model, **opts)
-
-
-def example_builder(cfg: RunConfig, tokenizer, model):
-    """records -> (examples, stats) for this task."""
-    if cfg.task == "text":
-        return functools.partial(build_text_blocks, tokenizer=tokenizer, max_seq_length=cfg.max_seq_length)
-    if cfg.task == "classification":
-        return functools.partial(build_classification_examples, tokenizer=tokenizer,
-                                 max_seq_length=cfg.max_seq_length, label2id=model.config.label2id)
-    return functools.partial(cached_sft_examples, tokenizer=tokenizer, max_seq_length=cfg.max_seq_length,
-                             train_on_inputs=cfg.train_on_inputs)
-
-
-def tokenize_splits(splits: Splits, cfg: RunConfig, tokenizer, model=None) -> Datasets:
-    build = example_builder(cfg, tokenizer, model)
-    train, train_stats = build(splits.train, name=str(cfg.train_file))
+def tokenize_splits(splits: Splits, cfg: RunConfig, task: Task, tokenizer, model=None) -> Datasets:
+    build = task.example_builder(cfg, tokenizer, model)
+    train, train_stats = build(splits.train, name=str(cfg.data.train_file))
     stats = {"train": train_stats}
     val: list[Example] = []
     if splits.val:
         val, stats["validation"] = build(splits.val, name="validation data")
-    test_examples = build(splits.test, name=str(cfg.test_file))[0] if cfg.task == "classification" and splits.test else []
+    # Scored by the loss path as well (a classifier's test records are examples too); sft and text score
+    # their test records by generation, so only tasks with a new head tokenise them.
+    test_examples = build(splits.test, name=str(cfg.data.test_file))[0] if task.new_head and splits.test else []
     for split, s in stats.items():
         if s.truncated or s.dropped_no_labels:
-            print(f"{split}: {s.truncated} examples truncated at max_seq_length={cfg.max_seq_length}, "
+            print(f"{split}: {s.truncated} examples truncated at max_seq_length={cfg.data.max_seq_length}, "
                   f"{s.dropped_no_labels} dropped with no trained tokens left", flush=True)
-    return Datasets(train, val, splits.test, stats, test_examples)
+    return Datasets(train, val, splits.test, stats, test_examples, splits.val)
 
 
 def prepare_output_dir(cfg: RunConfig, resuming: bool = False) -> Path:
     """`resuming`: find_resume_checkpoint has checked that a non-empty output_dir is this run's."""
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir '{out}' is a file (choose a folder path)")
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir and not resuming:
+    if out.is_dir() and any(out.iterdir()) and not cfg.output.overwrite_output_dir and not resuming:
         raise UserError(f"output_dir '{out}' is not empty (choose a new folder, set overwrite_output_dir: true, "
                         "or pass --resume to continue the run that is there)")
     out.mkdir(parents=True, exist_ok=True)
@@ -126,87 +120,94 @@ def prepare_output_dir(cfg: RunConfig, resuming: bool = False) -> Path:
     return out
 
 
-def _evaluate(model, tokenizer, data: Datasets, cfg: RunConfig, device, bf16) -> dict:
-    if cfg.task == "classification":
-        # Scored on the test file when there is one, else on the held-out validation data.
-        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        return evaluate_classifier(model, loss_examples=data.val, metric_examples=data.test_examples or data.val,
-                                   labels=labels, batch_size=cfg.per_device_eval_batch_size,
-                                   pad_id=tokenizer.pad_token_id, device=device, bf16=bf16)
-    check = load_check(cfg.metric, cfg.metric_pattern, cfg.metric_schema)
-    return evaluate(model, tokenizer, loss_examples=data.val, metric_records=data.test, metric=cfg.metric,
-                    batch_size=cfg.per_device_eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-                    device=device, bf16=bf16, check=check, keep_predictions=max(8, len(data.test)),
-                    max_tokens=cfg.max_tokens_per_batch)  # all: the delta report pairs them
+def open_run(cfg: RunConfig, resume: Path | None):
+    """(output folder, metrics log): rank 0 prepares the folder (a resume first puts it back as the
+    checkpoint had it) and opens the log; the other ranks write nothing."""
+    if not distributed.is_main():
+        return Path(cfg.output.output_dir), NullLog()
+    resuming = cfg.output.resume_from_checkpoint is not None
+    out = prepare_output_dir(cfg, resuming=resuming)
+    resumed_step = restore_run_files(out, resume) if resuming else 0
+    # purge_step: on resume, TensorBoard hides what the killed run logged after the checkpoint.
+    return out, MetricsLog(out, purge_step=resumed_step + 1 if resume else None)
+
+
+def fit_run(cfg: RunConfig, out: Path, log, device: torch.device, resume: Path | None = None,
+            task: Task | None = None) -> FitRun:
+    """What `fit` needs of this run besides TrainArgs and MemoryArgs."""
+    task = task or TASKS[cfg.task]
+    return FitRun(out_dir=out, log=log, device=device, seed=cfg.seed, loss_fn=task.loss, packs=task.packs,
+                  eval_batch_size=cfg.eval.per_device_eval_batch_size, keep_checkpoints=cfg.output.save_total_limit,
+                  config=cfg.flat(), resume=resume)
+
+
+def evaluate_model(task: Task, model, tokenizer, data: Datasets, cfg: RunConfig, device, bf16) -> dict:
+    """The task's evaluation, on every rank (FSDP needs all of them for each forward)."""
+    with torch.no_grad():
+        return distributed.call(model, task.evaluate, tokenizer, data, cfg, device, bf16)
+
+
+def without_predictions(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "predictions"}
 
 
 def run(cfg: RunConfig) -> RunResult:
-    device = distributed.init(cfg.ddp_timeout)  # under torchrun: this rank's device; else pick_device()
-    splits = read_splits(cfg)
-    check_inputs(cfg)
-    load_check(cfg.metric, cfg.metric_pattern, cfg.metric_schema)  # a broken regex or schema fails before training
-    check_method_available(cfg.method, device)
-    resume = find_resume_checkpoint(cfg, distributed.world_size())  # None: start at step 0
-    distributed.barrier()  # every rank has read output_dir before rank 0 rewrites config.yaml and tidies it
-    model, tokenizer = load_for_task(cfg, splits)
-    data = tokenize_splits(splits, cfg, tokenizer, model)
-    bf16 = resolve_bf16(cfg.bf16, device)
+    task = TASKS[cfg.task]
+    checked = preflight(cfg)
+    device, resume = checked.device, checked.resume
+    splits = read_splits(cfg, task)
+    model, tokenizer = task.load(cfg, splits)
+    data = tokenize_splits(splits, cfg, task, tokenizer, model)
+    bf16 = resolve_bf16(cfg.memory.bf16, device)
     torch.manual_seed(cfg.seed)  # new weights (LoRA, a classifier head) start the same on every rank
-    model = apply_method(model, cfg, PEFT_TASK_TYPES[cfg.task])
+    model = apply_method(model, cfg.model, task.peft_task_type, task.new_head)
     trained = trainable_summary(model)
-    print(f"method: {cfg.method}", *trained.lines(), sep="\n", flush=True)
-    out = (prepare_output_dir(cfg, resuming=cfg.resume_from_checkpoint is not None) if distributed.is_main()
-           else Path(cfg.output_dir))  # rank 0 writes
-    resumed_step = restore_run_files(out, resume) if cfg.resume_from_checkpoint is not None and distributed.is_main() else 0
-    model = distributed.wrap_model(model, cfg.parallelism, device, cfg.fsdp_cpu_offload)  # one process: .to(device)
-
-    with torch.no_grad():  # every rank evaluates (FSDP needs all of them for each forward)
-        before = distributed.call(model, _evaluate, tokenizer, data, cfg, device, bf16)
-    log = MetricsLog(out, purge_step=resumed_step + 1 if resume else None) if distributed.is_main() else distributed.NullLog()
-    try:
+    print(f"method: {cfg.model.method}", *trained.lines(), sep="\n", flush=True)
+    out, log = open_run(cfg, resume)
+    model = distributed.wrap_model(model, cfg.parallel.parallelism, device, cfg.parallel.fsdp_cpu_offload)
+    before = evaluate_model(task, model, tokenizer, data, cfg, device, bf16)
+    with contextlib.closing(log):
         if resume is None:
-            log.write({"step": 0, "event": "method", "method": cfg.method, **trained.as_record()})
-            log.write({"step": 0, "event": "base_eval", **{k: v for k, v in before.items() if k != "predictions"}})
-        loss_fn = classification_loss if cfg.task == "classification" else causal_lm_loss
-        lowp.store_frozen_weights(model, cfg.frozen_weights_dtype)  # after the base evaluation: it saw float32
-        result = fit(model, tokenizer, data.train, data.val, cfg, out, log, device, loss_fn=loss_fn, resume=resume)
-        lowp.restore_frozen_weights(model, lambda: load_for_task(cfg, splits)[0])  # bit for bit, before evaluating
-        with torch.no_grad():
-            after = distributed.call(model, _evaluate, tokenizer, data, cfg, device, bf16)
-        log.write({"step": result.steps, "event": "tuned_eval", **{k: v for k, v in after.items() if k != "predictions"}})
-    finally:
-        log.close()
+            log.write({"step": 0, "event": "method", "method": cfg.model.method, **trained.as_record()})
+            log.write({"step": 0, "event": "base_eval", **without_predictions(before)})
+        # Frozen weights in a lower dtype only while training: the base evaluation saw float32, and
+        # the float32 weights are back, bit for bit, before the tuned model is evaluated and saved.
+        with frozen_weights(model, cfg.memory.frozen_weights_dtype, lambda: task.load(cfg, splits)[0]):
+            result = fit(model, tokenizer, data.train, data.val, cfg.train, cfg.memory,
+                         fit_run(cfg, out, log, device, resume, task))
+        after = evaluate_model(task, model, tokenizer, data, cfg, device, bf16)
+        log.write({"step": result.steps, "event": "tuned_eval", **without_predictions(after)})
+    save_final(model, tokenizer, result, out)
+    if distributed.is_main():
+        report(cfg, task, distributed.unwrap(model), tokenizer, data, before, after, result, out, device, trained)
+    return RunResult(out, before, after, result)
 
+
+def save_final(model, tokenizer, result: FitResult, out: Path) -> None:
+    """final/, only from finite weights and a finite loss (collective under torchrun)."""
     if not distributed.all_finite(model):
         raise UserError("training produced non-finite weights; final/ was not written "
                         "(lower learning_rate, check the data)")
     if not math.isfinite(result.train_loss):
         raise UserError("training loss is not finite; final/ was not written (lower learning_rate, check the data)")
     distributed.save_model(model, tokenizer, out / "final")
-    if not distributed.is_main():
-        return RunResult(out, before, after, result)
-    model = distributed.unwrap(model)
-    if cfg.task == "classification":
-        save_labels_if_adapter(model, out / "final")
-    write_summary(out, model=cfg.model, before=before, after=after, fit=result, data_stats=data.stats,
-                  extra=["", "## Method", "", f"- method: {cfg.method}", *(f"- {line}" for line in trained.lines()),
-                         *summary_lines(before, after)])
+
+
+def report(cfg: RunConfig, task: Task, model, tokenizer, data: Datasets, before: dict, after: dict,
+           result: FitResult, out: Path, device, trained) -> None:
+    """Rank 0: summary.md, the before/after table and the delta report."""
+    task.save_extras(model, out / "final")
+    write_summary(out, model=cfg.model.name, before=before, after=after, fit=result, data_stats=data.stats,
+                  extra=["", "## Method", "", f"- method: {cfg.model.method}",
+                         *(f"- {line}" for line in trained.lines()), *task.summary_lines(before, after)])
     print_comparison(before, after)
     print(f"tuned model: {out / 'final'}\nsummary: {out / 'summary.md'}")
-    if not cfg.delta_report:
-        return RunResult(out, before, after, result)
+    if not cfg.delta.delta_report:
+        return
     if distributed.world_size() > 1:
         # The other ranks have left; rank 0 measures alone, on final/ loaded as a plain model
         # (FSDP's weights are shards, and no rank must wait on another for the report's length).
-        opts = dict(allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
-        model = (load_classifier(str(out / "final"), None, **opts) if cfg.task == "classification"
-                 else load_causal_lm(str(out / "final"), **opts))[0]
+        model = task.load_tuned(str(out / "final"), allow_pickle=cfg.model.allow_pickle,
+                                trust_remote_code=cfg.model.trust_remote_code)[0]
         model.to(device).eval()
-    if cfg.task == "classification":  # accuracy/macro-F1 gain, backbone drift, weight change
-        delta_classify.after_training(
-            cfg, model, tokenizer, val_examples=data.val, metric_examples=data.test_examples or data.val,
-            metric_records=splits.test or splits.val, evaluated_on="test file" if data.test_examples else "validation data",
-            before=before, fit=result, out_dir=out, device=device)
-    else:  # next-token distributions: task gain, forgetting, weight change
-        after_training(cfg, model, tokenizer, data.val, before, after, result, out, device)
-    return RunResult(out, before, after, result)
+    task.delta_report(cfg, model, tokenizer, data, before, after, result, out, device)

@@ -21,7 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from deltatune.config import load_config
+from deltatune.delta.render import clean, files_text, fmt, html_page, md_table, png
 from deltatune.errors import UserError
+from deltatune.pipeline import run
+from deltatune.tasks import report_kind
 
 SCHEMA = "deltatune.frontier"
 SCHEMA_VERSION = 2  # 2: forgetting budget, within_budget/budget_ratio per run, classification runs
@@ -77,8 +80,6 @@ def run_name(settings: dict[str, str]) -> str:
 
 
 def run_sweep(config_path: str, grid_items: list[str], overrides: list[str] = (), budget: Budget = Budget()) -> dict:
-    from deltatune.pipeline import run
-
     grid = parse_grid(grid_items)
     root = Path(load_config(config_path, list(overrides)).output_dir)
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
@@ -100,47 +101,14 @@ def run_sweep(config_path: str, grid_items: list[str], overrides: list[str] = ()
     frontier = build_frontier(entries, budget)
     paths = write_frontier(root, frontier)
     print_frontier(frontier)
-    from deltatune.delta_report import files_text
-
     print(f"frontier: {files_text(paths)}")
     return frontier
 
 
-def _gain(headline: dict | None, measure: str, validation: dict | None) -> dict:
-    """A run's gain: the headline metric's when it was measured, else the fall of validation loss."""
-    if headline:
-        return {"gain": headline["gain"], "gain_ci": headline["gain_ci"], "significant": headline["significant"],
-                "gain_measure": measure}
-    if validation:
-        loss = validation["loss"]
-        return {"gain": loss["gain"], "gain_ci": loss["gain_ci"], "significant": loss["significant"],
-                "gain_measure": "validation loss decrease"}
-    return {"gain": None, "gain_ci": None, "significant": False, "gain_measure": "none"}
-
-
 def entry(name: str, settings: dict, report: dict) -> dict:
-    """One run's point: gain (test metric, else validation loss) and forgetting (general-text KL;
-    1 − CKA for a classifier)."""
-    if report.get("task_type") == "classification":
-        return classification_entry(name, settings, report)
-    metric = report["task"].get("metric")
-    gain = _gain(metric, f"{metric['name']} gain" if metric else "", report["task"].get("validation"))
-    g = report["forgetting"]["general_text"]
-    samples = report["forgetting"].get("base_samples") or {}
-    return {"name": name, "settings": settings, **gain, "forgetting": g["kl_per_token"],
-            "perplexity_change": g["perplexity_change"], "kl_base_samples": samples.get("kl_per_token"),
-            "fact_retention": report["forgetting"]["fact_recall"]["retention"],
-            "weight_change": report["weights"]["relative_norm"], "task_type": "causal_lm"}
-
-
-def classification_entry(name: str, settings: dict, report: dict) -> dict:
-    """A classifier's point: accuracy gain (else the fall of validation loss) against 1 − backbone CKA."""
-    gain = _gain(report["task"].get("accuracy"), "accuracy gain", report["task"].get("validation"))
-    r = report["forgetting"]["representation"]
-    return {"name": name, "settings": settings, **gain, "forgetting": r["drift"], "cka": r["cka"],
-            "mean_cosine": r["mean_cosine"], "macro_f1_gain": (report["task"].get("macro_f1") or {}).get("gain"),
-            "perplexity_change": None, "fact_retention": None,
-            "weight_change": report["weights"]["relative_norm"], "task_type": "classification"}
+    """One run's point: gain (test metric, else validation loss; accuracy for a classifier) and
+    forgetting (general-text KL; 1 − CKA for a classifier), as its report kind defines them."""
+    return report_kind(report.get("task_type", "causal_lm")).frontier_point(name, settings, report)
 
 
 def pareto(points: list[tuple[float, float]]) -> list[bool]:
@@ -148,10 +116,6 @@ def pareto(points: list[tuple[float, float]]) -> list[bool]:
     def dominates(a, b):
         return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
     return [not any(dominates(q, p) for q in points if q is not p) for p in points]
-
-
-FORGETTING_MEASURES = {"causal_lm": "mean per-token KL(base‖tuned) on general text",
-                       "classification": "1 − linear CKA of the backbone's sentence embeddings on general text"}
 
 
 def build_frontier(entries: list[dict], budget: Budget = Budget()) -> dict:
@@ -167,7 +131,7 @@ def build_frontier(entries: list[dict], budget: Budget = Budget()) -> dict:
     recommended, reason = recommend(usable, budget)
     return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "task_type": task_type,
             "gain_measure": usable[0]["gain_measure"] if usable else "none",
-            "forgetting_measure": FORGETTING_MEASURES[task_type], "budget": asdict(budget), "rule": rule_text(budget),
+            "forgetting_measure": report_kind(task_type).forgetting_measure, "budget": asdict(budget), "rule": rule_text(budget),
             "runs": entries, "recommended": recommended, "recommendation_reason": reason}
 
 
@@ -229,44 +193,29 @@ def _ratio_text(r: float | None) -> str:
     return "overshoot unknown" if r is None else f"{r:.2f}× the budget"
 
 
-def _f(x) -> str:
-    return "-" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
-
-
 def table_rows(frontier: dict) -> list[list[str]]:
     rec = (frontier.get("recommended") or {}).get("name")
-    classification = frontier.get("task_type") == "classification"
+    kind = report_kind(frontier.get("task_type", "causal_lm"))
     rows = []
     for e in sorted(frontier["runs"], key=lambda e: (e["forgetting"] is None, e["forgetting"] or 0)):
         ci = f" [{e['gain_ci'][0]:+.3g}, {e['gain_ci'][1]:+.3g}]" if e["gain_ci"] else ""
         mark = ("★ " if e["name"] == rec else "") + ("pareto" if e["pareto"] else "")
-        if classification:
-            measures = [_f(e.get("cka")), _f(e.get("mean_cosine"))]
-        else:
-            measures = ["-" if e["perplexity_change"] is None else f"{100 * e['perplexity_change']:+.1f}%",
-                        "-" if e["fact_retention"] is None else f"{100 * e['fact_retention']:.0f}%"]
+        measures = kind.frontier_measures(e)
         budget = "-" if e.get("budget_ratio") is None else ("yes" if e["within_budget"] else "no")
-        rows.append([e["name"], f"{_f(e['gain'])}{ci}" + ("" if e["significant"] else " (n.s.)"),
-                     _f(e["forgetting"]), *measures, _f(e["weight_change"]), budget, mark])
+        rows.append([e["name"], f"{fmt(e['gain'])}{ci}" + ("" if e["significant"] else " (n.s.)"),
+                     fmt(e["forgetting"]), *measures, fmt(e["weight_change"]), budget, mark])
     return rows
 
 
-HEADER = ["run", "gain [95% CI]", "KL general /tok", "general ppl", "fact retention", "‖ΔW‖/‖W‖", "within budget", ""]
-CLASSIFICATION_HEADER = ["run", "accuracy gain [95% CI]", "1 − CKA", "CKA", "mean cosine", "‖ΔW‖/‖W‖ backbone",
-                         "within budget", ""]
-
-
 def header(frontier: dict) -> list[str]:
-    return CLASSIFICATION_HEADER if frontier.get("task_type") == "classification" else HEADER
+    return list(report_kind(frontier.get("task_type", "causal_lm")).frontier_header)
 
 
 def markdown(frontier: dict) -> str:
-    from deltatune.delta_report import _md_table
-
     lines = ["# Stability–plasticity frontier", "",
              f"Gain: {frontier['gain_measure']}. Forgetting: {frontier['forgetting_measure']}. "
              "Pareto-optimal: no other run has at least as much gain with at most as much forgetting.", ""]
-    lines += _md_table(header(frontier), table_rows(frontier))
+    lines += md_table(header(frontier), table_rows(frontier))
     rec = frontier.get("recommended")
     reason = frontier.get("recommendation_reason") or "no run has a gain"
     lines += ["", f"**Recommended:** `{rec['name']}`: {reason}." if rec else f"**No recommendation:** {reason}.", "",
@@ -280,8 +229,6 @@ def plot(frontier: dict) -> dict[str, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from deltatune.delta_report import _png
-
     runs = [e for e in frontier["runs"] if e["gain"] is not None and e["forgetting"] is not None]
     if not runs:
         return {}
@@ -293,13 +240,11 @@ def plot(frontier: dict) -> dict[str, str]:
     ax.plot([e["forgetting"] for e in front], [e["gain"] for e in front], color="tab:red", alpha=0.5)
     ax.set_xlabel(frontier["forgetting_measure"]); ax.set_ylabel(frontier["gain_measure"])
     ax.set_title("task gain vs forgetting (red: Pareto-optimal)"); ax.grid(alpha=0.3)
-    return {"frontier": _png(fig)}
+    return {"frontier": png(fig)}
 
 
 def write_frontier(root: Path, frontier: dict) -> dict[str, Path]:
-    from deltatune.delta_report import _clean, html_page
-
-    frontier = _clean(frontier)
+    frontier = clean(frontier)
     md = markdown(frontier)
     paths = {"md": root / "frontier.md", "html": root / "frontier.html", "json": root / "frontier.json"}
     paths["md"].write_text(md, encoding="utf-8")

@@ -1,4 +1,9 @@
-"""Padding-free packing: several examples per row, none of them able to see another.
+"""From examples to batches: an epoch's seeded steps, micro-batches, padding, and packing.
+
+An epoch's order depends on the seed and epoch only; each optimizer step's examples are then
+cut into micro-batches of similar length (less padding), or packed.
+
+Padding-free packing: several examples per row, none of them able to see another.
 
 A step's examples are packed first-fit-decreasing into rows of `ROW_TOKENS` (at least the
 step's longest example), and the rows are cut into micro-batches so that one holds at most
@@ -16,9 +21,11 @@ first token of each example gets no label: it must not be predicted from the pre
 
 from __future__ import annotations
 
+import random
+
 import torch
 
-from deltatune.data import IGNORE_INDEX, Example
+from deltatune.data.examples import IGNORE_INDEX, Example
 from deltatune.errors import UserError
 
 # Row length for short examples. Longer rows squeeze out more padding, but the dense block mask
@@ -106,3 +113,57 @@ def model_mask(model, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if impl == "eager":  # eager adds the mask to the scores
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     raise UserError(f"packing needs 'sdpa' or 'eager' attention; this model uses '{impl}' (set packing: false)")
+
+
+def step_groups(n_examples: int, examples_per_step: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled example indices for one epoch, cut into optimizer steps.
+
+    The order depends on the seed and epoch only, not on how a step is split into
+    micro-batches, so batch 8 x accumulation 1 and batch 2 x accumulation 4 see the same data.
+    """
+    order = list(range(n_examples))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return [order[i: i + examples_per_step] for i in range(0, n_examples, examples_per_step)]
+
+
+def micro_batches(indices: list[int], examples: list[Example], batch_size: int,
+                  max_tokens: int | None = None) -> list[list[int]]:
+    """Split a step's examples into micro-batches of similar length (less padding, same step)."""
+    return _cut_sorted(sorted(indices, key=lambda i: len(examples[i].input_ids)), examples, batch_size, max_tokens)
+
+
+def _cut_sorted(order: list[int], examples: list[Example], batch_size: int, max_tokens: int | None) -> list[list[int]]:
+    """Cut indices sorted by length into batches of at most batch_size examples and, when
+    max_tokens is set, at most max_tokens padded tokens (examples x longest): long examples
+    then travel in smaller batches, so peak memory is bounded by tokens, not by example count."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = len(examples[i].input_ids)  # ascending order: the newcomer is the longest
+        if current and (len(current) == batch_size or (max_tokens and (len(current) + 1) * longest > max_tokens)):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding gets attention 0 and label IGNORE_INDEX."""
+    width = max(len(ex.input_ids) for ex in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = torch.tensor(ex.input_ids)
+        labels[row, :n] = torch.tensor(ex.labels)
+        attention[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def length_batches(examples: list[Example], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Evaluation batches of similar lengths (order does not matter for a summed loss)."""
+    return _cut_sorted(sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids)),
+                       examples, batch_size, max_tokens)

@@ -16,10 +16,15 @@ import os
 import tempfile
 from pathlib import Path
 
-from deltatune.data import DatasetStats, Example, build_sft_examples
-from deltatune.formats import Record
+from deltatune.data.examples import DatasetStats, Example, build_sft_examples
+from deltatune.data.formats import Record
 
 FORMAT_VERSION = 1  # bump when the tokenisation or masking logic changes
+
+
+def cache_dir() -> Path:
+    """Where deltatune keeps what it can rebuild: converted GGUF models, tokenised datasets."""
+    return Path(os.environ.get("DELTATUNE_CACHE", Path.home() / ".cache" / "deltatune"))
 
 
 def dataset_key(records: list[Record], tokenizer, **settings) -> str:
@@ -36,8 +41,6 @@ def dataset_key(records: list[Record], tokenizer, **settings) -> str:
 def cached_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int, train_on_inputs: bool = False,
                         name: str = "data", cache: Path | None = None) -> tuple[list[Example], DatasetStats]:
     """build_sft_examples, read from the cache when the same data was prepared before."""
-    from deltatune.model import cache_dir
-
     folder = (cache or cache_dir()) / "datasets"
     key = dataset_key(records, tokenizer, max_seq_length=max_seq_length, train_on_inputs=train_on_inputs)
     path = folder / f"{key}.json"

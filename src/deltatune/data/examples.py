@@ -1,4 +1,4 @@
-"""From canonical records to token ids, labels and batches.
+"""From canonical records to examples: token ids and the labels the loss counts.
 
 The label mask is the heart of SFT: the loss must count the assistant's tokens only,
 including each turn's end-of-turn token (or the tuned model never learns to stop). We derive
@@ -7,6 +7,10 @@ the text added by each assistant turn is the difference between the conversation
 up to that turn and the same prefix rendered with the generation prompt. No marker strings
 are searched for, so the mask is right for any template that renders prefixes consistently,
 and a template that does not is reported instead of silently mis-masked.
+
+Continued pre-training cuts concatenated documents into blocks where every token trains. A
+classification example puts its class id at the *last* token's label position (everything
+else IGNORE_INDEX), so the training loop's count of label positions per step counts examples.
 """
 
 from __future__ import annotations
@@ -14,10 +18,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-import torch
-
+from deltatune.data.formats import Record
 from deltatune.errors import UserError
-from deltatune.formats import Record
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 
@@ -138,60 +140,13 @@ def split_records(records: list[Record], fraction: float, seed: int) -> tuple[li
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
-# --- batching -------------------------------------------------------------------------------
-
-def step_groups(n_examples: int, examples_per_step: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shuffled example indices for one epoch, cut into optimizer steps.
-
-    The order depends on the seed and epoch only, not on how a step is split into
-    micro-batches, so batch 8 x accumulation 1 and batch 2 x accumulation 4 see the same data.
-    """
-    order = list(range(n_examples))
-    random.Random(seed * 100_003 + epoch).shuffle(order)
-    return [order[i: i + examples_per_step] for i in range(0, n_examples, examples_per_step)]
 
 
-def micro_batches(indices: list[int], examples: list[Example], batch_size: int,
-                  max_tokens: int | None = None) -> list[list[int]]:
-    """Split a step's examples into micro-batches of similar length (less padding, same step)."""
-    return _cut_sorted(sorted(indices, key=lambda i: len(examples[i].input_ids)), examples, batch_size, max_tokens)
 
 
-def _cut_sorted(order: list[int], examples: list[Example], batch_size: int, max_tokens: int | None) -> list[list[int]]:
-    """Cut indices sorted by length into batches of at most batch_size examples and, when
-    max_tokens is set, at most max_tokens padded tokens (examples x longest): long examples
-    then travel in smaller batches, so peak memory is bounded by tokens, not by example count."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = len(examples[i].input_ids)  # ascending order: the newcomer is the longest
-        if current and (len(current) == batch_size or (max_tokens and (len(current) + 1) * longest > max_tokens)):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
 
 
-def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding gets attention 0 and label IGNORE_INDEX."""
-    width = max(len(ex.input_ids) for ex in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ex in enumerate(batch):
-        n = len(ex.input_ids)
-        input_ids[row, :n] = torch.tensor(ex.input_ids)
-        labels[row, :n] = torch.tensor(ex.labels)
-        attention[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
-
-def length_batches(examples: list[Example], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
-    """Evaluation batches of similar lengths (order does not matter for a summed loss)."""
-    return _cut_sorted(sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids)),
-                       examples, batch_size, max_tokens)
 
 
 # --- continued pre-training ------------------------------------------------------------------
@@ -219,3 +174,41 @@ def build_text_blocks(records: list[Record], tokenizer, *, max_seq_length: int,
                          label_tokens=sum(len(b) - 1 for b in blocks),
                          notes=[f"{len(records)} documents packed into {len(blocks)} blocks of up to {max_seq_length} tokens"])
     return [Example(list(b), list(b), f"{name}:block{i}") for i, b in enumerate(blocks)], stats
+
+
+# --- classification ---------------------------------------------------------------------------
+
+def label_names(records: list[Record]) -> list[str]:
+    """The label set of the training data, in a stable order (numerically when every label is an integer)."""
+    names = {r.label for r in records}
+    if all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def build_classification_examples(records: list[Record], tokenizer, *, max_seq_length: int,
+                                  label2id: dict[str, int], name: str = "data") -> tuple[list[Example], DatasetStats]:
+    limit = min(max_seq_length, getattr(tokenizer, "model_max_length", max_seq_length) or max_seq_length)
+    stats = DatasetStats()
+    examples = []
+    for record in records:
+        if record.label is None:
+            raise UserError(f"{record.source}: record has no 'label'; task 'classification' needs "
+                            "{\"text\": ..., \"label\": ...} records")
+        if record.label not in label2id:
+            raise UserError(f"{record.source}: label '{record.label}' does not occur in the training data "
+                            f"(known labels: {', '.join(label2id)})")
+        ids = tokenizer(record.text, record.text_pair)["input_ids"]
+        if len(ids) > limit:
+            stats.truncated += 1
+            ids = tokenizer(record.text, record.text_pair, truncation=True, max_length=limit)["input_ids"]
+        if len(ids) < 2:
+            # Position 0 is never a label position in the shared batching code; pad with eos/sep.
+            ids = ids + [tokenizer.sep_token_id or tokenizer.eos_token_id]
+        labels = [IGNORE_INDEX] * (len(ids) - 1) + [label2id[record.label]]
+        examples.append(Example(ids, labels, record.source))
+        stats.tokens += len(ids)
+    stats.examples = stats.label_tokens = len(examples)
+    if not examples:
+        raise UserError(f"{name}: no records")
+    return examples, stats

@@ -16,10 +16,10 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from deltatune.data import IGNORE_INDEX, assistant_char_spans, tokenize_conversation
-from deltatune.dedupe import NEAR_DUPLICATE_THRESHOLD, find_duplicates, overlaps
+from deltatune.data.dedupe import NEAR_DUPLICATE_THRESHOLD, find_duplicates, overlaps
+from deltatune.data.examples import IGNORE_INDEX, assistant_char_spans, tokenize_conversation
+from deltatune.data.formats import CHAT_FORMATS, Record, detect_format, load_records, read_raw
 from deltatune.errors import UserError
-from deltatune.formats import CHAT_FORMATS, Record, detect_format, load_records, read_raw
 
 SHORT_RESPONSE_WORDS = 3  # responses with fewer words are listed (fine for labels, suspicious for prose)
 MARK_OPEN, MARK_CLOSE = "[[", "]]"  # trained text in plain output

@@ -5,44 +5,26 @@ fact probes) do not apply. In their place this measures how far the backbone's
 representation of general text drifted. The parts:
 
 - task gain: accuracy and macro-F1 on the held-out split, validation loss, each with a paired
-  bootstrap 95 % CI of the gain (`delta.paired_gain`, `delta.paired_statistic_gain`);
+  bootstrap 95 % CI of the gain (`measures.paired_gain`, `measures.paired_statistic_gain`);
 - representation drift: sentences from the same seeded general-text sample the causal report
-  uses (`delta.general_texts`, more passages, split into sentences), embedded by the base and
+  uses (`measures.general_texts`, more passages, split into sentences), embedded by the base and
   the tuned backbone (mean of the last hidden state over real tokens); per-sentence cosine
   similarity and linear CKA (Kornblith et al. 2019) between the two embedding sets, streamed
   batch by batch so memory does not grow with the number of sentences;
-- weight delta of the backbone (`delta.weight_delta`); the new head has no pre-trained
+- weight delta of the backbone (`measures.weight_delta`); the new head has no pre-trained
   counterpart, so it is listed apart ("new") with its change from its initialisation;
 - side by side: true label, base and tuned prediction for held-out texts.
 
 "Base" is the pre-trained backbone with the freshly initialised head exactly as training
 started (reloaded with the run's seed), so every gain is what training added.
 
-`delta.json` for a classifier (`schema: deltatune.delta`, `schema_version: 2`,
-`task_type: "classification"`); NaN is written as null:
-
-    base_model, tuned_model (resolved paths), created, base_definition (text)
-    task: {evaluated_on, labels,
-        accuracy: {name, base, base_ci, tuned, tuned_ci, gain, gain_ci, significant, examples},
-        macro_f1: {same keys}, metric: (the accuracy entry again, so scripts that read
-        task.metric of causal reports find the headline metric),
-        validation: {loss: {same keys; gain = base loss − tuned loss}, examples, evaluated_on} or null,
-        base_matches_training_start: true/false (the reloaded base scores what the run's own
-        base evaluation scored) or null outside training}
-    forgetting.representation: {source, passages, sentences, tokens, pooling, mean_cosine,
-        min_cosine, cka, drift (1 − cka)}
-    weights: as in causal reports, backbone matrices only, plus new: [{name, shape, norm,
-        init_norm, delta_norm (‖W − W_init‖), change_from_init (‖W − W_init‖/‖W_init‖, null
-        for a zero-initialised bias)}]
-    side_by_side: [{text, label, base, tuned}]
-    training, seconds: as in causal reports
+The delta.json it writes is documented in delta/render.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import re
 import time
 from pathlib import Path
@@ -51,10 +33,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deltatune import delta
-from deltatune.data import IGNORE_INDEX, Example, collate, length_batches
+from deltatune import config
+from deltatune.data.batching import collate, length_batches
+from deltatune.data.examples import IGNORE_INDEX, Example, build_classification_examples
+from deltatune.data.formats import Record
+from deltatune.delta import measures as delta
+from deltatune.delta.measures import CompareSettings, ReportOptions
+from deltatune.delta.render import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    ReportKind,
+    display_name,
+    fmt,
+    md_table,
+    pct,
+    publish,
+    training_markdown,
+    training_section,
+    weight_markdown,
+)
 from deltatune.errors import UserError
-from deltatune.methods import head_module_names, without_adapters
+from deltatune.evaluate.loss import class_targets
+from deltatune.model.load import load_classifier
+from deltatune.model.parts import head_module_names, without_adapters
+from deltatune.runtime.precision import autocast, pick_device
 
 REPRESENTATION_PASSAGES = 128  # general-text passages; the causal report's 16 come first
 SENTENCE_TOKENS = 64
@@ -88,9 +90,6 @@ def classifier_outputs(model, examples: list[Example], batch_size: int, pad_id: 
 
     `bf16`: autocast as the run's own evaluation did, so the base scores exactly what it scored there.
     """
-    from deltatune.classify import class_targets
-    from deltatune.train import autocast
-
     n = len(examples)
     predicted, losses, true = np.zeros(n, dtype=np.int64), np.zeros(n), np.zeros(n, dtype=np.int64)
     model.eval()
@@ -306,8 +305,6 @@ def measure(base, tuned, tokenizer, *, val_examples: list[Example], metric_examp
 
 
 def build(base, tuned, tokenizer, *, base_model: str, tuned_model: str, metrics_path=None, fit=None, **kw) -> dict:
-    from deltatune.delta_report import SCHEMA, SCHEMA_VERSION, display_name, training_section
-
     report = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
               "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "base_model": display_name(base_model), "tuned_model": display_name(tuned_model)}
@@ -317,17 +314,13 @@ def build(base, tuned, tokenizer, *, base_model: str, tuned_model: str, metrics_
 
 
 def _gain_row(label: str, m: dict) -> tuple[str, str, str, str]:
-    from deltatune.delta_report import _pct
-
     sig = "significant" if m["significant"] else "not significant"
-    return (label, _pct(m["base"]), _pct(m["tuned"]),
+    return (label, pct(m["base"]), pct(m["tuned"]),
             f"{100 * m['gain']:+.1f} pt [{100 * m['gain_ci'][0]:+.1f}, {100 * m['gain_ci'][1]:+.1f}] {sig}")
 
 
 def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
     """(measure, base, tuned, change): the compact table the CLI prints and report.md opens with."""
-    from deltatune.delta_report import _f
-
     rows = []
     task = report["task"]
     if task.get("accuracy"):
@@ -338,32 +331,30 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
         v = task["validation"]["loss"]
         sig = "significant" if v["significant"] else "not significant"
         where = task["validation"].get("evaluated_on", "validation data")
-        rows.append((f"loss ({where}, n={task['validation']['examples']})", _f(v["base"]), _f(v["tuned"]),
+        rows.append((f"loss ({where}, n={task['validation']['examples']})", fmt(v["base"]), fmt(v["tuned"]),
                      f"{-v['gain']:+.4f} [{-v['gain_ci'][1]:+.4f}, {-v['gain_ci'][0]:+.4f}] {sig}"))
     r = report["forgetting"]["representation"]
-    rows.append((f"backbone on general text: mean cosine (n={r['sentences']})", "1", _f(r["mean_cosine"]),
-                 f"min {_f(r['min_cosine'])}"))
-    rows.append(("backbone on general text: linear CKA", "1", _f(r["cka"]), f"drift 1 − CKA = {_f(r['drift'])}"))
+    rows.append((f"backbone on general text: mean cosine (n={r['sentences']})", "1", fmt(r["mean_cosine"]),
+                 f"min {fmt(r['min_cosine'])}"))
+    rows.append(("backbone on general text: linear CKA", "1", fmt(r["cka"]), f"drift 1 − CKA = {fmt(r['drift'])}"))
     w = report["weights"]
     top = w["top"][0] if w["top"] else "-"
-    rows.append(("backbone weights ‖ΔW‖/‖W‖", "", "", f"{_f(w['relative_norm'])}; most changed: {top}"))
+    rows.append(("backbone weights ‖ΔW‖/‖W‖", "", "", f"{fmt(w['relative_norm'])}; most changed: {top}"))
     if w.get("new"):
         changes = [m["change_from_init"] for m in w["new"] if m["change_from_init"] is not None]
         tensors = f"{len(w['new'])} tensor{'s' if len(w['new']) > 1 else ''}"
         rows.append((f"new head ({tensors}) ‖W − W_init‖/‖W_init‖", "", "",
-                     _f(max(changes)) if changes else "-"))
+                     fmt(max(changes)) if changes else "-"))
     return rows
 
 
 def markdown(report: dict) -> str:
-    from deltatune.delta_report import _f, _md_table, weight_markdown, training_markdown
-
     task = report["task"]
     lines = ["# Delta report: what fine-tuning changed (classification)", "",
              f"Base `{report['base_model']}` → tuned `{report['tuned_model']}` (deltatune delta schema "
              f"v{report['schema_version']}, {report['created']})", "",
              f"Base = {report['base_definition']}.", "", "## Summary", ""]
-    lines += _md_table(["measure", "base", "tuned", "change"], [list(r) for r in summary_rows(report)])
+    lines += md_table(["measure", "base", "tuned", "change"], [list(r) for r in summary_rows(report)])
     lines += ["", "Intervals are 95 % paired bootstrap CIs over examples; *significant* means the interval of "
               "the change excludes 0. Accuracy and macro-F1 are scored on the " + task["evaluated_on"] +
               f" (labels: {', '.join(task['labels'])}).", ""]
@@ -374,46 +365,47 @@ def markdown(report: dict) -> str:
     lines += ["## Forgetting: representation drift of the backbone", "",
               f"- {r['sentences']} sentences ({r['tokens']} tokens) from {r['passages']} passages of {r['source']}, "
               f"embedded by base and tuned backbone ({r['pooling']}).",
-              f"- Mean cosine similarity of each sentence's two embeddings: {_f(r['mean_cosine'])} "
-              f"(lowest {_f(r['min_cosine'])}); identical backbones give 1.",
-              f"- Linear CKA between the two embedding sets: {_f(r['cka'])} (1 = the same geometry up to rotation "
-              f"and scale); drift 1 − CKA = {_f(r['drift'])}.", ""]
+              f"- Mean cosine similarity of each sentence's two embeddings: {fmt(r['mean_cosine'])} "
+              f"(lowest {fmt(r['min_cosine'])}); identical backbones give 1.",
+              f"- Linear CKA between the two embedding sets: {fmt(r['cka'])} (1 = the same geometry up to rotation "
+              f"and scale); drift 1 − CKA = {fmt(r['drift'])}.", ""]
     lines += weight_markdown(report["weights"])
     new = report["weights"].get("new") or []
     if new:
         lines += ["", "New head (no pre-trained counterpart; change measured from its initialisation):", ""]
-        lines += _md_table(["parameter", "shape", "‖W‖", "‖W − W_init‖", "‖W − W_init‖/‖W_init‖"],
-                           [[m["name"], "×".join(map(str, m["shape"])), _f(m["norm"]), _f(m["delta_norm"]),
-                             _f(m["change_from_init"])] for m in new])
+        lines += md_table(["parameter", "shape", "‖W‖", "‖W − W_init‖", "‖W − W_init‖/‖W_init‖"],
+                           [[m["name"], "×".join(map(str, m["shape"])), fmt(m["norm"]), fmt(m["delta_norm"]),
+                             fmt(m["change_from_init"])] for m in new])
     if report["side_by_side"]:
         lines += ["", "## Side by side (held-out texts)", ""]
-        lines += _md_table(["text", "true", "base", "tuned"],
+        lines += md_table(["text", "true", "base", "tuned"],
                            [[x["text"], x["label"], x["base"], x["tuned"]] for x in report["side_by_side"]])
     lines += training_markdown(report.get("training"))
     lines += ["", "Measurement time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()), ""]
     return "\n".join(lines)
 
 
-def _texts(records) -> list[str]:
+def record_texts(records: list[Record]) -> list[str]:
+    """How a side-by-side row shows a record: its text, or `text | text_pair`."""
     return [r.text if not r.text_pair else f"{r.text} | {r.text_pair}" for r in records]
 
 
-def after_training(cfg, tuned, tokenizer, *, val_examples, metric_examples, metric_records, evaluated_on: str,
-                   before: dict, fit, out_dir: Path, device) -> dict:
-    """The end of a classification `deltatune train`: compare with the base as training started."""
-    from deltatune.classify import load_classifier
-    from deltatune.delta_report import files_text, options_from_config, print_summary, write
-    from deltatune.train import resolve_bf16
+def after_training(model_args, options: ReportOptions, bf16: bool, tuned, tokenizer, *, val_examples,
+                   metric_examples, metric_records: list[Record], evaluated_on: str, before: dict, fit,
+                   out_dir: Path, device) -> dict:
+    """The end of a classification `deltatune train`: compare with the base as training started.
 
+    `model_args`: the run's ModelArgs; `options.seed` re-creates the head the run started from;
+    `bf16`: the run's autocast decision, so the base scores what the run's own evaluation scored."""
     print("measuring what fine-tuning changed (delta report)...", flush=True)
     start = time.perf_counter()
-    base, _ = load_classifier(cfg.model, label_list(tuned), seed=cfg.seed, allow_pickle=cfg.allow_pickle,
-                              trust_remote_code=cfg.trust_remote_code)
+    base, _ = load_classifier(model_args.name, label_list(tuned), seed=options.seed,
+                              allow_pickle=model_args.allow_pickle, trust_remote_code=model_args.trust_remote_code)
     base.to(device).eval()
-    report = build(base, tuned, tokenizer, base_model=cfg.model, tuned_model=str(out_dir / "final"),
+    report = build(base, tuned, tokenizer, base_model=model_args.name, tuned_model=str(out_dir / "final"),
                    metrics_path=out_dir / "metrics.jsonl", fit=fit, val_examples=val_examples,
-                   metric_examples=metric_examples, metric_texts=_texts(metric_records), evaluated_on=evaluated_on,
-                   options=options_from_config(cfg), device=device, bf16=resolve_bf16(cfg.bf16, device))
+                   metric_examples=metric_examples, metric_texts=record_texts(metric_records),
+                   evaluated_on=evaluated_on, options=options, device=device, bf16=bf16)
     if report["task"]["accuracy"] and "accuracy" in before:
         same = abs(report["task"]["accuracy"]["base"] - before["accuracy"]) < 1e-9
         report["task"]["base_matches_training_start"] = same
@@ -421,34 +413,12 @@ def after_training(cfg, tuned, tokenizer, *, val_examples, metric_examples, metr
             print(f"warning: the reloaded base scores accuracy {report['task']['accuracy']['base']:.4f}, the run's "
                   f"base evaluation {before['accuracy']:.4f}", flush=True)
     report["seconds"]["total"] = time.perf_counter() - start
-    paths = write(out_dir, report, render=markdown)
     del base
-    print_summary(report, rows=summary_rows(report))
-    print(f"delta report: {files_text(paths)} ({report['seconds']['total']:.0f} s)")
+    publish(out_dir, report, markdown, summary_rows(report), took=f" ({report['seconds']['total']:.0f} s)")
     return report
 
 
-def is_classifier(name: str) -> bool:
-    """A sequence-classification model folder (config architectures) or classification adapter."""
-    from deltatune.methods import adapter_info, is_adapter_dir
-    from deltatune.model import resolve
-
-    folder = resolve(name)
-    if not isinstance(folder, Path) or not folder.is_dir():
-        return False
-    if is_adapter_dir(folder):
-        from deltatune.classify import LABELS_FILE
-
-        return (folder / LABELS_FILE).is_file() or adapter_info(folder).get("task_type") == "SEQ_CLS"
-    config = folder / "config.json"
-    try:
-        archs = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, json.JSONDecodeError):
-        return False
-    return any(a.endswith("ForSequenceClassification") for a in archs)
-
-
-def _run_seed(tuned_name: str) -> int:
+def run_seed(tuned_name: str) -> int | None:
     """The seed a deltatune run used (its config.yaml next to final/), or None."""
     import yaml
 
@@ -460,47 +430,54 @@ def _run_seed(tuned_name: str) -> int:
     return seed if isinstance(seed, int) else None
 
 
-def compare(base_name: str, tuned_name: str, records, data_file: str, out_dir: Path, *, options,
-            max_examples: int | None = None, max_seq_length: int = 1024, allow_pickle: bool = False,
-            trust_remote_code: bool = False) -> dict:
-    """`deltatune compare` on classification data: two classifier folders, or a base encoder and a tuned
-    classifier (the base then gets a fresh head, seeded as the run that made the tuned one). With a
-    run's config.yaml next to the tuned folder, its seed also fixes the bootstrap and the
-    general-text sample, so the numbers are the training report's."""
-    from deltatune.classify import build_classification_examples, load_classifier
-    from deltatune.delta_report import files_text, print_summary, write
-    from deltatune.pipeline import pick_device
-
-    if not is_classifier(tuned_name):
-        raise UserError(f"{tuned_name}: not a sequence classifier (no *ForSequenceClassification in config.json, "
-                        f"no classification adapter); {data_file} holds classification records")
-    records = records[:max_examples] if max_examples else records
-    seed = _run_seed(tuned_name)
+def compare(base_name: str, tuned_name: str, records: list[Record], data_file: str, out_dir: Path,
+            settings: CompareSettings, base_has_head: bool) -> dict:
+    """`deltatune compare` on classification data: two classifiers, or a base encoder and a tuned
+    classifier (`base_has_head` False: the base then gets a fresh head, seeded as the run that made
+    the tuned one). With a run's config.yaml next to the tuned folder, its seed also fixes the
+    bootstrap and the general-text sample, so the numbers are the training report's."""
+    records = records[:settings.max_examples] if settings.max_examples else records
+    options, seed = settings.options, run_seed(tuned_name)
     if seed is not None:
         options = dataclasses.replace(options, seed=seed)
-    opts = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    opts = dict(allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code)
     tuned, tokenizer = load_classifier(tuned_name, None, **opts)
-    if is_classifier(base_name):
+    if base_has_head:
         base, _ = load_classifier(base_name, None, **opts)
-    else:
-        # Without a run's config.yaml: RunConfig's default seed, as a run that never set one.
-        from deltatune.config import RunConfig
-
-        head_seed = RunConfig.model_fields["seed"].default if seed is None else seed
+    else:  # without a run's config.yaml: the default seed, as a run that never set one
+        head_seed = config.default("seed") if seed is None else seed
         base, _ = load_classifier(base_name, label_list(tuned), seed=head_seed, **opts)
     device = pick_device()
     base.to(device).eval()
     tuned.to(device).eval()
-    examples, _ = build_classification_examples(records, tokenizer, max_seq_length=max_seq_length,
+    examples, _ = build_classification_examples(records, tokenizer, max_seq_length=settings.max_seq_length,
                                                 label2id=without_adapters(tuned).config.label2id, name=str(data_file))
     start = time.perf_counter()
     metrics_path = Path(tuned_name).parent / "metrics.jsonl"
     report = build(base, tuned, tokenizer, base_model=base_name, tuned_model=tuned_name,
                    metrics_path=metrics_path if metrics_path.is_file() else None, val_examples=examples,
-                   metric_examples=examples, metric_texts=_texts(records), evaluated_on=Path(data_file).name,
+                   metric_examples=examples, metric_texts=record_texts(records), evaluated_on=Path(data_file).name,
                    loss_on=Path(data_file).name, options=options, device=device)
     report["seconds"]["total"] = time.perf_counter() - start
-    paths = write(out_dir, report, render=markdown)
-    print_summary(report, rows=summary_rows(report))
-    print(f"delta report: {files_text(paths)}")
+    publish(out_dir, report, markdown, summary_rows(report))
     return report
+
+
+def frontier_point(name: str, settings: dict, report: dict) -> dict:
+    """A classifier's point: accuracy gain (else the fall of validation loss) against 1 − backbone CKA."""
+    gain = delta.gain_point(report["task"].get("accuracy"), "accuracy gain", report["task"].get("validation"))
+    r = report["forgetting"]["representation"]
+    return {"name": name, "settings": settings, **gain, "forgetting": r["drift"], "cka": r["cka"],
+            "mean_cosine": r["mean_cosine"], "macro_f1_gain": (report["task"].get("macro_f1") or {}).get("gain"),
+            "perplexity_change": None, "fact_retention": None,
+            "weight_change": report["weights"]["relative_norm"], "task_type": "classification"}
+
+
+def frontier_measures(e: dict) -> list[str]:
+    return [fmt(e.get("cka")), fmt(e.get("mean_cosine"))]
+
+
+KIND = ReportKind("classification", compare, frontier_point,
+                  ("run", "accuracy gain [95% CI]", "1 − CKA", "CKA", "mean cosine", "‖ΔW‖/‖W‖ backbone",
+                   "within budget", ""),
+                  frontier_measures, "1 − linear CKA of the backbone's sentence embeddings on general text")

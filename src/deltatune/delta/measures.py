@@ -23,8 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deltatune.data import IGNORE_INDEX, Example, collate, length_batches
+from deltatune.data.batching import collate, length_batches
+from deltatune.data.examples import IGNORE_INDEX, Example
 from deltatune.errors import UserError
+from deltatune.evaluate import probes
+from deltatune.evaluate.metrics import Check
 
 HEAD_CHUNK = 256          # positions projected onto the vocabulary at once
 GENERAL_CHUNKS = 16       # general-text passages in the fixed sample
@@ -377,3 +380,62 @@ def _aggregate(matrices: list[dict], key: str) -> list[dict]:
              "intruders": sum(m["intruders"] for m in ms)} for k, ms in groups.items()]
     return sorted(rows, key=lambda r: (r[key] is None, r[key] if r[key] is not None else 0)) \
         if key == "layer" else sorted(rows, key=lambda r: -r["relative_norm"])
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    general_text_file: str | None = None
+    probe_files: tuple[str, ...] = ()
+    side_by_side: int = 8
+    kl_samples: int = 8
+    batch_size: int = 8
+    seed: int = 0
+
+
+def load_probe_sets(files) -> tuple[list[probes.Probe], list[str]]:
+    items, sources = probes.builtin_probes(), [f"builtin ({len(probes.BUILTIN_FACTS)} items)"]
+    for f in files:
+        extra = probes.load_probe_file(f)
+        items += extra
+        sources.append(f"{f} ({len(extra)} items)")
+    return items, sources
+
+
+def check_inputs(delta_args, seed: int) -> None:
+    """Read the report's own inputs (DeltaArgs) before training, so a bad probe or corpus file fails in seconds."""
+    if delta_args.delta_report:
+        load_probe_sets(delta_args.probe_files)
+        general_texts(delta_args.general_text_file, seed=seed)
+
+
+def report_options(delta_args, eval_batch_size: int, seed: int) -> ReportOptions:
+    """A training run's report options: its DeltaArgs, evaluation batch size and seed."""
+    return ReportOptions(general_text_file=delta_args.general_text_file, probe_files=tuple(delta_args.probe_files),
+                         side_by_side=delta_args.side_by_side_prompts, kl_samples=delta_args.kl_samples,
+                         batch_size=eval_batch_size, seed=seed)
+
+
+@dataclass(frozen=True)
+class CompareSettings:
+    """`deltatune compare`'s settings, the same for both report kinds (each reads what it needs)."""
+
+    options: ReportOptions = ReportOptions()
+    check: Check = Check()
+    max_examples: int | None = None  # records of the data file used (default: the report kind's)
+    max_seq_length: int = 1024
+    max_new_tokens: int = 64
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+def gain_point(headline: dict | None, measure: str, validation: dict | None) -> dict:
+    """A run's gain for the frontier: the headline metric's when it was measured, else the fall of
+    validation loss."""
+    if headline:
+        return {"gain": headline["gain"], "gain_ci": headline["gain_ci"], "significant": headline["significant"],
+                "gain_measure": measure}
+    if validation:
+        loss = validation["loss"]
+        return {"gain": loss["gain"], "gain_ci": loss["gain_ci"], "significant": loss["significant"],
+                "gain_measure": "validation loss decrease"}
+    return {"gain": None, "gain_ci": None, "significant": False, "gain_measure": "none"}

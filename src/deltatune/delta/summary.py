@@ -1,9 +1,15 @@
-"""Write what a run did: `summary.md` and the before/after table printed at the end."""
+"""Write what a run did: `summary.md` and the before/after table printed at the end.
+
+The run's own evaluation of base and tuned model (before the delta report measures more):
+validation loss, the task metric, and for a classifier per-class scores and the confusion
+matrix.
+"""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
+
+from deltatune.delta.render import fmt
 
 METRIC_ROWS = (("loss", "validation loss"), ("perplexity", "validation perplexity"), ("exact_match", "exact match (test)"),
                ("contains", "contains reference (test)"), ("regex", "matches metric_pattern (test)"),
@@ -11,11 +17,7 @@ METRIC_ROWS = (("loss", "validation loss"), ("perplexity", "validation perplexit
 
 
 def _fmt(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
+    return fmt(value, 4, fixed=True)
 
 
 def comparison_rows(before: dict, after: dict) -> list[tuple[str, str, str, str]]:
@@ -66,3 +68,21 @@ def write_summary(out_dir: Path, *, model: str, before: dict, after: dict, fit, 
     path = out_dir / "summary.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def classification_lines(before: dict, after: dict) -> list[str]:
+    """Markdown: per-class precision/recall and the confusion matrix, base → tuned."""
+    if "per_class" not in after:
+        return []
+    lines = ["", "## Classification", "", "| class | precision (base → tuned) | recall (base → tuned) | support |",
+             "|---|---|---|---|"]
+    for name, a in after["per_class"].items():
+        b = before.get("per_class", {}).get(name, {})
+        lines.append(f"| {name} | {b.get('precision', 0):.3f} → {a['precision']:.3f} | "
+                     f"{b.get('recall', 0):.3f} → {a['recall']:.3f} | {a['support']} |")
+    labels = after["labels"]
+    lines += ["", "Confusion matrix after tuning (rows: true, columns: predicted):", "",
+              "| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(str(v) for v in row) + " |"
+              for name, row in zip(labels, after["confusion_matrix"])]
+    return lines

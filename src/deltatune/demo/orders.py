@@ -1,6 +1,6 @@
 """The bundled demo task: turn a free-text order into one fixed-format line.
 
-    python -m deltatune.demo_task --out data/demo      # writes train/validation/test .jsonl
+    python -m deltatune.demo.orders --out data/demo      # writes train/validation/test .jsonl
 
 The data is generated from a seed, so every machine trains on the same examples. A base
 instruct model does not know the exact output format (it scores near zero on exact match);

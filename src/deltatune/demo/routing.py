@@ -1,6 +1,6 @@
 """The bundled classification task: route a customer message to one of four support teams.
 
-    python -m deltatune.classify_task --out data/classify    # writes train/validation/test .jsonl
+    python -m deltatune.demo.routing --out data/classify    # writes train/validation/test .jsonl
 
 Generated from a seed, so every machine trains on the same examples. The test split uses
 sentence templates held out from training, so a model must learn what the messages are about,
@@ -13,7 +13,7 @@ import argparse
 import random
 from pathlib import Path
 
-from deltatune.demo_task import write_splits
+from deltatune.demo.orders import write_splits
 
 TOPICS = {
     "billing": {

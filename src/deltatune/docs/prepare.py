@@ -1,6 +1,6 @@
 """From documents to training records: `deltatune prepare`.
 
-documents -> chunks (documents.py) -> candidate pairs (a strategy) -> dedupe -> JSONL.
+documents (read.py) -> chunks (chunking.py) -> candidate pairs (a strategy) -> dedupe -> JSONL.
 
 Strategies:
 - `template`: deterministic. A question about each section answered by the section text,
@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from deltatune.dedupe import NEAR_DUPLICATE_THRESHOLD, find_duplicates
-from deltatune.documents import Chunk, Document, chunk_document, find_documents, read_document
+from deltatune.data.dedupe import NEAR_DUPLICATE_THRESHOLD, find_duplicates
+from deltatune.docs.chunking import chunk_document
+from deltatune.docs.documents import Chunk, Document
+from deltatune.docs.read import find_documents, read_document
 from deltatune.errors import UserError
 
 STRATEGIES = ("template", "model")
@@ -251,13 +253,17 @@ def _label_documents(sources: list[str], summary: Summary) -> list[tuple[Path, s
 
 
 def prepare(sources: list[str], out: str | Path, *, tokenizer, max_tokens: int = 256, strategy: str = "template",
-            task: str = "sft", label_from: str | None = None, generate=None,
+            kind: str = "pairs", label_from: str | None = None, generate=None,
             threshold: float = NEAR_DUPLICATE_THRESHOLD) -> Summary:
-    """Read, clean, chunk, make records, dedupe, write. Returns the summary; the caller checked `out`."""
+    """Read, clean, chunk, make records, dedupe, write. Returns the summary; the caller checked `out`.
+
+    `kind`: "pairs" (question/answer conversations, for SFT) or "labelled" ({text, label} records
+    from class folders, for classification)."""
     if strategy not in STRATEGIES:
         raise UserError(f"--strategy '{strategy}': expected one of {', '.join(STRATEGIES)}")
     summary = Summary()
-    if task == "classification":
+    labelled = kind == "labelled"
+    if labelled:
         if label_from != "folder":
             raise UserError("--task classification needs --label-from folder (one subfolder per class)")
         inputs = _label_documents(sources, summary)
@@ -281,19 +287,19 @@ def prepare(sources: list[str], out: str | Path, *, tokenizer, max_tokens: int =
         chunks = chunk_document(doc, tokenizer, max_tokens)
         summary.chunks += len(chunks)
         summary.longest_chunk = max([summary.longest_chunk] + [c.tokens for c in chunks])
-        if task == "classification":
+        if labelled:
             records += [{"text": c.text, "label": label, "provenance": c.provenance()} for c in chunks]
         elif strategy == "template":
             records += template_pairs(doc, chunks)
         else:
             all_chunks += chunks
-    if strategy == "model" and task != "classification":
+    if strategy == "model" and not labelled:
         records = model_pairs(all_chunks, generate, summary.dropped)
         summary.candidates["model"] = len(all_chunks)
     else:
         for r in records:
             summary.candidates[r.get("provenance", {}).get("strategy", "classification")] += 1
-    key = (lambda r: r["text"]) if task == "classification" else _answer
+    key = (lambda r: r["text"]) if labelled else _answer
     kept = dedupe(records, key, summary.dropped, threshold)
     summary.kept = len(kept)
     if not kept:

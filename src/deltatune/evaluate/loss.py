@@ -1,6 +1,11 @@
-"""Output head + cross-entropy in chunks, without ever holding [tokens x vocabulary] logits.
+"""The losses: summed cross-entropy and its label count, for training and evaluation alike.
 
-The loss is a scalar at the end of the graph, so its gradients with respect to the hidden
+Every loss function returns (summed loss, number of label positions), so a caller can
+normalise by the tokens of a whole optimizer step (training) or of a whole dataset
+(evaluation) instead of averaging averages.
+
+Output head + cross-entropy in chunks, without ever holding [tokens x vocabulary] logits:
+the loss is a scalar at the end of the graph, so its gradients with respect to the hidden
 states and the head weight can be computed in the forward pass, chunk by chunk, and only
 scaled by the incoming gradient in backward. Each chunk's logits live just long enough to
 produce its loss and gradients: peak memory is one chunk of logits instead of all of them
@@ -10,9 +15,19 @@ autograd's version. The chunk size bounds the logits buffer to `max_chunk_elemen
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
+
+from deltatune.data.batching import collate, length_batches, model_mask
+from deltatune.data.examples import IGNORE_INDEX, Example
+from deltatune.runtime import distributed
+from deltatune.runtime.precision import autocast
 
 MAX_CHUNK_ELEMENTS = 1 << 24  # 64 MB of float32 logits per chunk
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -66,3 +81,71 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """sum over rows of cross_entropy(hidden @ weight.T, targets): hidden [N, d], weight [V, d], targets [N]."""
     chunk_rows = max(1, max_chunk_elements // weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+
+
+def class_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The one class id per row (every other position is IGNORE_INDEX, which is smaller)."""
+    return labels.max(dim=1).values
+
+
+def classification_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy over the batch, number of examples)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    targets = class_targets(batch["labels"])
+    return F.cross_entropy(logits, targets, reduction="sum"), torch.tensor(len(targets), device=logits.device)
+
+
+
+def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, number of label tokens) of next-token prediction.
+
+    The output head runs only at positions that carry a label: prompts and padding are never
+    projected onto the vocabulary, which is most of the head's cost in SFT; and it runs in
+    chunks with the cross-entropy (linear_cross_entropy), so the full logits never exist at once.
+    A packed batch (data/batching.py) brings `position_ids` and a 4D block-diagonal mask.
+    """
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    mask = batch["attention_mask"]
+    extra = {}
+    if "position_ids" in batch:  # a packed batch: per-example positions and a 4D block mask
+        mask = model_mask(model, mask, next(model.parameters()).dtype)
+        extra["position_ids"] = batch["position_ids"]
+    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **extra)
+    hidden = out.last_hidden_state[:, :-1][keep]
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if not cap and isinstance(head, torch.nn.Linear) and head.bias is None:
+        return linear_cross_entropy(hidden, head.weight, targets[keep]), keep.sum()
+    logits = head(hidden).float()
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
+
+
+@torch.no_grad()
+def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int, device: torch.device,
+              bf16: bool = False, loss_fn: LossFn = causal_lm_loss, max_tokens: int | None = None) -> tuple[float, int]:
+    """Token-weighted mean loss over examples, streamed batch by batch (no logits are kept)."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.long, device=device)
+    with evaluation_mode(model):
+        for idx in length_batches(examples, batch_size, max_tokens):
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+            with autocast(device, bf16):
+                loss_sum, n = distributed.call(model, loss_fn, batch)
+            total += loss_sum.double()
+            count += n
+    n_tokens = int(count.item())
+    return (total.item() / n_tokens if n_tokens else float("nan")), n_tokens
+
+
+@contextmanager
+def evaluation_mode(model):
+    """model.eval() inside, and the mode it had (train or eval) back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

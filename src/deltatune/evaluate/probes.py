@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from deltatune.data.formats import read_raw
 from deltatune.errors import UserError, where
-from deltatune.evaluate import greedy_continuations, stop_ids
+from deltatune.evaluate.generate import greedy_continuations, stop_ids
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,6 @@ def builtin_probes() -> list[Probe]:
 
 def load_probe_file(path) -> list[Probe]:
     """A user's probe set: records with `prompt` and `answer` (JSONL, JSON array or CSV)."""
-    from deltatune.formats import read_raw
-
     probes = []
     for line, obj in read_raw(path):
         loc = where(path, line)
@@ -121,14 +120,14 @@ def load_probe_file(path) -> list[Probe]:
     return probes
 
 
-def _words(text: str) -> list[str]:
+def answer_words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
 
 def is_correct(completion: str, answer: str) -> bool:
     """The completion's first words are the answer's words (case and punctuation ignored)."""
-    want = _words(answer)
-    return bool(want) and _words(completion)[: len(want)] == want
+    want = answer_words(answer)
+    return bool(want) and answer_words(completion)[: len(want)] == want
 
 
 def complete(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 4, batch_size: int = 32,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from deltatune.errors import UserError
+from deltatune.model.load import load_causal_lm
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -80,8 +81,6 @@ def _tokenizer_metadata(writer, tokenizer, vocab_size: int) -> None:
 def export_gguf(model_name: str, out: Path, *, dtype: str = "f16", allow_pickle: bool = False) -> Path:
     import gguf
 
-    from deltatune.model import load_causal_lm
-
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     if out.suffix != ".gguf":
@@ -95,45 +94,13 @@ def export_gguf(model_name: str, out: Path, *, dtype: str = "f16", allow_pickle:
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise UserError(f"{model_name}: rope scaling '{rope.get('rope_type')}' is not supported by this exporter")
-
-    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     writer = gguf.GGUFWriter(str(tmp), "llama")
     try:
-        writer.add_name(Path(str(config.name_or_path or model_name)).name or "model")
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(n_head)
-        writer.add_head_count_kv(n_kv)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        writer.add_vocab_size(config.vocab_size)
-        writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _write_metadata(writer, config, model_name, dtype, rope)
         _tokenizer_metadata(writer, tokenizer, config.vocab_size)
-
-        # state_dict keeps a tied lm_head under its own name; GGUF leaves output.weight out instead.
-        for hf_name, tensor in model.state_dict().items():
-            if hf_name == "lm_head.weight" and config.tie_word_embeddings:
-                continue
-            name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if name is None:
-                raise UserError(f"{model_name}: tensor '{hf_name}' has no GGUF name (unsupported architecture variant)")
-            data = tensor.detach().to(torch.float32).cpu().numpy()
-            if name.endswith("attn_q.weight"):
-                data = _permute_rotary(data, n_head)
-            elif name.endswith("attn_k.weight"):
-                data = _permute_rotary(data, n_kv)
-            array, raw_type = _tensor(data, dtype)
-            # Quantised arrays come back as bytes; the writer derives their element shape from raw_dtype.
-            writer.add_tensor(name, array, raw_dtype=raw_type if array.dtype == np.uint8 else None)
+        _write_tensors(writer, model, model_name, dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -142,3 +109,46 @@ def export_gguf(model_name: str, out: Path, *, dtype: str = "f16", allow_pickle:
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def _write_metadata(writer, config, model_name: str, dtype: str, rope: dict) -> None:
+    import gguf
+
+    n_head = config.num_attention_heads
+    writer.add_name(Path(str(config.name_or_path or model_name)).name or "model")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // n_head)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_tensors(writer, model, model_name: str, dtype: str) -> None:
+    import gguf
+
+    config = model.config
+    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    # state_dict keeps a tied lm_head under its own name; GGUF leaves output.weight out instead.
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UserError(f"{model_name}: tensor '{hf_name}' has no GGUF name (unsupported architecture variant)")
+        data = tensor.detach().to(torch.float32).cpu().numpy()
+        if name.endswith("attn_q.weight"):
+            data = _permute_rotary(data, n_head)
+        elif name.endswith("attn_k.weight"):
+            data = _permute_rotary(data, n_kv)
+        array, raw_type = _tensor(data, dtype)
+        # Quantised arrays come back as bytes; the writer derives their element shape from raw_dtype.
+        writer.add_tensor(name, array, raw_dtype=raw_type if array.dtype == np.uint8 else None)

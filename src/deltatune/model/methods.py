@@ -2,52 +2,26 @@
 
 `apply_method(model, cfg)` returns the model to train (a `peft.PeftModel` for adapter methods,
 the same model otherwise) with `requires_grad` set on exactly the parameters that train, and
-`trainable_summary(model)` says what that is. Adapter folders (PEFT format) are loaded back
-with `load_adapter_model`, which follows the adapter's own record of its base model.
+`trainable_summary(model)` says what that is.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from deltatune.errors import UserError
+from deltatune.model.parts import embedding_parameter_names, find_blocks, head_module_names
 
 ADAPTER_METHODS = ("lora", "dora", "qlora")
 
 
-# --- finding the parts of a model -------------------------------------------------------------
-
-def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
-    """(qualified name, ModuleList) of the transformer blocks: the list as long as the layer count."""
-    n_layers = getattr(model.config, "num_hidden_layers", None)
-    candidates = [(name, m) for name, m in model.named_modules()
-                  if isinstance(m, torch.nn.ModuleList) and len(m) > 0 and (n_layers is None or len(m) == n_layers)]
-    if not candidates:
-        raise UserError(f"{type(model).__name__}: cannot find its list of transformer blocks "
-                        "(use method: full, or name modules with trainable_modules)")
-    return max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))
 
 
-def head_module_names(model: torch.nn.Module) -> list[str]:
-    """Top-level modules outside the backbone: `lm_head`, or the classification head (`score`, `classifier`)."""
-    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    names = [name for name, child in model.named_children()
-             if child is not backbone and any(True for _ in child.parameters())]
-    if not names:
-        raise UserError(f"{type(model).__name__}: no output head found outside the backbone")
-    return names
 
 
-def embedding_parameter_names(model: torch.nn.Module) -> set[str]:
-    """Parameters of every embedding table (token, position, token type)."""
-    return {f"{mod_name}.{p_name}" if mod_name else p_name
-            for mod_name, mod in model.named_modules() if isinstance(mod, torch.nn.Embedding)
-            for p_name, _ in mod.named_parameters(recurse=False)}
 
 
 def default_lora_targets(model: torch.nn.Module) -> str:
@@ -61,27 +35,9 @@ def default_lora_targets(model: torch.nn.Module) -> str:
     return rf"{re.escape(prefix)}\.\d+\.({inner})"
 
 
-def without_adapters(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a peft wrapper (its LoRA layers stay in place); any other model as is."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 # --- applying a method ------------------------------------------------------------------------
-
-def check_method_available(method: str, device: torch.device) -> None:
-    """Fail before anything loads when the method needs what this machine lacks."""
-    if method != "qlora":
-        return
-    import importlib.util
-
-    missing = []
-    if device.type != "cuda":
-        missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        missing.append("the bitsandbytes package (pip install bitsandbytes)")
-    if missing:
-        raise UserError(f"method 'qlora' needs {' and '.join(missing)}; use method: lora on this machine")
-
 
 def quantization_config(method: str):
     """The 4-bit NF4 load settings QLoRA trains on; None for every other method."""
@@ -93,7 +49,7 @@ def quantization_config(method: str):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def _lora_config(model, cfg, task_type: str):
+def _lora_config(model, cfg, task_type: str, new_head: bool):
     from peft import LoraConfig
 
     return LoraConfig(
@@ -103,7 +59,7 @@ def _lora_config(model, cfg, task_type: str):
         target_modules=list(cfg.lora_target_modules) if cfg.lora_target_modules else default_lora_targets(model),
         use_dora=cfg.method == "dora",
         # A new classification head starts random: it must train, and be saved with the adapter.
-        modules_to_save=head_module_names(model) if task_type == "SEQ_CLS" else None,
+        modules_to_save=head_module_names(model) if new_head else None,
         task_type=task_type,
     )
 
@@ -118,10 +74,12 @@ def _block_index(name: str, prefix: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def apply_method(model: torch.nn.Module, cfg, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
-    """Set what trains according to `cfg.method`; returns the model to train (maybe a PeftModel).
+def apply_method(model: torch.nn.Module, cfg, task_type: str = "CAUSAL_LM", new_head: bool = False
+                 ) -> torch.nn.Module:
+    """Set what trains according to `cfg.method` (a ModelArgs); returns the model to train (maybe a PeftModel).
 
-    task_type: peft's name for the objective, "CAUSAL_LM" or "SEQ_CLS".
+    task_type: peft's name for the objective ("CAUSAL_LM", "SEQ_CLS"). new_head: the model has a
+    freshly initialised head (a classifier), which must train and be saved with an adapter.
     """
     method = cfg.method
     if method == "full":
@@ -133,7 +91,7 @@ def apply_method(model: torch.nn.Module, cfg, task_type: str = "CAUSAL_LM") -> t
         if method == "qlora":
             model = prepare_model_for_kbit_training(model)
         try:
-            return get_peft_model(model, _lora_config(model, cfg, task_type))
+            return get_peft_model(model, _lora_config(model, cfg, task_type, new_head))
         except ValueError as err:  # peft's message for target names that match nothing
             raise UserError(f"lora_target_modules: {str(err).splitlines()[0]}") from None
     if method == "head_only":
@@ -220,51 +178,11 @@ def trainable_summary(model: torch.nn.Module) -> TrainableSummary:
     return TrainableSummary(trainable, total, names)
 
 
-# --- adapter folders --------------------------------------------------------------------------
-
-def is_adapter_dir(path) -> bool:
-    return isinstance(path, Path) and (path / "adapter_config.json").is_file()
 
 
-def adapter_info(folder: Path) -> dict:
-    try:
-        info = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{folder / 'adapter_config.json'}: cannot read it ({err})") from None
-    if not info.get("base_model_name_or_path"):
-        raise UserError(f"{folder / 'adapter_config.json'}: no base_model_name_or_path (which model was adapted?)")
-    return info
 
 
-def load_adapter_model(folder: Path, load_base, *, trainable: bool = False):
-    """PeftModel from an adapter folder; `load_base(name)` loads the base model the adapter names."""
-    from peft import PeftModel
-
-    base_name = adapter_info(folder)["base_model_name_or_path"]
-    base = load_base(base_name)
-    try:
-        return PeftModel.from_pretrained(base, folder, is_trainable=trainable)
-    except Exception as err:  # shape mismatches, missing files
-        raise UserError(f"{folder}: cannot apply this adapter to {base_name} ({str(err).splitlines()[0]})") from None
 
 
-def merge_adapter(adapter_dir: Path, out: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
-    """Fold an adapter into its base model's weights and save a plain model folder (+ tokenizer)."""
-    from deltatune.model import save_pretrained_atomic
 
-    if not is_adapter_dir(adapter_dir):
-        raise UserError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists and is not an empty folder (choose a new --out)")
-    opts = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    if adapter_info(adapter_dir).get("task_type") == "SEQ_CLS":
-        from deltatune.classify import load_classifier
 
-        model, tokenizer = load_classifier(str(adapter_dir), None, **opts)
-    else:
-        from deltatune.model import load_causal_lm
-
-        model, tokenizer = load_causal_lm(str(adapter_dir), **opts)
-    merged = model.merge_and_unload()
-    save_pretrained_atomic(merged, tokenizer, out)
-    return out

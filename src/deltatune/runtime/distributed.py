@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -25,13 +24,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from deltatune.data.examples import IGNORE_INDEX
 from deltatune.errors import UserError
-from deltatune.methods import without_adapters
-
-# Test hook: "RANK:STEP" makes that rank raise at that step, "RANK:STEP:hang" makes it stop
-# responding, so tests can check that a broken rank ends the job rather than hanging it.
-FAULT_ENV = "DELTATUNE_TEST_FAULT"
-
+from deltatune.model.load import save_pretrained_atomic
+from deltatune.model.parts import without_adapters
 
 # --- process group -----------------------------------------------------------------------
 
@@ -86,7 +82,8 @@ def barrier() -> None:
 
 # --- reductions ---------------------------------------------------------------------------
 
-def _comm_device() -> torch.device:
+def comm_device() -> torch.device:
+    """Where collectives exchange tensors: the GPU under nccl, the CPU under gloo."""
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -97,11 +94,11 @@ def all_reduce_sum(value):
     if not dist.is_initialized():
         return value
     if isinstance(value, torch.Tensor):
-        out = value.detach().to(_comm_device()).clone()
+        out = value.detach().to(comm_device()).clone()
         dist.all_reduce(out)
         return out.to(value.device)
     out = torch.tensor(value, dtype=torch.float64 if isinstance(value, float) else torch.long,
-                       device=_comm_device())
+                       device=comm_device())
     dist.all_reduce(out)
     return out.item()
 
@@ -148,11 +145,6 @@ def wrap_model(model: torch.nn.Module, parallelism: str, device: torch.device,
     final norm, head), so each process holds 1/world of the weights, gradients and optimizer
     state; optional CPU offload of the shards.
     """
-    if cpu_offload and parallelism != "fsdp":
-        raise UserError("fsdp_cpu_offload: true needs parallelism: fsdp (DDP keeps a full model on each device)")
-    if cpu_offload and device.type != "cuda":
-        raise UserError("fsdp_cpu_offload: true needs CUDA devices (on CPU the shards are in CPU memory already; "
-                        "set it to false)")
     if world_size() == 1:
         return model.to(device)
     if parallelism == "ddp":
@@ -236,8 +228,6 @@ def local_share(batches: list[dict]) -> list[dict]:
     mine = batches[rank()::world]
     per_process = -(-len(batches) // world)
     if len(mine) < per_process:
-        from deltatune.data import IGNORE_INDEX
-
         blank = {k: v[:1] for k, v in batches[-1].items()}
         blank["labels"] = torch.full_like(blank["labels"], IGNORE_INDEX)
         mine = mine + [blank] * (per_process - len(mine))
@@ -268,8 +258,6 @@ def full_state_dict(model: torch.nn.Module) -> dict | None:
 
 def save_model(model, tokenizer, out: Path) -> None:
     """Write a model folder from rank 0, in the same format as a single-process run."""
-    from deltatune.model import save_pretrained_atomic
-
     state = full_state_dict(model)  # every rank takes part in the gather
     if is_main():
         save_pretrained_atomic(unwrap(model), tokenizer, out, state_dict=state)
@@ -301,32 +289,3 @@ def peer_failures_explained(timeout_seconds: float):
         raise UserError(f"rank {rank()}: another process crashed or did not answer within ddp_timeout="
                         f"{timeout_seconds:g}s, so this one stopped too ({first}); the failing rank's own error "
                         "is printed above") from err
-
-
-class NullLog:
-    """The metrics log of ranks other than 0: they compute the same numbers and write nothing."""
-
-    path = None  # no metrics.jsonl to copy into a checkpoint
-
-    def write(self, record: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-# --- test hook ----------------------------------------------------------------------------
-
-def inject_fault(step: int) -> None:
-    """Fail on purpose where DELTATUNE_TEST_FAULT says (tests of crash handling only)."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    parts = spec.split(":")
-    if int(parts[0]) != rank() or int(parts[1]) != step:
-        return
-    if parts[2:] == ["hang"]:
-        print(f"rank {rank()}: {FAULT_ENV} hangs at step {step}", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(60)
-    raise RuntimeError(f"rank {rank()}: failure injected by {FAULT_ENV} at step {step}")

@@ -34,8 +34,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from deltatune import distributed
 from deltatune.errors import UserError
+from deltatune.files import fsync_path, sha256_file
+from deltatune.runtime import distributed
+from deltatune.runtime.faults import crash_point
 
 PREFIX = "checkpoint-"
 MANIFEST = "manifest.json"
@@ -60,22 +62,6 @@ class StopRequested(Exception):
 
 # --- files -----------------------------------------------------------------------------------
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _remove(path: Path) -> None:
     """Delete a checkpoint folder; renamed first so a kill mid-delete never leaves a torn `checkpoint-N`."""
     trash = path.with_name(f".trash-{path.name}")
@@ -94,14 +80,6 @@ def checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
-def crash_point(point: str, step: int) -> None:
-    """Crash-safety tests set DELTATUNE_TEST_KILL=POINT:STEP[:SIGNAL] to signal this process here
-    (under torchrun: every rank that gets there, or only rank DELTATUNE_TEST_KILL_RANK)."""
-    spec = os.environ.get("DELTATUNE_TEST_KILL")
-    if spec and os.environ.get("DELTATUNE_TEST_KILL_RANK", str(distributed.rank())) == str(distributed.rank()):
-        want_point, want_step, *sig = spec.split(":")
-        if want_point == point and int(want_step) == step:
-            os.kill(os.getpid(), getattr(signal, sig[0]) if sig else signal.SIGKILL)
 
 
 def data_fingerprint(examples) -> str:
@@ -122,11 +100,11 @@ def rng_tensors() -> dict[str, torch.Tensor]:
     return rng
 
 
-def run_state(step: int, cfg, loop: dict, scheduler, optimizer: dict) -> dict:
-    """What state.json holds: everything but tensors (Python/NumPy RNGs included)."""
+def run_state(step: int, config: dict, loop: dict, scheduler, optimizer: dict) -> dict:
+    """What state.json holds: everything but tensors (Python/NumPy RNGs included); `config`: the flat config."""
     py_rng = random.getstate()
     np_rng = np.random.get_state()
-    return {"step": step, "world_size": distributed.world_size(), "loop": loop, "config": cfg.model_dump(),
+    return {"step": step, "world_size": distributed.world_size(), "loop": loop, "config": config,
             "optimizer": optimizer, "scheduler": scheduler.state_dict(),
             "python_rng": [py_rng[0], list(py_rng[1]), py_rng[2]],
             "numpy_rng": [np_rng[0], np_rng[1].tolist(), *np_rng[2:]]}
@@ -143,15 +121,15 @@ def seal(tmp: Path, target: Path, out_dir: Path, step: int) -> None:
     crash_point("checkpoint-write", step)
     files = {}
     for f in sorted(tmp.iterdir()):
-        _fsync(f)
-        files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        fsync_path(f)
+        files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
-    _fsync(tmp / MANIFEST)
-    _fsync(tmp)
+    fsync_path(tmp / MANIFEST)
+    fsync_path(tmp)
     if target.exists():  # left by an abandoned continuation of this run
         _remove(target)
     os.replace(tmp, target)
-    _fsync(out_dir)
+    fsync_path(out_dir)
 
 
 def prune(out_dir: Path, keep: int | None) -> None:
@@ -160,36 +138,46 @@ def prune(out_dir: Path, keep: int | None) -> None:
             _remove(old)
 
 
-def save_checkpoint(out_dir: Path, step: int, cfg, model, optimizer, scheduler, loop: dict,
-                    best_state: dict | None, metrics_path: Path | None,
-                    rng: dict[str, torch.Tensor] | None = None) -> Path | None:
-    """Write `out_dir/checkpoint-STEP` atomically and prune to `save_total_limit`; None if weights are not finite.
-
-    `rng`: generator states to store instead of this process's own (DDP: every rank's)."""
-    trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    if not all(bool(torch.isfinite(t).all()) for t in trainable.values()):
-        print(f"step {step}: weights are not finite; no checkpoint written (the last good one is kept)", flush=True)
-        return None
-    target = out_dir / f"{PREFIX}{step}"
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{target.name}.tmp-"))
+def write_and_seal(tmp: Path, target: Path, out_dir: Path, step: int, *, tensors: dict[str, dict], state: dict,
+                   rng: dict[str, torch.Tensor], metrics_path: Path | None, keep: int | None) -> None:
+    """Write `tensors` ({file name: {name: tensor}}), the RNGs and the run files into `tmp`, seal it
+    as `target`, then prune to `keep` checkpoints. `tmp` is gone afterwards, whatever happened."""
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is as readable as the rest of the run
-        save_file(trainable, tmp / "trainable.safetensors")
-        if best_state is not None:
-            save_file({n: t.contiguous().cpu() for n, t in best_state.items()}, tmp / "best.safetensors")
-        opt = optimizer.state_dict()
-        opt_tensors = {f"{i}.{k}": v.contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items()
-                       if torch.is_tensor(v)}
-        opt_other = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items() if not torch.is_tensor(v)}
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        save_file(rng if rng is not None else rng_tensors(), tmp / "rng.safetensors")
-        state = run_state(step, cfg, loop, scheduler, {"param_groups": opt["param_groups"], "other": opt_other})
+        for name, content in tensors.items():
+            save_file(content, tmp / name)
+        save_file(rng, tmp / "rng.safetensors")
         write_run_files(tmp, state, metrics_path)
         seal(tmp, target, out_dir, step)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     crash_point("checkpoint-renamed", step)
-    prune(out_dir, cfg.save_total_limit)
+    prune(out_dir, keep)
+
+
+def save_checkpoint(out_dir: Path, step: int, config: dict, model, optimizer, scheduler, loop: dict,
+                    best_state: dict | None, metrics_path: Path | None, rng: dict[str, torch.Tensor] | None = None,
+                    keep: int | None = None) -> Path | None:
+    """Write `out_dir/checkpoint-STEP` atomically and prune to `keep`; None if weights are not finite.
+
+    `config`: the flat config (a resume compares it). `rng`: generator states to store instead of
+    this process's own (DDP: every rank's)."""
+    trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    if not all(bool(torch.isfinite(t).all()) for t in trainable.values()):
+        print(f"step {step}: weights are not finite; no checkpoint written (the last good one is kept)", flush=True)
+        return None
+    opt = optimizer.state_dict()
+    tensors = {"trainable.safetensors": trainable,
+               "optimizer.safetensors": {f"{i}.{k}": v.contiguous().cpu() for i, s in opt["state"].items()
+                                         for k, v in s.items() if torch.is_tensor(v)}}
+    if best_state is not None:
+        tensors["best.safetensors"] = {n: t.contiguous().cpu() for n, t in best_state.items()}
+    opt_other = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items() if not torch.is_tensor(v)}
+    state = run_state(step, config, loop, scheduler, {"param_groups": opt["param_groups"], "other": opt_other})
+    target = out_dir / f"{PREFIX}{step}"
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{target.name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is as readable as the rest of the run
+    write_and_seal(tmp, target, out_dir, step, tensors=tensors, state=state,
+                   rng=rng if rng is not None else rng_tensors(), metrics_path=metrics_path, keep=keep)
     return target
 
 
@@ -209,7 +197,7 @@ def verify(ckpt: Path) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != meta["bytes"]:
             return f"{name} has {f.stat().st_size} bytes, the manifest says {meta['bytes']}"
-        if _sha256(f) != meta["sha256"]:
+        if sha256_file(f) != meta["sha256"]:
             return f"{name} does not match its SHA-256 in the manifest"
     return None
 
@@ -225,7 +213,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def _config_differences(saved: dict, cfg) -> list[str]:
-    now = cfg.model_dump()
+    now = cfg.flat()
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
             if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k)]
 
@@ -235,23 +223,24 @@ def find_resume_checkpoint(cfg, world_size: int = 1) -> Path | None:
 
     `world_size`: processes of the run that resumes; it must be the checkpoint's (each rank's share
     of every step, its RNG and, under FSDP, its shard depend on it)."""
-    if cfg.resume_from_checkpoint is None:
+    resume_from = cfg.output.resume_from_checkpoint
+    if resume_from is None:
         return None
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output.output_dir)
     own_config = out / "config.yaml"
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir:
+    if out.is_dir() and any(out.iterdir()) and not cfg.output.overwrite_output_dir:
         saved = yaml.safe_load(own_config.read_text(encoding="utf-8")) if own_config.is_file() else None
         if not isinstance(saved, dict) or _config_differences(saved, cfg):
             why = "; ".join(_config_differences(saved, cfg)[:3]) if isinstance(saved, dict) else "no config.yaml"
             raise UserError(f"output_dir '{out}' holds a different run ({why}); resume with that run's config, "
                             "or choose a new output_dir")
-    if cfg.resume_from_checkpoint == "latest":
+    if resume_from == "latest":
         ckpt = latest_checkpoint(out) if out.is_dir() else None
         if ckpt is None:
             print(f"resume: no complete checkpoint in {out} yet; starting at step 0", flush=True)
             return None
     else:
-        ckpt = Path(cfg.resume_from_checkpoint)
+        ckpt = Path(resume_from)
         if not ckpt.is_dir():
             raise UserError(f"resume_from_checkpoint '{ckpt}': no such checkpoint folder "
                             "(give a checkpoint-N folder, or latest)")

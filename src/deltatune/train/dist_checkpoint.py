@@ -30,12 +30,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from deltatune import distributed
-from deltatune.checkpoint import (PREFIX, crash_point, load_checkpoint, prune, restore_rng, rng_tensors, run_state,
-                                  save_checkpoint, seal, write_run_files)
 from deltatune.errors import UserError
+from deltatune.runtime import distributed
+from deltatune.train.checkpoint import (
+    PREFIX,
+    load_checkpoint,
+    restore_rng,
+    rng_tensors,
+    run_state,
+    save_checkpoint,
+    write_and_seal,
+)
 
 REPLICATED = "replicated.safetensors"
 
@@ -49,7 +56,7 @@ def sharded(model) -> bool:
 
 def _gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's copy of `tensor` (same shape and dtype everywhere), on the CPU."""
-    local = tensor.to(distributed._comm_device())
+    local = tensor.to(distributed.comm_device())
     parts = [torch.empty_like(local) for _ in range(distributed.world_size())]
     dist.all_gather(parts, local)
     return [p.cpu() for p in parts]
@@ -68,27 +75,31 @@ def agreed_stop_signal(signum: int | None) -> int | None:
     stops all of them after the same step, so they write one checkpoint together."""
     if distributed.world_size() == 1:
         return signum
-    flag = torch.tensor(signum or 0, device=distributed._comm_device())
+    flag = torch.tensor(signum or 0, device=distributed.comm_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag) or None
 
 
 # --- save ------------------------------------------------------------------------------------
 
-def save(out_dir: Path, step: int, cfg, model, optimizer, scheduler, loop: dict, best_state: dict | None,
-         metrics_path: Path | None) -> Path | None:
-    """Write `checkpoint-STEP` (collective under torchrun: every rank calls it); None if not written."""
+def save(out_dir: Path, step: int, config: dict, model, optimizer, scheduler, loop: dict, best_state: dict | None,
+         metrics_path: Path | None, keep: int | None = None) -> Path | None:
+    """Write `checkpoint-STEP` (collective under torchrun: every rank calls it); None if not written.
+
+    `config`: the flat config; `keep`: checkpoints to keep (save_total_limit)."""
     if distributed.world_size() == 1:
-        return save_checkpoint(out_dir, step, cfg, model, optimizer, scheduler, loop, best_state, metrics_path)
+        return save_checkpoint(out_dir, step, config, model, optimizer, scheduler, loop, best_state, metrics_path,
+                               keep=keep)
     rng = gathered_rng()
     # Each rank sums its own micro-batches' loss until the next log (which adds them up).
     loop = {**loop, "window_loss_by_rank": [float(t) for t in _gather(torch.tensor(loop["window_loss"], dtype=torch.float64))]}
     if sharded(model):
-        return _save_sharded(out_dir, step, cfg, model, optimizer, scheduler, loop, best_state, metrics_path, rng)
+        return _save_sharded(out_dir, step, config, model, optimizer, scheduler, loop, best_state, metrics_path, rng,
+                             keep)
     saved = None
     if distributed.is_main():  # DDP: rank 0's replica is everyone's
-        saved = save_checkpoint(out_dir, step, cfg, distributed.unwrap(model), optimizer, scheduler, loop,
-                                best_state, metrics_path, rng=rng)
+        saved = save_checkpoint(out_dir, step, config, distributed.unwrap(model), optimizer, scheduler, loop,
+                                best_state, metrics_path, rng=rng, keep=keep)
     # Also the barrier: no rank goes on (or stops) before the checkpoint is in place.
     written = distributed.all_reduce_sum(1 if saved else 0) > 0
     return out_dir / f"{PREFIX}{step}" if written else None
@@ -136,8 +147,10 @@ def _split(flat: dict) -> tuple[dict, dict]:
     return shards, plain
 
 
-def _save_sharded(out_dir, step, cfg, model, optimizer, scheduler, loop, best_state, metrics_path, rng) -> Path | None:
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter, save as dcp_save
+def _save_sharded(out_dir, step, config, model, optimizer, scheduler, loop, best_state, metrics_path, rng,
+                  keep) -> Path | None:
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     if not distributed.all_finite(model):
@@ -155,17 +168,10 @@ def _save_sharded(out_dir, step, cfg, model, optimizer, scheduler, loop, best_st
     # rank only once all of them have written (their results are gathered on rank 0).
     dcp_save(shards, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
     if distributed.is_main():
-        try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in plain.items()}, tmp / REPLICATED)
-            save_file(rng, tmp / "rng.safetensors")
-            state = run_state(step, cfg, loop, scheduler, {"param_groups": optim_state["param_groups"]})
-            state["has_best"] = best_state is not None
-            write_run_files(tmp, state, metrics_path)
-            seal(tmp, target, out_dir, step)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        crash_point("checkpoint-renamed", step)
-        prune(out_dir, cfg.save_total_limit)
+        state = run_state(step, config, loop, scheduler, {"param_groups": optim_state["param_groups"]})
+        state["has_best"] = best_state is not None
+        write_and_seal(tmp, target, out_dir, step, state=state, rng=rng, metrics_path=metrics_path, keep=keep,
+                       tensors={REPLICATED: {k: v.detach().contiguous().cpu() for k, v in plain.items()}})
     distributed.barrier()
     return target
 
@@ -184,7 +190,8 @@ def load(ckpt: Path, model, optimizer, scheduler) -> tuple[dict, dict | None]:
 
 
 def _load_sharded(ckpt: Path, model, optimizer, scheduler) -> tuple[dict, dict | None]:
-    from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader, load as dcp_load
+    from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader
+    from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))

@@ -18,12 +18,14 @@ the base model on exactly the base weights it was evaluated with before training
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
-from deltatune import distributed, host_memory
 from deltatune.errors import UserError
-from deltatune.methods import find_blocks, without_adapters
+from deltatune.model.parts import find_blocks, without_adapters
+from deltatune.runtime import distributed, host_memory
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -129,3 +131,13 @@ def restore_frozen_weights(model: torch.nn.Module, load_base) -> int:
             linear.weight.data = original.weight.data.to(linear.weight.device)
             del linear.forward
     return len(stored)
+
+
+@contextmanager
+def frozen_weights(model: torch.nn.Module, dtype_name: str, load_base):
+    """While inside, the frozen base linears are stored in `dtype_name`; on the way out (normal
+    exit only: after an error the model is not evaluated or saved) their float32 weights come
+    back, bit for bit, from `load_base()`. float32, the default, changes nothing."""
+    store_frozen_weights(model, dtype_name)
+    yield model
+    restore_frozen_weights(model, load_base)

@@ -5,220 +5,156 @@ label tokens in the whole optimizer step (so gradient accumulation changes nothi
 warm-up then linear/cosine/constant decay, gradient clipping, periodic logging, evaluation,
 early stopping and checkpoints. One host sync per step decides whether the update is finite
 (a non-finite loss or gradient norm skips the update instead of poisoning AdamW's moments);
-other syncs (`.item()`) happen only when something is logged. Checkpoints and exact resume
-live in checkpoint.py; the loop calls them at its start and after a step.
+other syncs (`.item()`) happen only when something is logged.
+
+Everything the loop carries from one step to the next is one `LoopState`: a checkpoint saves
+`state.as_dict()`, a resume restores `LoopState.from_dict(...)`, nowhere else. Checkpoints and
+exact resume live in checkpoint.py / dist_checkpoint.py.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import math
+import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from deltatune import dist_checkpoint, distributed, host_memory
-from deltatune.checkpoint import StopRequested, crash_point, data_fingerprint, latest_checkpoint, stop_on_signals
-from deltatune.config import RunConfig
-from deltatune.data import IGNORE_INDEX, Example, collate, length_batches, micro_batches, step_groups
+from deltatune.data.batching import collate, collate_packed, micro_batches, packed_micro_batches, step_groups
+from deltatune.data.examples import IGNORE_INDEX, Example
 from deltatune.errors import UserError
-from deltatune.head_loss import linear_cross_entropy
-from deltatune.methods import find_blocks, without_adapters
-from deltatune.optimizers import AdamWBf16Moments
-from deltatune.packing import collate_packed, model_mask, packed_micro_batches
-from deltatune.speed import prepare_for_training
-
-LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
-
-
-# --- loss --------------------------------------------------------------------------------------
-
-def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy, number of label tokens) of next-token prediction.
-
-    The output head runs only at positions that carry a label: prompts and padding are never
-    projected onto the vocabulary, which is most of the head's cost in SFT; and it runs in
-    chunks with the cross-entropy (head_loss.py), so the full logits never exist at once.
-    A packed batch (packing.py) brings `position_ids` and a 4D block-diagonal mask.
-    """
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    mask = batch["attention_mask"]
-    extra = {}
-    if "position_ids" in batch:  # a packed batch: per-example positions and a 4D block mask
-        mask = model_mask(model, mask, next(model.parameters()).dtype)
-        extra["position_ids"] = batch["position_ids"]
-    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **extra)
-    hidden = out.last_hidden_state[:, :-1][keep]
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if not cap and isinstance(head, torch.nn.Linear) and head.bias is None:
-        return linear_cross_entropy(hidden, head.weight, targets[keep]), keep.sum()
-    logits = head(hidden).float()
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
+from deltatune.evaluate.loss import LossFn, causal_lm_loss, mean_loss
+from deltatune.runtime import distributed
+from deltatune.runtime.faults import crash_point, inject_fault
+from deltatune.runtime.precision import autocast, resolve_bf16
+from deltatune.train import dist_checkpoint
+from deltatune.train.checkpoint import StopRequested, data_fingerprint, latest_checkpoint, stop_on_signals
+from deltatune.train.optim import build_optimizer, lr_lambda, optimizer_steps_in_backward
 
 
-# --- precision -------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def _bf16_faster_on_cpu() -> bool:
-    """Measure, don't assume: CPUs without native bf16 run bf16 matmuls 100x slower, not faster."""
-    def seconds(dtype):
-        a = torch.randn(256, 256, dtype=dtype)
-        a @ a
-        start = time.perf_counter()
-        for _ in range(3):
-            a @ a
-        return time.perf_counter() - start
-    return seconds(torch.bfloat16) < seconds(torch.float32)
-
-
-def resolve_bf16(setting, device: torch.device) -> bool:
-    """Decide bf16 autocast from the config value and what the hardware does."""
-    if setting is False:
-        return False
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-    else:
-        supported = _bf16_faster_on_cpu()
-    if setting is True and not supported:
-        raise UserError(f"bf16: true, but this {device.type} has no fast bfloat16 support "
-                        "(set bf16: auto or false)")
-    return supported
+@dataclass
+class FitResult:
+    steps: int = 0
+    epochs: float = 0.0
+    train_loss: float = float("nan")
+    best_eval_loss: float | None = None
+    stopped_early: bool = False
+    wall_seconds: float = 0.0
+    trained_tokens: int = 0  # label tokens the loss was taken on
+    seen_tokens: int = 0  # real (non-padding) tokens fed forward
+    tokens_per_second: float = 0.0  # seen tokens per second of the whole fit
+    history: list[dict] = field(default_factory=list)
+    skipped_steps: int = 0  # updates skipped because the loss or gradient norm was not finite
 
 
-def autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+@dataclass(frozen=True)
+class FitRun:
+    """What `fit` needs besides the hyperparameters: where it writes, what it computes, what it resumes."""
+
+    out_dir: Path
+    log: object  # MetricsLog, or NullLog on ranks other than 0
+    device: torch.device
+    seed: int
+    loss_fn: LossFn = causal_lm_loss
+    packs: bool = True  # the task's examples may share a row (a classifier pools one token per row: no)
+    eval_batch_size: int = 8
+    keep_checkpoints: int | None = None  # save_total_limit
+    config: dict = field(default_factory=dict)  # the flat config, stored in checkpoints (resume compares it)
+    resume: Path | None = None
 
 
-# --- schedule and optimizer ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Schedule:
+    """How many steps, and when warm-up ends and evaluations come, from the data size and TrainArgs."""
 
-def lr_lambda(kind: str, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return max(0.0, 1.0 - progress)
-    return factor
+    per_step: int
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    eval_every: int
 
-
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            # Biases and norm gains are not weights to shrink towards zero.
-            (no_decay if p.ndim < 2 else decay).append(p)
-    if not decay and not no_decay:
-        raise UserError("no parameter is trainable (check method / freeze settings)")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer_state_dtype == "bfloat16":  # half the moments' memory, same update rule
-        return AdamWBf16Moments(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, seed=cfg.seed)
-    # Fused AdamW (one kernel per tensor, also on CPU): measured 5x faster than foreach on this
-    # 2-core CPU over SmolLM2-sized parameters, same update to float rounding.
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                             fused=fused, foreach=None if fused else True)
+    @classmethod
+    def of(cls, n_examples: int, args, world: int) -> "Schedule":
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+        steps_per_epoch = math.ceil(n_examples / per_step)
+        total = args.max_steps if args.max_steps > 0 else max(1, math.ceil(steps_per_epoch * args.num_train_epochs))
+        warmup = args.warmup_steps or int(args.warmup_ratio * total)
+        return cls(per_step, steps_per_epoch, total, warmup, args.eval_steps or steps_per_epoch)
 
 
-@contextmanager
-def optimizer_steps_in_backward(optimizer: torch.optim.Optimizer, enabled: bool):
-    """With `optimizer_in_backward`, update each parameter the moment its gradient is complete
-    and free that gradient at once: a full model's gradients never exist together, which saves
-    their memory (4 bytes a parameter in float32). Yields None when disabled.
+class Window:
+    """The logging window: loss and label tokens summed on the device (no host sync per step),
+    real tokens fed forward counted on the host, and when the window opened."""
 
-    The update is AdamW's own (`optimizer.step()` on one parameter at a time), so it equals the
-    ordinary step bit for bit; what cannot exist is a *global* gradient norm before the update,
-    hence no clipping (config.py refuses max_grad_norm > 0 with it). Only the last micro-batch's
-    backward of a step is armed: earlier ones accumulate as usual.
-    """
-    if not enabled:
-        yield None
-        return
-    steps = _InBackwardSteps(optimizer)
-    handles = [p.register_post_accumulate_grad_hook(steps.update) for p in steps.home]
-    try:
-        yield steps
-    finally:
-        for handle in handles:
-            handle.remove()
+    def __init__(self, device: torch.device, loss: float = 0.0, tokens: int = 0, seen: int = 0):
+        self.loss = torch.full((), loss, dtype=torch.float64, device=device)
+        self.tokens = torch.full((), tokens, dtype=torch.long, device=device)
+        self.seen = seen
+        self.opened = time.perf_counter()
+
+    def reset(self, now: float) -> None:
+        self.loss.zero_()
+        self.tokens.zero_()
+        self.seen, self.opened = 0, now
 
 
-class _InBackwardSteps:
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
-        self.groups = optimizer.param_groups
-        self.home = {p: group for group in self.groups for p in group["params"]}
-        self.armed = self.finite = False
-        self.norm_sq = torch.zeros((), dtype=torch.float64)  # of this step's gradients, for the log
+@dataclass
+class LoopState:
+    """Everything the loop carries from step to step; `as_dict` is what a checkpoint stores."""
 
-    def update(self, p: torch.Tensor) -> None:
-        if not self.armed:
-            return
-        sq = torch.linalg.vector_norm(p.grad.detach()).double().square()  # a reduction: no gradient-sized temporary
-        self.norm_sq = self.norm_sq.to(sq.device) + sq
-        if bool(torch.isfinite(sq)):  # a non-finite gradient must not reach AdamW's moments
-            # Narrow every group to this one parameter for a moment: AdamW steps only what it lists.
-            everyone = [group["params"] for group in self.groups]
-            for group in self.groups:
-                group["params"] = [p] if group is self.home[p] else []
-            try:
-                self.optimizer.step()
-            finally:
-                for group, params in zip(self.groups, everyone):
-                    group["params"] = params
-        p.grad = None
+    window: Window
+    step: int = 0  # the last step taken
+    epoch: int = 0  # epochs begun
+    groups: list[list[int]] = field(default_factory=list)  # the steps left in this epoch
+    bad_evals: int = 0
+    nonfinite_in_a_row: int = 0
+    result: FitResult = field(default_factory=FitResult)
+    best: dict | None = None  # early stopping: the best evaluation's trainable weights (saved as tensors)
 
-    def arm(self, finite_loss: bool) -> None:
-        """Called before a step's last backward: update during it only if the loss is finite."""
-        self.finite = finite_loss
-        # AdamW allocates a parameter's moments at its first update: inside backward they would
-        # pile up on top of the live activations. So the first update runs after backward.
-        self.armed = finite_loss and len(self.optimizer.state) == len(self.home)
-        self.norm_sq = torch.zeros((), dtype=torch.float64)
+    def next_group(self, schedule: Schedule, n_examples: int, seed: int) -> list[int]:
+        """The next step's example indices: the same global step on every process."""
+        if not self.groups:  # next epoch: a fresh seeded shuffle
+            self.groups = step_groups(n_examples, schedule.per_step, seed, self.epoch)
+            self.epoch += 1
+        return self.groups.pop(0)
 
-    def finish(self) -> torch.Tensor:
-        """After the step's backward: the first update, one parameter at a time (each gradient
-        freed as its moments are allocated); returns the step's gradient norm."""
-        if self.finite and not self.armed:
-            self.armed = True
-            for p in self.home:
-                if p.grad is not None:
-                    self.update(p)
-        self.armed = False
-        return self.norm_sq.sqrt()
+    def epoch_progress(self, schedule: Schedule) -> float:
+        return round(self.epoch - 1 + (schedule.steps_per_epoch - len(self.groups)) / schedule.steps_per_epoch, 4)
+
+    def as_dict(self, fingerprint: str) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "groups": self.groups, "bad_evals": self.bad_evals,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "window_loss": self.window.loss.item(),
+                "window_tokens": int(self.window.tokens), "window_seen": self.window.seen,
+                "data": fingerprint, "result": asdict(self.result)}
+
+    @classmethod
+    def from_dict(cls, state: dict, best: dict | None, device: torch.device) -> "LoopState":
+        window = Window(device, state["window_loss"], state["window_tokens"], state["window_seen"])
+        return cls(window, state["step"], state["epoch"], state["groups"], state["bad_evals"],
+                   state["nonfinite_in_a_row"], FitResult(**state["result"]), best)
 
 
-# --- evaluation loss (used during training and by evaluate.py) ---------------------------
+def prepare_for_training(model, memory) -> None:
+    """The model-level switches of MemoryArgs (`gradient_checkpointing`, `torch_compile`)."""
+    if memory.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs and keyword arguments.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if memory.torch_compile and not getattr(model.get_decoder(), "_compiled_call_impl", None):
+        # Packed batches change shape every step: dynamic shapes avoid one recompile per shape.
+        model.get_decoder().compile(dynamic=True)
 
-@torch.no_grad()
-def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int, device: torch.device,
-              bf16: bool = False, loss_fn: LossFn = causal_lm_loss, max_tokens: int | None = None) -> tuple[float, int]:
-    """Token-weighted mean loss over examples, streamed batch by batch (no logits are kept)."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros((), dtype=torch.long, device=device)
-    for idx in length_batches(examples, batch_size, max_tokens):
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-        with autocast(device, bf16):
-            loss_sum, n = distributed.call(model, loss_fn, batch)
-        total += loss_sum.double()
-        count += n
-    model.train(was_training)
-    n_tokens = int(count.item())
-    return (total.item() / n_tokens if n_tokens else float("nan")), n_tokens
+
+def step_batches(group: list[int], examples: list[Example], batch_size: int, max_tokens: int | None,
+                 packed: bool, pad_id: int) -> list[dict]:
+    """One optimizer step's micro-batches, packed rows or padded batches of similar length."""
+    if packed:
+        return [collate_packed([[examples[i] for i in row] for row in mb], pad_id)
+                for mb in packed_micro_batches(group, examples, batch_size)]
+    return [collate([examples[i] for i in mb], pad_id) for mb in micro_batches(group, examples, batch_size, max_tokens)]
 
 
 def accumulate_gradients(model, batches: list[dict], loss_fn: LossFn, device: torch.device,
@@ -251,215 +187,182 @@ def accumulate_gradients(model, batches: list[dict], loss_fn: LossFn, device: to
     return total, step_tokens
 
 
-# --- logging ---------------------------------------------------------------------------------
+def apply_update(optimizer, params: list, max_grad_norm: float, in_backward, step_loss) -> tuple[torch.Tensor, bool]:
+    """Clip and step, unless the loss or the gradient norm is not finite; (gradient norm, applied).
 
-class MetricsLog:
-    """metrics.jsonl (one object per logged event) plus TensorBoard scalars."""
-
-    def __init__(self, out_dir: Path, purge_step: int | None = None):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.path = out_dir / "metrics.jsonl"
-        self._file = self.path.open("a", encoding="utf-8")
-        from torch.utils.tensorboard import SummaryWriter
-
-        # purge_step: on resume, TensorBoard hides what the killed run logged after the checkpoint.
-        self._tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=purge_step)
-
-    def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        step = record.get("step", 0)
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._tb.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        self._file.close()
-        self._tb.close()
+    With optimizer_in_backward AdamW already ran parameter by parameter during backward (after
+    it, the first time), so only the norm is left to read."""
+    if in_backward:
+        grad_norm = in_backward.finish()
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    finite = bool(torch.isfinite(step_loss + grad_norm))  # the step's one host sync
+    if finite and not in_backward:
+        optimizer.step()
+    return grad_norm, finite
 
 
-@dataclass
-class FitResult:
-    steps: int = 0
-    epochs: float = 0.0
-    train_loss: float = float("nan")
-    best_eval_loss: float | None = None
-    stopped_early: bool = False
-    wall_seconds: float = 0.0
-    trained_tokens: int = 0  # label tokens the loss was taken on
-    seen_tokens: int = 0  # real (non-padding) tokens fed forward
-    tokens_per_second: float = 0.0  # seen tokens per second of the whole fit
-    history: list[dict] = field(default_factory=list)
-    skipped_steps: int = 0  # updates skipped because the loss or gradient norm was not finite
+def count_nonfinite(state: LoopState, args, run: FitRun, partly_applied: bool) -> None:
+    """A skipped update: logged, and after `max_nonfinite_steps` in a row the run stops."""
+    state.nonfinite_in_a_row += 1
+    state.result.skipped_steps += 1
+    step = state.step
+    run.log.write({"step": step, "event": "nonfinite_skipped", "in_a_row": state.nonfinite_in_a_row})
+    print(f"step {step}: loss or gradient norm is not finite; update skipped"
+          + (" for the parameters whose gradient was not finite (optimizer_in_backward had "
+             "updated the others)" if partly_applied else ""), flush=True)
+    if state.nonfinite_in_a_row >= args.max_nonfinite_steps:
+        last = latest_checkpoint(run.out_dir)
+        raise UserError(
+            f"step {step}: loss or gradient norm not finite for {state.nonfinite_in_a_row} steps in a row "
+            f"(max_nonfinite_steps={args.max_nonfinite_steps}); likely causes: learning_rate "
+            f"{args.learning_rate:g} too high, or broken records/weights (check the data, lower "
+            f"learning_rate); final/ not written, last good checkpoint: {last or 'none'}")
 
 
-def _progress(total: int):
+def log_window(state: LoopState, schedule: Schedule, lr: float, grad_norm, started: float, run: FitRun, show) -> None:
+    """Write the window's mean loss (over every process's label tokens) and start a new window."""
+    window, now = state.window, time.perf_counter()
+    loss = (distributed.all_reduce_sum(window.loss) / window.tokens.clamp(min=1)).item()
+    record = {"step": state.step, "epoch": state.epoch_progress(schedule), "loss": loss, "learning_rate": lr,
+              "grad_norm": distributed.scalar(grad_norm),
+              "tokens_per_second": window.seen / max(now - window.opened, 1e-9), "elapsed_seconds": now - started}
+    run.log.write(record)
+    state.result.history.append(record)
+    state.result.train_loss = loss
+    show(state.step, f"loss {loss:.4f} lr {lr:.2e} {record['tokens_per_second']:.0f} tok/s")
+    window.reset(now)
+
+
+def evaluate_during_training(model, val: list[Example], state: LoopState, args, memory, run: FitRun, pad_id: int,
+                             bf16: bool) -> bool:
+    """Validation loss now; keeps the best weights for early stopping; True when it is time to stop."""
+    eval_loss, _ = mean_loss(model, val, run.eval_batch_size, pad_id, run.device, bf16, run.loss_fn,
+                             memory.max_tokens_per_batch)
+    result = state.result
+    run.log.write({"step": state.step, "eval_loss": eval_loss})
+    result.history.append({"step": state.step, "eval_loss": eval_loss})
+    if result.best_eval_loss is None or eval_loss < result.best_eval_loss:
+        result.best_eval_loss, state.bad_evals = eval_loss, 0
+        if args.early_stopping_patience:
+            state.best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return False
+    state.bad_evals += 1
+    if args.early_stopping_patience and state.bad_evals >= args.early_stopping_patience:
+        result.stopped_early = True
+        run.log.write({"step": state.step, "event": "early_stop", "best_eval_loss": result.best_eval_loss})
+        return True
+    return False
+
+
+def start_or_resume(run: FitRun, model, optimizer, scheduler, fingerprint: str, start_record: dict) -> LoopState:
+    """A fresh state at step 0 (logging the start), or exactly the checkpoint's: weights, optimizer,
+    RNGs, data order, logging window."""
+    if run.resume is None:
+        run.log.write(start_record)
+        return LoopState(Window(run.device))
+    loop, best = dist_checkpoint.load(run.resume, model, optimizer, scheduler)  # every rank its part
+    if loop["data"] != fingerprint:
+        raise UserError(f"{run.resume}: the training data (or its tokenisation) differs from the run's; "
+                        "resuming would not continue the same run (restore the data, or start a new output_dir)")
+    run.log.write({"step": loop["step"], "event": "resume", "checkpoint": str(run.resume)})
+    print(f"resuming from {run.resume} at step {loop['step'] + 1}", flush=True)
+    return LoopState.from_dict(loop, best, run.device)
+
+
+@contextmanager
+def progress(total: int, done: int):
+    """A progress bar on a terminal; elsewhere one plain line per logged step (CI logs stay readable).
+    Yields show(step, info=None)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    import sys
 
-    return Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                    disable=not sys.stderr.isatty(), transient=False)
+    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeRemainingColumn(), disable=not sys.stderr.isatty(), transient=False)
+    with bar:
+        task = bar.add_task("train", total=total, info="", completed=done)
+
+        def show(step: int, info: str | None = None) -> None:
+            if info is None:
+                bar.update(task, completed=step)
+                return
+            bar.update(task, info=info)
+            if not bar.live.is_started:
+                print(f"step {step}/{total} {info}", flush=True)
+        yield show
 
 
-# --- the loop --------------------------------------------------------------------------------
-
-def fit(model, tokenizer, train: list[Example], val: list[Example], cfg: RunConfig, out_dir: Path,
-        log: MetricsLog, device: torch.device, loss_fn: LossFn = causal_lm_loss,
-        resume: Path | None = None) -> FitResult:
-    if cfg.optimizer_in_backward and distributed.world_size() > 1:
-        raise UserError("optimizer_in_backward: true works on one process only (DDP and FSDP reduce gradients "
-                        "after backward, the in-backward update would use this process's part); turn it off "
-                        "under torchrun / --nproc")
-    torch.manual_seed(cfg.seed)
-    bf16 = resolve_bf16(cfg.bf16, device)
-    pad_id = tokenizer.pad_token_id
-    packing = cfg.packing and cfg.task != "classification"  # a classifier pools one token per row: no packing
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * distributed.world_size()
-    steps_per_epoch = math.ceil(len(train) / per_step)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))
-    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
-    eval_every = cfg.eval_steps or steps_per_epoch
-
-    prepare_for_training(model, cfg)
+def fit(model, tokenizer, train: list[Example], val: list[Example], args, memory, run: FitRun) -> FitResult:
+    """Train `model` in place on `train` (`args`: TrainArgs, `memory`: MemoryArgs); evaluate on `val`."""
+    torch.manual_seed(run.seed)
+    bf16 = resolve_bf16(memory.bf16, run.device)
+    pad_id, world = tokenizer.pad_token_id, distributed.world_size()
+    schedule = Schedule.of(len(train), args, world)
+    prepare_for_training(model, memory)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler_type, warmup, total_steps))
+    optimizer = build_optimizer(model, args, memory.optimizer_state_dtype, run.seed, run.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler_type, schedule.warmup,
+                                                                       schedule.total))
     fingerprint = data_fingerprint(train)
-
-    result = FitResult()
-    best_state, bad_evals, nonfinite_in_a_row = None, 0, 0
-    window_loss = torch.zeros((), device=device, dtype=torch.float64)  # summed over the logging window
-    window_tokens = torch.zeros((), device=device, dtype=torch.long)
-    window_seen = 0  # real (non-padding) tokens fed forward, for tokens/s
-    epoch, groups, first_step = 0, [], 1
-    if resume is None:
-        log.write({"step": 0, "event": "start", "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-                   "warmup_steps": warmup, "bf16": bf16, "world_size": distributed.world_size(),
-                   "train_examples": len(train), "val_examples": len(val),
-                   "trainable_parameters": sum(p.numel() for p in params),
-                   "total_parameters": sum(p.numel() for p in model.parameters())})
-    else:  # continue exactly where the checkpoint was taken: weights, optimizer, RNGs, data order, windows
-        state, best_state = dist_checkpoint.load(resume, model, optimizer, scheduler)  # every rank its part
-        if state["data"] != fingerprint:
-            raise UserError(f"{resume}: the training data (or its tokenisation) differs from the run's; "
-                            "resuming would not continue the same run (restore the data, or start a new output_dir)")
-        epoch, groups, bad_evals = state["epoch"], state["groups"], state["bad_evals"]
-        nonfinite_in_a_row, first_step = state["nonfinite_in_a_row"], state["step"] + 1
-        window_loss.fill_(state["window_loss"]); window_tokens.fill_(state["window_tokens"])
-        window_seen = state["window_seen"]
-        result = FitResult(**state["result"])
-        log.write({"step": state["step"], "event": "resume", "checkpoint": str(resume)})
-        print(f"resuming from {resume} at step {first_step}", flush=True)
-    start = window_start = time.perf_counter()
+    state = start_or_resume(run, model, optimizer, scheduler, fingerprint, {
+        "step": 0, "event": "start", "total_steps": schedule.total, "steps_per_epoch": schedule.steps_per_epoch,
+        "warmup_steps": schedule.warmup, "bf16": bf16, "world_size": world, "train_examples": len(train),
+        "val_examples": len(val), "trainable_parameters": sum(p.numel() for p in params),
+        "total_parameters": sum(p.numel() for p in model.parameters())})
+    result, started = state.result, time.perf_counter()
+    state.window.opened = started
     model.train()
-    trimmed_blocks = find_blocks(without_adapters(distributed.unwrap(model)))[1] if cfg.cpu_heap_trim else None
-    with _progress(total_steps) as bar, stop_on_signals() as stop, \
-            optimizer_steps_in_backward(optimizer, cfg.optimizer_in_backward) as in_backward, \
-            host_memory.heap_trimmed_between_blocks(trimmed_blocks):
-        task = bar.add_task("train", total=total_steps, info="", completed=first_step - 1)
-        for step in range(first_step, total_steps + 1):
-            if not groups:  # next epoch: a fresh seeded shuffle
-                groups = step_groups(len(train), per_step, cfg.seed, epoch)
-                epoch += 1
-            group = groups.pop(0)  # the same global step on every process; each takes its share
-            distributed.inject_fault(step)
-            if packing:
-                batches = [collate_packed([[train[i] for i in row] for row in mb], pad_id)
-                           for mb in packed_micro_batches(group, train, cfg.per_device_train_batch_size)]
-            else:
-                batches = [collate([train[i] for i in mb], pad_id)
-                           for mb in micro_batches(group, train, cfg.per_device_train_batch_size,
-                                                   cfg.max_tokens_per_batch)]
-            step_loss, step_tokens = accumulate_gradients(model, distributed.local_share(batches), loss_fn, device, bf16,
-                                                          in_backward.arm if in_backward else None)
+    with progress(schedule.total, state.step) as show, stop_on_signals() as stop, \
+            optimizer_steps_in_backward(optimizer, memory.optimizer_in_backward) as in_backward:
+        for step in range(state.step + 1, schedule.total + 1):
+            group = state.next_group(schedule, len(train), run.seed)
+            inject_fault(step)
+            batches = step_batches(group, train, args.per_device_train_batch_size, memory.max_tokens_per_batch,
+                                   memory.packing and run.packs, pad_id)
+            step_loss, step_tokens = accumulate_gradients(model, distributed.local_share(batches), run.loss_fn,
+                                                          run.device, bf16, in_backward.arm if in_backward else None)
             seen = sum(len(train[i].input_ids) for i in group)  # the whole step's, counted on the host: no sync
-            window_seen += seen
+            state.window.seen += seen
             result.seen_tokens += seen
-            if in_backward:  # AdamW ran parameter by parameter during backward (after it, the first time)
-                grad_norm = in_backward.finish()
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-            if bool(torch.isfinite(step_loss + grad_norm)):
-                if not in_backward:
-                    optimizer.step()
-                window_loss += step_loss
-                window_tokens += step_tokens
+            grad_norm, applied = apply_update(optimizer, params, args.max_grad_norm, in_backward, step_loss)
+            state.step = result.steps = step
+            if applied:
+                state.window.loss += step_loss
+                state.window.tokens += step_tokens
                 result.trained_tokens += step_tokens
-                nonfinite_in_a_row = 0
+                state.nonfinite_in_a_row = 0
             else:  # skip the update: one bad batch must not turn every weight into NaN
-                nonfinite_in_a_row += 1
-                result.skipped_steps += 1
-                log.write({"step": step, "event": "nonfinite_skipped", "in_a_row": nonfinite_in_a_row})
-                print(f"step {step}: loss or gradient norm is not finite; update skipped"
-                      + (" for the parameters whose gradient was not finite (optimizer_in_backward had "
-                         "updated the others)" if in_backward and in_backward.finite else ""), flush=True)
-                if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                    last = latest_checkpoint(out_dir)
-                    raise UserError(
-                        f"step {step}: loss or gradient norm not finite for {nonfinite_in_a_row} steps in a row "
-                        f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); likely causes: learning_rate "
-                        f"{cfg.learning_rate:g} too high, or broken records/weights (check the data, lower "
-                        f"learning_rate); final/ not written, last good checkpoint: {last or 'none'}")
+                count_nonfinite(state, args, run, partly_applied=bool(in_backward and in_backward.finite))
             scheduler.step()  # the schedule follows the step count, skipped steps included
             optimizer.zero_grad(set_to_none=True)
-
-            if (step % cfg.logging_steps == 0 or step == total_steps) and int(window_tokens) > 0:
-                now = time.perf_counter()
-                loss = (distributed.all_reduce_sum(window_loss) / window_tokens.clamp(min=1)).item()
-                record = {"step": step, "epoch": round(epoch - 1 + (steps_per_epoch - len(groups)) / steps_per_epoch, 4),
-                          "loss": loss, "learning_rate": scheduler.get_last_lr()[0], "grad_norm": distributed.scalar(grad_norm),
-                          "tokens_per_second": window_seen / max(now - window_start, 1e-9),
-                          "elapsed_seconds": now - start}
-                log.write(record)
-                result.history.append(record)
-                result.train_loss = loss
-                bar.update(task, info=f"loss {loss:.4f} lr {record['learning_rate']:.2e} "
-                                      f"{record['tokens_per_second']:.0f} tok/s")
-                if not bar.live.is_started:  # no terminal: one plain line per log
-                    print(f"step {step}/{total_steps} loss {loss:.4f} lr {record['learning_rate']:.2e} "
-                          f"{record['tokens_per_second']:.0f} tok/s", flush=True)
-                window_loss.zero_(); window_tokens.zero_(); window_seen = 0; window_start = now
-
-            if val and (step % eval_every == 0 or step == total_steps):
-                eval_loss, _ = mean_loss(model, val, cfg.per_device_eval_batch_size, pad_id, device, bf16, loss_fn,
-                                         cfg.max_tokens_per_batch)
-                log.write({"step": step, "eval_loss": eval_loss})
-                result.history.append({"step": step, "eval_loss": eval_loss})
-                if result.best_eval_loss is None or eval_loss < result.best_eval_loss:
-                    result.best_eval_loss, bad_evals = eval_loss, 0
-                    if cfg.early_stopping_patience:
-                        best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-                else:
-                    bad_evals += 1
-                    if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
-                        result.stopped_early = True
-                        log.write({"step": step, "event": "early_stop", "best_eval_loss": result.best_eval_loss})
-                        bar.update(task, completed=step)
-                        result.steps = step
-                        break
-
-            bar.update(task, completed=step)
-            result.steps = step
+            if (step % args.logging_steps == 0 or step == schedule.total) and int(state.window.tokens) > 0:
+                log_window(state, schedule, scheduler.get_last_lr()[0], grad_norm, started, run, show)
+            if val and (step % schedule.eval_every == 0 or step == schedule.total):
+                if evaluate_during_training(model, val, state, args, memory, run, pad_id, bf16):
+                    show(step)
+                    break
+            show(step)
             crash_point("step", step)
-            due = cfg.save_steps and step % cfg.save_steps == 0 and step != total_steps
+            due = args.save_steps and step % args.save_steps == 0 and step != schedule.total
             signum = dist_checkpoint.agreed_stop_signal(stop.signum)  # under torchrun: one rank's signal stops all
             if signum or due:
-                loop = {"step": step, "epoch": epoch, "groups": groups, "bad_evals": bad_evals,
-                        "nonfinite_in_a_row": nonfinite_in_a_row, "window_loss": window_loss.item(),
-                        "window_tokens": int(window_tokens), "window_seen": window_seen,
-                        "data": fingerprint, "result": asdict(result)}
-                saved = dist_checkpoint.save(out_dir, step, cfg, model, optimizer, scheduler, loop, best_state, log.path)
+                saved = dist_checkpoint.save(run.out_dir, step, run.config, model, optimizer, scheduler,
+                                             state.as_dict(fingerprint), state.best, run.log.path,
+                                             keep=run.keep_checkpoints)
                 if signum:
                     raise StopRequested(signum, step, saved)
+    return finish(model, state, schedule, started)
 
-    if best_state is not None:  # early stopping keeps the weights of the best evaluation
+
+def finish(model, state: LoopState, schedule: Schedule, started: float) -> FitResult:
+    """Early stopping keeps the weights of the best evaluation; the totals of the whole fit."""
+    if state.best is not None:
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name in best_state:
-                    p.copy_(best_state[name])
-    result.epochs = result.steps / steps_per_epoch
-    result.wall_seconds = time.perf_counter() - start
+                if name in state.best:
+                    p.copy_(state.best[name])
+    result = state.result
+    result.epochs = result.steps / schedule.steps_per_epoch
+    result.wall_seconds = time.perf_counter() - started
     result.tokens_per_second = result.seen_tokens / max(result.wall_seconds, 1e-9)
     model.eval()
     return result

@@ -1,0 +1,188 @@
+"""What differs between the objectives, in one registry of plain functions.
+
+`TASKS[cfg.task]` says, for `sft`, `text` and `classification`: which record formats the task
+reads, how records become examples, which model class loads, the loss, how base and tuned
+are evaluated, which delta report ends the run, peft's task type, and whether examples may
+share a packed row. The pipeline, the CLI and the sweep ask the registry and never compare
+task names themselves. Each entry is a `Task` of plain functions: no subclasses.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from deltatune.config import RunConfig
+from deltatune.data.cache import cached_sft_examples
+from deltatune.data.examples import DatasetStats, Example, build_classification_examples, build_text_blocks, label_names
+from deltatune.data.formats import CHAT_FORMATS, Record, load_records
+from deltatune.delta import causal, classifier
+from deltatune.delta.measures import CompareSettings, report_options
+from deltatune.delta.render import ReportKind
+from deltatune.delta.summary import classification_lines
+from deltatune.errors import UserError
+from deltatune.evaluate.evaluate import evaluate, evaluate_classifier
+from deltatune.evaluate.loss import LossFn, causal_lm_loss, classification_loss
+from deltatune.evaluate.metrics import load_check
+from deltatune.model.load import load_causal_lm, load_classifier, save_labels_if_adapter, saved_task_type
+from deltatune.model.methods import quantization_config
+from deltatune.runtime.precision import resolve_bf16
+
+
+@dataclass
+class Splits:
+    """Validated records, read before any model is loaded so bad data fails fast."""
+    train: list[Record]
+    val: list[Record]
+    test: list[Record]
+
+
+@dataclass
+class Datasets:
+    train: list[Example]
+    val: list[Example]
+    test: list[Record]
+    stats: dict[str, DatasetStats]
+    test_examples: list[Example] = field(default_factory=list)  # classification: the scored test records
+    val_records: list[Record] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One objective: every way it differs from the others, as data and plain functions."""
+
+    name: str
+    formats: tuple[str, ...]  # record formats it trains on
+    peft_task_type: str  # peft's name: CAUSAL_LM, SEQ_CLS
+    report: ReportKind  # the delta report kind a run of it writes
+    loss: LossFn
+    load: Callable[[RunConfig, Splits], tuple]  # (model, tokenizer) to train
+    load_tuned: Callable[..., tuple]  # (folder, allow_pickle=, trust_remote_code=) -> (model, tokenizer)
+    example_builder: Callable  # (cfg, tokenizer, model) -> build(records, name=) -> (examples, stats)
+    evaluate: Callable  # (model, tokenizer, Datasets, cfg, device, bf16) -> metrics dict
+    delta_report: Callable  # (cfg, model, tokenizer, Datasets, before, after, fit, out_dir, device) -> report
+    summary_lines: Callable[[dict, dict], list[str]] = lambda before, after: []  # extra summary.md lines
+    save_extras: Callable[[object, Path], None] = lambda model, folder: None  # files beside final/
+    packs: bool = True  # its examples may share a packed row
+    new_head: bool = False  # the model gets a freshly initialised head, trained (and saved with an adapter)
+    test_file_hint: str | None = None  # why it takes no test_file (None: it takes one)
+    prepares: str | None = None  # what `deltatune prepare` makes of documents for it ("pairs", "labelled")
+
+
+def _load_opts(cfg: RunConfig) -> dict:
+    return dict(allow_pickle=cfg.model.allow_pickle, trust_remote_code=cfg.model.trust_remote_code,
+                quantization_config=quantization_config(cfg.model.method))
+
+
+def _load_causal(cfg: RunConfig, splits: Splits):
+    return load_causal_lm(cfg.model.name, **_load_opts(cfg))
+
+
+def _load_classifier(cfg: RunConfig, splits: Splits):
+    """A classifier whose new head is sized to the training labels."""
+    return load_classifier(cfg.model.name, label_names(splits.train), seed=cfg.seed, **_load_opts(cfg))
+
+
+def _load_tuned_classifier(folder: str, **opts):
+    return load_classifier(folder, None, **opts)
+
+
+def _sft_builder(cfg: RunConfig, tokenizer, model):
+    return functools.partial(cached_sft_examples, tokenizer=tokenizer, max_seq_length=cfg.data.max_seq_length,
+                             train_on_inputs=cfg.data.train_on_inputs)
+
+
+def _text_builder(cfg: RunConfig, tokenizer, model):
+    return functools.partial(build_text_blocks, tokenizer=tokenizer, max_seq_length=cfg.data.max_seq_length)
+
+
+def _classification_builder(cfg: RunConfig, tokenizer, model):
+    return functools.partial(build_classification_examples, tokenizer=tokenizer,
+                             max_seq_length=cfg.data.max_seq_length, label2id=model.config.label2id)
+
+
+def _evaluate_causal(model, tokenizer, data: Datasets, cfg: RunConfig, device, bf16) -> dict:
+    ev = cfg.eval
+    check = load_check(ev.metric, ev.metric_pattern, ev.metric_schema)
+    return evaluate(model, tokenizer, loss_examples=data.val, metric_records=data.test, metric=ev.metric,
+                    batch_size=ev.per_device_eval_batch_size, max_new_tokens=ev.max_new_tokens,
+                    device=device, bf16=bf16, check=check, keep_predictions=max(8, len(data.test)),
+                    max_tokens=cfg.memory.max_tokens_per_batch)  # all: the delta report pairs them
+
+
+def _evaluate_classifier(model, tokenizer, data: Datasets, cfg: RunConfig, device, bf16) -> dict:
+    # Scored on the test file when there is one, else on the held-out validation data.
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    return evaluate_classifier(model, loss_examples=data.val, metric_examples=data.test_examples or data.val,
+                               labels=labels, batch_size=cfg.eval.per_device_eval_batch_size,
+                               pad_id=tokenizer.pad_token_id, device=device, bf16=bf16)
+
+
+def _options(cfg: RunConfig):
+    return report_options(cfg.delta, cfg.eval.per_device_eval_batch_size, cfg.seed)
+
+
+def _causal_report(cfg: RunConfig, model, tokenizer, data: Datasets, before, after, fit, out_dir, device) -> dict:
+    """Next-token distributions: task gain, forgetting, weight change."""
+    return causal.after_training(cfg.model, _options(cfg), cfg.eval.metric, model, tokenizer, data.val, before,
+                                 after, fit, out_dir, device)
+
+
+def _classifier_report(cfg: RunConfig, model, tokenizer, data: Datasets, before, after, fit, out_dir, device) -> dict:
+    """Accuracy/macro-F1 gain, backbone drift, weight change."""
+    return classifier.after_training(
+        cfg.model, _options(cfg), resolve_bf16(cfg.memory.bf16, device), model, tokenizer, val_examples=data.val,
+        metric_examples=data.test_examples or data.val, metric_records=data.test or data.val_records,
+        evaluated_on="test file" if data.test_examples else "validation data", before=before, fit=fit,
+        out_dir=out_dir, device=device)
+
+
+_CAUSAL = dict(peft_task_type="CAUSAL_LM", report=causal.KIND, loss=causal_lm_loss, load=_load_causal,
+               load_tuned=load_causal_lm, evaluate=_evaluate_causal, delta_report=_causal_report)
+TASKS: dict[str, Task] = {
+    "sft": Task("sft", CHAT_FORMATS, example_builder=_sft_builder, prepares="pairs", **_CAUSAL),
+    "text": Task("text", ("text",), example_builder=_text_builder,
+                 test_file_hint="task 'text' is scored by validation loss and perplexity", **_CAUSAL),
+    "classification": Task(
+        "classification", ("classification",), peft_task_type="SEQ_CLS", report=classifier.KIND,
+        loss=classification_loss, load=_load_classifier, load_tuned=_load_tuned_classifier,
+        example_builder=_classification_builder, evaluate=_evaluate_classifier, delta_report=_classifier_report,
+        summary_lines=classification_lines, save_extras=save_labels_if_adapter, packs=False, new_head=True,
+        prepares="labelled"),
+}
+
+
+def report_kind(task_type: str) -> ReportKind:
+    """The report kind behind a delta.json's `task_type`."""
+    kinds = {task.report.task_type: task.report for task in TASKS.values()}
+    if task_type not in kinds:
+        raise UserError(f"delta.json: unknown task_type '{task_type}' (known: {', '.join(kinds)})")
+    return kinds[task_type]
+
+
+def task_for_folder(folder: str) -> Task:
+    """The task a saved model folder or adapter was trained for (a classifier, or else a causal LM)."""
+    saved = saved_task_type(folder)
+    return next((t for t in TASKS.values() if t.peft_task_type == saved), TASKS["sft"])
+
+
+def task_for_format(fmt: str) -> Task:
+    """The task whose records a data file holds: conversations, raw text or labelled text."""
+    return next(t for t in TASKS.values() if fmt in t.formats)
+
+
+def compare_models(base: str, tuned: str, data_file: str, out_dir: Path, fmt: str, settings: CompareSettings) -> dict:
+    """`deltatune compare`: the delta report of the data's task for any pair of models."""
+    records, fmt = load_records(data_file, fmt)
+    task = task_for_format(fmt)
+    if task.test_file_hint is not None:  # raw text: no prompts to answer, nothing to score
+        raise UserError(f"{data_file}: format '{fmt}' has no conversations to compare the models on")
+    if task.new_head:  # two classifiers, or a base encoder and a tuned classifier
+        if saved_task_type(tuned) != task.peft_task_type:
+            raise UserError(f"{tuned}: not a sequence classifier (no *ForSequenceClassification in config.json, "
+                            f"no classification adapter); {data_file} holds classification records")
+        return task.report.compare(base, tuned, records, data_file, out_dir, settings,
+                                   base_has_head=saved_task_type(base) == task.peft_task_type)
+    return task.report.compare(base, tuned, records, data_file, out_dir, settings)
