@@ -38,13 +38,16 @@ def worker(args) -> dict:
 
     import torch
 
-    from deltatune import lowp
     from deltatune.config import build_config
-    from deltatune.data import build_sft_examples
-    from deltatune.formats import load_records
-    from deltatune.methods import apply_method
-    from deltatune.model import load_causal_lm
-    from deltatune.train import MetricsLog, fit, mean_loss
+    from deltatune.data.examples import build_sft_examples
+    from deltatune.data.formats import load_records
+    from deltatune.evaluate.loss import mean_loss
+    from deltatune.model.load import load_causal_lm
+    from deltatune.model.methods import apply_method
+    from deltatune.pipeline import fit_run
+    from deltatune.train import frozen_weights as lowp
+    from deltatune.train.loop import fit
+    from deltatune.train.metrics_log import MetricsLog
 
     model, tokenizer = load_causal_lm(MODEL)
     train, _ = build_sft_examples(load_records(Path(args.data) / "train.jsonl", "auto")[0], tokenizer,
@@ -59,12 +62,12 @@ def worker(args) -> dict:
                             seed=args.seed, logging_steps=10**6, max_seq_length=args.max_seq_length,
                             gradient_checkpointing=args.checkpointing, frozen_weights_dtype=args.dtype), "bench")
     torch.manual_seed(args.seed)  # LoRA's A starts random: the same start for every setting, as pipeline.run does
-    model = apply_method(model, cfg)
+    model = apply_method(model, cfg.model)
     loaded = peak_rss_gb()
-    lowp.store_frozen_weights(model, cfg.frozen_weights_dtype)
+    lowp.store_frozen_weights(model, cfg.memory.frozen_weights_dtype)
     log = MetricsLog(out)
     start = time.perf_counter()
-    result = fit(model, tokenizer, train, [], cfg, out, log, torch.device("cpu"))
+    result = fit(model, tokenizer, train, [], cfg.train, cfg.memory, fit_run(cfg, out, log, torch.device("cpu")))
     wall = time.perf_counter() - start
     log.close()
     trained = peak_rss_gb()
@@ -83,19 +86,21 @@ def speed_ab(args) -> None:
 
     import torch
 
-    from deltatune import lowp
-    from deltatune.config import RunConfig
-    from deltatune.data import build_sft_examples
-    from deltatune.formats import load_records
-    from deltatune.methods import apply_method
-    from deltatune.model import load_causal_lm
-    from deltatune.packing import collate_packed, packed_micro_batches
-    from deltatune.train import accumulate_gradients, causal_lm_loss
+    from deltatune.config import build_config
+    from deltatune.data.batching import collate_packed, packed_micro_batches
+    from deltatune.data.examples import build_sft_examples
+    from deltatune.data.formats import load_records
+    from deltatune.evaluate.loss import causal_lm_loss
+    from deltatune.model.load import load_causal_lm
+    from deltatune.model.methods import apply_method
+    from deltatune.train import frozen_weights as lowp
+    from deltatune.train.loop import accumulate_gradients
 
     model, tokenizer = load_causal_lm(MODEL)
     train, _ = build_sft_examples(load_records(Path(args.data) / "train.jsonl", "auto")[0], tokenizer,
                                   max_seq_length=args.max_seq_length)
-    model = apply_method(model, RunConfig(train_file="unused", method="lora", lora_r=args.lora_r)).train()
+    model = apply_method(model, build_config({"train_file": "unused", "method": "lora", "lora_r": args.lora_r},
+                                             "bench").model).train()
     group = list(range(args.batch_size))
     batches = [collate_packed([[train[i] for i in row] for row in mb], tokenizer.pad_token_id)
                for mb in packed_micro_batches(group, train, args.batch_size)]
@@ -157,7 +162,8 @@ def main() -> None:
             print(f"{dtype:>9} checkpointing {checkpointing:>3}: peak RSS {r['peak_after_fit']:.2f} GB "
                   f"(after load {r['peak_after_load']:.2f}, after restore {r['peak_after_restore']:.2f}), "
                   f"{r['seconds_per_step']:.1f} s/step, val loss {r['val_loss']:.4f}", flush=True)
-    print(f"\n{args.steps} LoRA r={args.lora_r} steps of {args.batch_size} examples, SmolLM2-135M, lr {args.learning_rate}\n")
+    print(f"\n{args.steps} LoRA r={args.lora_r} steps of {args.batch_size} examples, SmolLM2-135M, "
+          f"lr {args.learning_rate}\n")
     print("| frozen_weights_dtype | gradient_checkpointing | peak RSS (GB) | s/step | val loss after |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -34,10 +34,12 @@ def main() -> None:
     import torch
 
     from deltatune.config import build_config
-    from deltatune.data import build_sft_examples
-    from deltatune.formats import load_records
-    from deltatune.model import load_causal_lm
-    from deltatune.train import MetricsLog, fit
+    from deltatune.data.examples import build_sft_examples
+    from deltatune.data.formats import load_records
+    from deltatune.model.load import load_causal_lm
+    from deltatune.pipeline import fit_run
+    from deltatune.train.loop import fit
+    from deltatune.train.metrics_log import MetricsLog
 
     if not (Path(args.data) / "train.jsonl").is_file():
         raise SystemExit(f"no {args.data}/train.jsonl: run benchmarks/make_data.py first")
@@ -59,7 +61,7 @@ def main() -> None:
                                 seed=args.seed, logging_steps=10**6, optimizer_state_dtype=dtype), "bench")
         log = MetricsLog(out)
         start = time.perf_counter()
-        result = fit(model, tokenizer, train, val, cfg, out, log, torch.device("cpu"))
+        result = fit(model, tokenizer, train, val, cfg.train, cfg.memory, fit_run(cfg, out, log, torch.device("cpu")))
         log.close()
         curves[dtype] = [r["eval_loss"] for r in result.history if "eval_loss" in r]
         finals[dtype] = {n: p.detach().clone() for n, p in model.named_parameters()}

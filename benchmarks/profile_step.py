@@ -39,13 +39,21 @@ def main() -> None:
     import torch
 
     from deltatune.config import build_config
-    from deltatune.data import IGNORE_INDEX, build_sft_examples, collate, micro_batches, step_groups
-    from deltatune.formats import load_records
-    from deltatune.head_loss import linear_cross_entropy
-    from deltatune.methods import apply_method
-    from deltatune.model import load_causal_lm
-    from deltatune.packing import ROW_TOKENS, collate_packed, model_mask, packed_micro_batches
-    from deltatune.train import build_optimizer, optimizer_steps_in_backward
+    from deltatune.data.batching import (
+        ROW_TOKENS,
+        collate,
+        collate_packed,
+        micro_batches,
+        model_mask,
+        packed_micro_batches,
+        step_groups,
+    )
+    from deltatune.data.examples import IGNORE_INDEX, build_sft_examples
+    from deltatune.data.formats import load_records
+    from deltatune.evaluate.loss import linear_cross_entropy
+    from deltatune.model.load import load_causal_lm
+    from deltatune.model.methods import apply_method
+    from deltatune.train.optim import build_optimizer, optimizer_steps_in_backward
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,11 +64,11 @@ def main() -> None:
     train, _ = build_sft_examples(records, tokenizer, max_seq_length=1024)
     cfg = build_config(dict(train_file="x", learning_rate=5e-5, gradient_checkpointing=args.checkpointing,
                             method=args.method), "p")
-    model = apply_method(model, cfg)
+    model = apply_method(model, cfg.model)
     if args.checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    optimizer = build_optimizer(model, cfg.train, cfg.memory.optimizer_state_dtype, cfg.seed, torch.device("cpu"))
     params = [p for p in model.parameters() if p.requires_grad]
     in_backward = optimizer_steps_in_backward(optimizer, args.in_backward).__enter__()  # hooks for the whole process
     groups = step_groups(len(train), args.batch_size, seed=0, epoch=0)
@@ -89,13 +97,17 @@ def main() -> None:
             mask = b["attention_mask"]
             if "position_ids" in b:
                 mask, extra = model_mask(model, mask, torch.float32), {"position_ids": b["position_ids"]}
-            out = timed("decoder forward", lambda: model.get_decoder()(input_ids=b["input_ids"], attention_mask=mask,
-                                                                      use_cache=False, **extra))
+            # timed() calls each lambda at once, inside this iteration: the defaults only pin the names
+            out = timed("decoder forward",
+                        lambda b=b, mask=mask, extra=extra: model.get_decoder()(input_ids=b["input_ids"],
+                                                                                attention_mask=mask,
+                                                                                use_cache=False, **extra))
             keep = b["labels"][:, 1:] != IGNORE_INDEX
             hidden = out.last_hidden_state[:, :-1][keep]
             loss = timed("head + cross-entropy (fwd+grads)",
-                         lambda: linear_cross_entropy(hidden, model.lm_head.weight, b["labels"][:, 1:][keep]))
-            timed("backward (decoder + embedding)", lambda: (loss / n_labels).backward())
+                         lambda hidden=hidden, b=b, keep=keep: linear_cross_entropy(hidden, model.lm_head.weight,
+                                                                                    b["labels"][:, 1:][keep]))
+            timed("backward (decoder + embedding)", lambda loss=loss, n_labels=n_labels: (loss / n_labels).backward())
         if in_backward:
             timed("AdamW after backward (first step only)", in_backward.finish)
         else:
@@ -110,7 +122,8 @@ def main() -> None:
     per_step = {k: sum(v) / args.steps for k, v in phases.items()}
     total = sum(per_step.values())
     print(f"{args.steps} steps of {args.batch_size} examples ({statistics.mean(tokens):.0f} real tokens/step), "
-          f"method={args.method}, packing={args.packing}, checkpointing={args.checkpointing}, in_backward={args.in_backward}, "
+          f"method={args.method}, packing={args.packing}, checkpointing={args.checkpointing}, "
+          f"in_backward={args.in_backward}, "
           f"row_tokens={args.row_tokens or ROW_TOKENS}, {statistics.mean(micro):.2f} micro-batches/step, "
           f"threads={torch.get_num_threads()}")
     for name, seconds in per_step.items():

@@ -43,12 +43,12 @@ OUR_SETTINGS = {  # name -> deltatune config keys (the first one listed in --our
     "checkpointing": {"gradient_checkpointing": True}, "compile": {"torch_compile": True},
 }
 LEAN = {  # `--ours lean`: deltatune's least-memory settings for the method, clipping kept
-    # AdamW's moments stored in bfloat16 (stochastic rounding), computed in float32. cpu_heap_trim:
-    # glibc hands freed activations back to the OS between blocks. Checkpointing adds time and,
-    # measured here, only 0.03 GB less on top of these two, for ~20% more time (RESULTS.md, session 5).
-    "full": {"optimizer_state_dtype": "bfloat16", "cpu_heap_trim": True},
+    # AdamW's moments stored in bfloat16 (stochastic rounding), computed in float32. Sessions 4-5
+    # also trimmed glibc's heap between blocks (`cpu_heap_trim`, since removed), so their lean
+    # peaks in RESULTS.md are lower than these settings give.
+    "full": {"optimizer_state_dtype": "bfloat16"},
     # The frozen block weights stored in float16, computed in float32; checkpointing on.
-    "lora": {"frozen_weights_dtype": "float16", "gradient_checkpointing": True, "cpu_heap_trim": True},
+    "lora": {"frozen_weights_dtype": "float16", "gradient_checkpointing": True},
 }
 TRL_SETTINGS = {  # name -> (bf16, gradient_checkpointing)
     "defaults": (True, True), "fastest": (True, False),
@@ -59,9 +59,9 @@ TRL_SETTINGS = {  # name -> (bf16, gradient_checkpointing)
 # --- one run (a worker process) -----------------------------------------------------------------
 
 def load_data(args):
-    from deltatune.data import build_sft_examples
-    from deltatune.formats import load_records
-    from deltatune.model import load_causal_lm
+    from deltatune.data.examples import build_sft_examples
+    from deltatune.data.formats import load_records
+    from deltatune.model.load import load_causal_lm
 
     model, tokenizer = load_causal_lm(MODEL)
     train_records, _ = load_records(Path(args.data) / "train.jsonl", "auto")
@@ -73,12 +73,15 @@ def load_data(args):
 def run_deltatune(args) -> dict:
     import torch
 
-    from deltatune import lowp
     from deltatune.config import build_config
-    from deltatune.data import build_sft_examples
-    from deltatune.methods import apply_method
-    from deltatune.model import load_causal_lm
-    from deltatune.train import MetricsLog, fit, mean_loss
+    from deltatune.data.examples import build_sft_examples
+    from deltatune.evaluate.loss import mean_loss
+    from deltatune.model.load import load_causal_lm
+    from deltatune.model.methods import apply_method
+    from deltatune.pipeline import fit_run
+    from deltatune.train import frozen_weights as lowp
+    from deltatune.train.loop import fit
+    from deltatune.train.metrics_log import MetricsLog
 
     model, tokenizer, train_records, val = load_data(args)
     train, _ = build_sft_examples(train_records, tokenizer, max_seq_length=args.max_seq_length)
@@ -91,18 +94,18 @@ def run_deltatune(args) -> dict:
                     max_seq_length=args.max_seq_length)
     ours = LEAN[args.method] if args.setting == "lean" else OUR_SETTINGS[args.setting]
     cfg = build_config({**settings, **ours}, "bench")
-    model = apply_method(model, cfg)  # LoRA: r, alpha 2r, all linear layers of the blocks, like TRL's below
-    lowp.store_frozen_weights(model, cfg.frozen_weights_dtype)
+    model = apply_method(model, cfg.model)  # LoRA: r, alpha 2r, all linear layers of the blocks, like TRL's below
+    lowp.store_frozen_weights(model, cfg.memory.frozen_weights_dtype)
     log = MetricsLog(out)
     start = time.perf_counter()
-    fit(model, tokenizer, train, [], cfg, out, log, torch.device("cpu"))
+    fit(model, tokenizer, train, [], cfg.train, cfg.memory, fit_run(cfg, out, log, torch.device("cpu")))
     wall = time.perf_counter() - start
     train_peak = peak_rss_gb()
     log.close()
     lowp.restore_frozen_weights(model, lambda: load_causal_lm(MODEL)[0])  # scored like TRL's: float32 weights
     val_loss, _ = mean_loss(model, val, 8, tokenizer.pad_token_id, torch.device("cpu"))
     real = sum(len(e.input_ids) for e in train) * args.epochs
-    trained = sum(sum(l != -100 for l in e.labels[1:]) for e in train) * args.epochs
+    trained = sum(sum(label != -100 for label in e.labels[1:]) for e in train) * args.epochs
     return dict(wall=wall, real_tokens=real, trained_tokens=trained, val_loss=val_loss, extrapolated=False,
                 train_peak_rss_gb=train_peak)
 
@@ -112,7 +115,7 @@ def run_trl(args) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from deltatune.train import mean_loss
+    from deltatune.evaluate.loss import mean_loss
 
     bf16, checkpointing = TRL_SETTINGS[args.setting]
     model, tokenizer, train_records, val = load_data(args)
@@ -145,7 +148,7 @@ def run_trl(args) -> dict:
     if "completion_mask" in data.column_names:
         trained = sum(sum(m[1:]) for m in data["completion_mask"]) * args.epochs
     else:
-        trained = sum(sum(l != -100 for l in lab[1:]) for lab in data["labels"]) * args.epochs
+        trained = sum(sum(label != -100 for label in lab[1:]) for lab in data["labels"]) * args.epochs
     extrapolated = max_steps > 0 and max_steps < steps_per_epoch * args.epochs
     if extrapolated:  # timed a few steps only: scale to the whole run
         wall *= steps_per_epoch * args.epochs / max_steps
@@ -175,7 +178,7 @@ def model_flops_per_token(method: str) -> tuple[float, float]:
     for the non-embedding weights, and the same factor for the output head at label positions."""
     from transformers import AutoConfig
 
-    from deltatune.model import resolve
+    from deltatune.model.load import resolve
 
     c = AutoConfig.from_pretrained(resolve(MODEL))
     per_layer = 4 * c.hidden_size * c.hidden_size * (1 + c.num_key_value_heads / c.num_attention_heads) / 2 \
@@ -210,7 +213,8 @@ def summarise(runs: list[dict]) -> dict:
         return statistics.median(r[key] for r in runs)
     return dict(wall=med("wall"), real_tps=statistics.median(r["real_tokens"] / r["wall"] for r in runs),
                 trained_tps=statistics.median(r["trained_tokens"] / r["wall"] for r in runs),
-                rss=med("train_peak_rss_gb"), rss_scored=med("peak_rss_gb"), val_loss=med("val_loss"), real_tokens=runs[0]["real_tokens"],
+                rss=med("train_peak_rss_gb"), rss_scored=med("peak_rss_gb"), val_loss=med("val_loss"),
+                real_tokens=runs[0]["real_tokens"],
                 trained_tokens=runs[0]["trained_tokens"], extrapolated=runs[0]["extrapolated"])
 
 
@@ -219,7 +223,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--methods", default="full,lora")
     parser.add_argument("--ours", default="packed",
-                        help=f"deltatune settings, the first is the reference for the ratios: {', '.join(OUR_SETTINGS)}, lean")
+                        help="deltatune settings, the first is the reference for the ratios: "
+                             f"{', '.join(OUR_SETTINGS)}, lean")
     parser.add_argument("--trl", default="defaults-fp32,fastest-fp32",
                         help=f"TRL settings to compare against: {', '.join(TRL_SETTINGS)}")
     parser.add_argument("--data", default=str(HERE / "data"))
@@ -246,11 +251,10 @@ def main() -> None:
     if not (Path(args.data) / "train.jsonl").is_file():
         subprocess.run([sys.executable, str(HERE / "make_data.py"), "--out", args.data,
                         "--train", str(args.train_examples), "--seed", str(args.seed)], check=True)
-    from peak_flops import measure
-
     import torch
     import transformers
     import trl
+    from peak_flops import measure
 
     peak = measure(seconds=1.0)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
@@ -260,7 +264,7 @@ def main() -> None:
     reference = runners[0]
     all_runs: dict = {}
     for method in args.methods.split(","):
-        for pair in range(args.pairs):  # A B A B: each runner once per pair, in turn
+        for _pair in range(args.pairs):  # A B A B: each runner once per pair, in turn
             for side, setting in runners:
                 all_runs.setdefault((method, side, setting), []).append(launch(side, setting, method, args))
     print()
@@ -279,10 +283,12 @@ def main() -> None:
             star = "*" if s["extrapolated"] else ""
             ratio = f"{s['wall'] / ours['wall']:.2f}x"  # > 1: this runner is slower than the reference
             rss = f"{ours['rss'] / s['rss']:.2f}"
-            print(f"| {method} | {side} {setting} | {s['wall']:.1f}{star} | {s['real_tps']:.0f} | {s['trained_tps']:.0f} | "
+            print(f"| {method} | {side} {setting} | {s['wall']:.1f}{star} | {s['real_tps']:.0f} | "
+                  f"{s['trained_tps']:.0f} | "
                   f"{s['rss']:.2f} ({s['rss_scored']:.2f}) | {s['val_loss']:.4f} | {mfu:.1%} | {ratio} | {rss} |")
     print(f"\n{args.pairs} pair(s) per setting, medians; * = extrapolated from {args.max_steps_bf16} timed steps. "
-          "MFU: model FLOPs (6N full / 4N LoRA per token, head at label positions only) over the measured float32 peak. "
+          "MFU: model FLOPs (6N full / 4N LoRA per token, head at label positions only) over the measured "
+          "float32 peak. "
           "Peak RSS training: the process's peak when training ends (model loading included); with scoring: at exit, "
           "after the benchmark's own validation pass (the same function for both sides; deltatune's float16 storage "
           "reloads the float32 weights for it).")

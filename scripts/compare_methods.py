@@ -15,15 +15,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from deltatune.demo import routing as classify_task
-from deltatune.demo import orders as demo_task
-from deltatune.config import load_config
-from deltatune.pipeline import run
+from deltatune.config import load_config  # noqa: E402
+from deltatune.demo import orders as demo_task  # noqa: E402
+from deltatune.demo import routing as classify_task  # noqa: E402
+from deltatune.pipeline import run  # noqa: E402
 
 EXAMPLES = {
     # example -> (config, data generator, data folder, metric, {method: overrides})
     "classify": ("configs/classify_minilm.yaml", classify_task, "data/classify", "accuracy",
-                 {"full": [], "lora": ["learning_rate=1e-3"], "head_only": ["learning_rate=1e-2", "num_train_epochs=4"]}),
+                 {"full": [], "lora": ["learning_rate=1e-3"],
+                  "head_only": ["learning_rate=1e-2", "num_train_epochs=4"]}),
     "sft": ("configs/lora_sft_smollm2.yaml", demo_task, "data/demo", "exact_match",
             {"full": ["learning_rate=1e-4"], "lora": [], "head_only": ["learning_rate=1e-3"]}),
 }
@@ -50,7 +51,8 @@ def main() -> None:
         rows.append((method, record["trainable_parameters"], record["total_parameters"], result.fit.steps,
                      result.fit.wall_seconds, seconds, result.before.get(metric), result.after.get(metric)))
     print(f"\n{args.example}: {metric} base -> tuned")
-    print(f"{'method':<10} {'trainable':>12} {'total':>12} {'steps':>6} {'train s':>8} {'run s':>7} {'base':>7} {'tuned':>7}")
+    print(f"{'method':<10} {'trainable':>12} {'total':>12} {'steps':>6} {'train s':>8} {'run s':>7} "
+          f"{'base':>7} {'tuned':>7}")
     for m, t, n, steps, fit_s, run_s, b, a in rows:
         print(f"{m:<10} {t:>12,} {n:>12,} {steps:>6} {fit_s:>8.1f} {run_s:>7.1f} {b:>7.3f} {a:>7.3f}")
 

@@ -19,10 +19,11 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "e2e")]
+
+from test_resume import logged, make_run  # noqa: E402
 
 from conftest import make_tiny_llama, make_tokenizer  # noqa: E402
-from test_resume import make_run, logged  # noqa: E402
 
 DEFAULT_POINTS_NPROC = ["step:1", "step:4", "checkpoint-write:6", "checkpoint-renamed:9", "step:5:SIGTERM"]
 DEFAULT_POINTS = ["step:1", "step:3", "step:4", "step:7", "step:12", "checkpoint-write:3", "checkpoint-write:9",

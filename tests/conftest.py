@@ -65,7 +65,8 @@ def make_tiny_bert(tokenizer, seed: int = 0):
 
     torch.manual_seed(seed)
     return BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id))
+                                num_attention_heads=4, max_position_embeddings=128,
+                                pad_token_id=tokenizer.pad_token_id))
 
 
 @pytest.fixture(scope="session")

@@ -235,8 +235,7 @@ def cmd_merge(args) -> int:
     from deltatune.model.load import merge_adapter
     from deltatune.tasks import task_for_folder
 
-    load_tuned = task_for_folder(args.adapter).load_tuned
-    out = merge_adapter(Path(args.adapter), Path(args.out), lambda folder: load_tuned(
+    out = merge_adapter(Path(args.adapter), Path(args.out), lambda folder: task_for_folder(folder).load_tuned(
         folder, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code))
     print(f"merged model: {out}")
     return 0
@@ -251,7 +250,8 @@ def cmd_export(args) -> int:
 
 
 def _add_metric(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metric", default=default("metric"), choices=["exact_match", "contains", "regex", "json_schema", "none"])
+    p.add_argument("--metric", default=default("metric"),
+                   choices=["exact_match", "contains", "regex", "json_schema", "none"])
     p.add_argument("--metric-pattern", help="with --metric regex: the regex an output must fully match")
     p.add_argument("--metric-schema", help="with --metric json_schema: JSON Schema file an output must satisfy")
 
@@ -276,7 +276,8 @@ def _add_model_safety(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltatune", description="Fine-tune language models and measure what changed.")
+    parser = argparse.ArgumentParser(prog="deltatune",
+                                     description="Fine-tune language models and measure what changed.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -317,14 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", help="data format (default: detect)")
     _add_metric(p)
     p.add_argument("--max-examples", type=int, default=None,
-                   help="use at most this many records of --data (default: 64 conversations, every classification record)")
+                   help="use at most this many records of --data "
+                        "(default: 64 conversations, every classification record)")
     p.add_argument("--max-seq-length", type=int, default=default("max_seq_length"))
     p.add_argument("--max-new-tokens", type=int, default=default("max_new_tokens"))
     p.add_argument("--batch-size", type=int, default=default("per_device_eval_batch_size"))
     p.add_argument("--general-text", help="UTF-8 text file for forgetting (default: CPython's pydoc topics)")
     p.add_argument("--probe-file", action="append", default=[], help="extra fact-recall probes (prompt/answer)")
-    p.add_argument("--side-by-side", type=int, default=default("side_by_side_prompts"), help="prompts shown side by side")
-    p.add_argument("--kl-samples", type=int, default=default("kl_samples"), help="base-model samples for the KL estimate")
+    p.add_argument("--side-by-side", type=int, default=default("side_by_side_prompts"),
+                   help="prompts shown side by side")
+    p.add_argument("--kl-samples", type=int, default=default("kl_samples"),
+                   help="base-model samples for the KL estimate")
     _add_model_safety(p)
     p.set_defaults(func=cmd_compare)
 

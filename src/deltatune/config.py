@@ -40,9 +40,12 @@ class ModelArgs(BaseModel):
     model_config = GROUP
 
     name: str = Field("smollm2-135m-instruct", alias="model")
-    """Base model: an embedded name (`smollm2-135m-instruct`, `minilm-l6`), a local Hugging Face folder, a `.gguf` file, or a hub id."""
+    """Base model: an embedded name (`smollm2-135m-instruct`, `minilm-l6`), a local Hugging Face folder, a `.gguf` file,
+    or a hub id."""
     method: Literal["full", "lora", "dora", "qlora", "head_only", "freeze"] = "full"
-    """Which parameters train: `full` every weight; `lora`/`dora` low-rank adapters (peft); `qlora` LoRA on a 4-bit base (CUDA + bitsandbytes); `head_only` the output or classification head; `freeze` all but `freeze_layers`/`trainable_modules`."""
+    """Which parameters train: `full` every weight; `lora`/`dora` low-rank adapters (peft); `qlora` LoRA on a 4-bit base
+    (CUDA + bitsandbytes); `head_only` the output or classification head; `freeze` all but
+    `freeze_layers`/`trainable_modules`."""
     lora_r: int = Field(16, ge=1)
     """LoRA rank (lora, dora, qlora)."""
     lora_alpha: float | None = Field(None, gt=0.0)
@@ -54,7 +57,8 @@ class ModelArgs(BaseModel):
     freeze_layers: int | None = Field(None, ge=0)
     """method freeze: the bottom N transformer blocks (and the embeddings) stay frozen."""
     trainable_modules: list[str] | None = None
-    """method freeze: regexes (re.search on parameter names); only matching parameters train. Embeddings train only if named."""
+    """method freeze: regexes (re.search on parameter names); only matching parameters train. Embeddings train only if
+    named."""
     allow_pickle: bool = False
     """Allow loading pickle checkpoints (.bin/.pt), which can run arbitrary code."""
     trust_remote_code: bool = False
@@ -103,7 +107,8 @@ class DataArgs(BaseModel):
 
 
 class TrainArgs(BaseModel):
-    """The optimisation: AdamW, its schedule, and when the loop logs, evaluates and saves (Hugging Face TrainingArguments names)."""
+    """The optimisation: AdamW, its schedule, and when the loop logs, evaluates and saves (Hugging Face
+    TrainingArguments names)."""
 
     model_config = GROUP
 
@@ -130,7 +135,8 @@ class TrainArgs(BaseModel):
     early_stopping_patience: int | None = Field(None, ge=1)
     """Stop after this many evaluations without a lower validation loss, and keep the best weights."""
     max_nonfinite_steps: int = Field(3, ge=1)
-    """Stop when this many optimizer steps in a row have a non-finite loss or gradient norm (each is skipped, not applied)."""
+    """Stop when this many optimizer steps in a row have a non-finite loss or gradient norm (each is skipped, not
+    applied)."""
     logging_steps: int = Field(10, ge=1)
     """Log training loss every this many optimizer steps."""
     eval_steps: int | None = Field(None, ge=1)
@@ -147,19 +153,29 @@ class MemoryArgs(BaseModel):
     bf16: Literal["auto"] | bool = "auto"
     """bfloat16 autocast with float32 master weights; `auto` uses it where the hardware runs it natively."""
     packing: bool = True
-    """Pack each optimizer step's examples into rows (block-diagonal mask, per-example positions): no padding, same steps."""
+    """Pack each optimizer step's examples into rows (block-diagonal mask, per-example positions): no padding, same
+    steps."""
     max_tokens_per_batch: int | None = Field(16384, ge=1)
-    """Cap on padded tokens (examples x longest) in an evaluation batch or an unpacked training micro-batch: long examples go in smaller batches, so memory is bounded by tokens. null = examples only."""
+    """Cap on padded tokens (examples x longest) in an evaluation batch or an unpacked training micro-batch: long
+    examples go in smaller batches, so memory is bounded by tokens. null = examples only."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in backward: less memory, about a third more compute."""
     torch_compile: bool = False
     """Compile the decoder with torch.compile (dynamic shapes); pays off only on long runs."""
     optimizer_in_backward: bool = False
-    """Run AdamW on each parameter as soon as its gradient is complete and free that gradient: the gradients of the whole model never exist at once (saves 4 bytes a trainable parameter). Same update as the ordinary step; needs max_grad_norm: 0 (no global norm exists before the update) and one process."""
+    """Run AdamW on each parameter as soon as its gradient is complete and free that gradient: the gradients of the
+    whole model never exist at once (saves 4 bytes a trainable parameter). Same update as the ordinary step; needs
+    max_grad_norm: 0 (no global norm exists before the update) and one process."""
     optimizer_state_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Store AdamW's two moments in this dtype. bfloat16 halves the optimizer's memory (4 bytes a trainable parameter instead of 8; for full fine-tuning that is as much as the weights themselves). Each step still computes in float32 with PyTorch's fused AdamW; the moments are written back with stochastic rounding, exact in expectation (round-to-nearest would stall the second moment). Clipping works as usual. Not with parallelism: fsdp."""
+    """Store AdamW's two moments in this dtype. bfloat16 halves the optimizer's memory (4 bytes a trainable parameter
+    instead of 8; for full fine-tuning that is as much as the weights themselves). Each step still computes in
+    float32 with PyTorch's fused AdamW; the moments are written back with stochastic rounding, exact in expectation
+    (round-to-nearest would stall the second moment). Clipping works as usual. Not with parallelism: fsdp."""
     frozen_weights_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """method lora/dora: keep the frozen base weights of the blocks' linear layers in this dtype while training (half the memory of float32); only their storage changes, every matmul still computes in the activation dtype. Costs rounding (float16 keeps 11 significant bits, bfloat16 8) during training only: the float32 weights are restored, bit for bit, before the tuned model is evaluated and saved."""
+    """method lora/dora: keep the frozen base weights of the blocks' linear layers in this dtype while training (half
+    the memory of float32); only their storage changes, every matmul still computes in the activation dtype. Costs
+    rounding (float16 keeps 11 significant bits, bfloat16 8) during training only: the float32 weights are restored,
+    bit for bit, before the tuned model is evaluated and saved."""
 
 
 class ParallelArgs(BaseModel):
@@ -168,11 +184,14 @@ class ParallelArgs(BaseModel):
     model_config = GROUP
 
     parallelism: Literal["ddp", "fsdp"] = "ddp"
-    """How processes share the work under torchrun: `ddp` keeps a full model per process, `fsdp` shards weights, gradients and optimizer state (FSDP2, per transformer block). Ignored on one process."""
+    """How processes share the work under torchrun: `ddp` keeps a full model per process, `fsdp` shards weights,
+    gradients and optimizer state (FSDP2, per transformer block). Ignored on one process."""
     fsdp_cpu_offload: bool = False
-    """With `parallelism: fsdp`, keep the shards and optimizer state in CPU memory (slower; for models that do not fit the GPUs)."""
+    """With `parallelism: fsdp`, keep the shards and optimizer state in CPU memory (slower; for models that do not fit
+    the GPUs)."""
     ddp_timeout: int = Field(1800, ge=1)
-    """Seconds a process waits for the others in a collective before the job fails (a crashed or hung rank ends the run instead of hanging it)."""
+    """Seconds a process waits for the others in a collective before the job fails (a crashed or hung rank ends the run
+    instead of hanging it)."""
 
 
 class EvalArgs(BaseModel):
@@ -183,7 +202,8 @@ class EvalArgs(BaseModel):
     per_device_eval_batch_size: int = Field(8, ge=1)
     """Examples per evaluation pass."""
     metric: Literal["exact_match", "contains", "regex", "json_schema", "none"] = "exact_match"
-    """Task metric on `test_file`, scored on greedy generations: `exact_match` (equals the reference), `contains` (holds the reference), `regex` (fully matches `metric_pattern`), `json_schema` (is JSON valid under `metric_schema`)."""
+    """Task metric on `test_file`, scored on greedy generations: `exact_match` (equals the reference), `contains` (holds
+    the reference), `regex` (fully matches `metric_pattern`), `json_schema` (is JSON valid under `metric_schema`)."""
     metric_pattern: str | None = None
     """With `metric: regex`: the Python regular expression an output must fully match."""
     metric_schema: str | None = None
@@ -212,7 +232,8 @@ class OutputArgs(BaseModel):
     save_total_limit: int | None = Field(None, ge=1)
     """Keep at most this many checkpoints, deleting the oldest."""
     resume_from_checkpoint: str | None = None
-    """Continue a run: `latest` (the newest complete checkpoint in `output_dir`; starts at step 0 if there is none yet) or a checkpoint folder. `deltatune train CONFIG --resume` sets `latest`."""
+    """Continue a run: `latest` (the newest complete checkpoint in `output_dir`; starts at step 0 if there is none yet)
+    or a checkpoint folder. `deltatune train CONFIG --resume` sets `latest`."""
 
 
 class DeltaArgs(BaseModel):
@@ -221,13 +242,15 @@ class DeltaArgs(BaseModel):
     model_config = GROUP
 
     delta_report: bool = True
-    """End the run with report.md/report.html/delta.json comparing base and tuned (task gain, forgetting, weight change)."""
+    """End the run with report.md/report.html/delta.json comparing base and tuned (task gain, forgetting, weight
+    change)."""
     general_text_file: str | None = None
     """UTF-8 text file (passages separated by blank lines) for forgetting; default: CPython's pydoc topics."""
     probe_files: list[str] = Field(default_factory=list)
     """Extra fact-recall probe sets (JSONL/JSON/CSV with `prompt` and `answer`), scored with the built-in set."""
     side_by_side_prompts: int = Field(8, ge=0)
-    """Held-out test prompts shown with base and tuned outputs side by side (classification: texts with the true label and both predictions)."""
+    """Held-out test prompts shown with base and tuned outputs side by side (classification: texts with the true label
+    and both predictions)."""
     kl_samples: int = Field(8, ge=0)
     """Continuations sampled from the base model for the Monte-Carlo KL(base‖tuned); 0 skips it."""
 
@@ -239,14 +262,17 @@ KEY_GROUP: dict[str, str | None] = {"task": None, "seed": None} | {
     (info.alias or name): group for group, cls in GROUPS.items() for name, info in cls.model_fields.items()}
 # config.yaml lists the keys in this order (the order of the flat config before it was grouped).
 FLAT_ORDER = [
-    'model', 'method', 'task', 'lora_r', 'lora_alpha', 'lora_dropout', 'lora_target_modules', 'freeze_layers',
-    'trainable_modules', 'train_file', 'validation_file', 'validation_split', 'test_file', 'format', 'max_seq_length', 'train_on_inputs',
-    'learning_rate', 'weight_decay', 'num_train_epochs', 'max_steps', 'per_device_train_batch_size', 'per_device_eval_batch_size', 'max_tokens_per_batch', 'gradient_accumulation_steps',
-    'warmup_ratio', 'warmup_steps', 'lr_scheduler_type', 'max_grad_norm', 'seed', 'bf16', 'early_stopping_patience', 'parallelism',
-    'fsdp_cpu_offload', 'ddp_timeout', 'packing', 'gradient_checkpointing', 'torch_compile', 'optimizer_in_backward', 'optimizer_state_dtype', 'frozen_weights_dtype',
-    'output_dir', 'overwrite_output_dir', 'logging_steps', 'eval_steps', 'save_steps', 'save_total_limit', 'resume_from_checkpoint', 'max_nonfinite_steps',
-    'metric', 'metric_pattern', 'metric_schema', 'max_new_tokens', 'delta_report', 'general_text_file', 'probe_files', 'side_by_side_prompts',
-    'kl_samples', 'allow_pickle', 'trust_remote_code',
+    "model", "method", "task", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "freeze_layers",
+    "trainable_modules", "train_file", "validation_file", "validation_split", "test_file", "format",
+    "max_seq_length", "train_on_inputs", "learning_rate", "weight_decay", "num_train_epochs", "max_steps",
+    "per_device_train_batch_size", "per_device_eval_batch_size", "max_tokens_per_batch",
+    "gradient_accumulation_steps", "warmup_ratio", "warmup_steps", "lr_scheduler_type", "max_grad_norm", "seed",
+    "bf16", "early_stopping_patience", "parallelism", "fsdp_cpu_offload", "ddp_timeout", "packing",
+    "gradient_checkpointing", "torch_compile", "optimizer_in_backward", "optimizer_state_dtype",
+    "frozen_weights_dtype", "output_dir", "overwrite_output_dir", "logging_steps", "eval_steps", "save_steps",
+    "save_total_limit", "resume_from_checkpoint", "max_nonfinite_steps", "metric", "metric_pattern",
+    "metric_schema", "max_new_tokens", "delta_report", "general_text_file", "probe_files", "side_by_side_prompts",
+    "kl_samples", "allow_pickle", "trust_remote_code",
 ]
 assert sorted(FLAT_ORDER) == sorted(KEY_GROUP), "every key is dumped exactly once"
 
@@ -257,7 +283,8 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     task: Task = "sft"
-    """Objective: `sft` trains a causal LM on the assistant turns of conversations; `text` continues pre-training on raw text packed into blocks; `classification` trains a sequence classifier on text/label records."""
+    """Objective: `sft` trains a causal LM on the assistant turns of conversations; `text` continues pre-training on raw
+    text packed into blocks; `classification` trains a sequence classifier on text/label records."""
     seed: int = 42
     """Seeds the data split, shuffling and initialisation."""
     model: ModelArgs = ModelArgs()
@@ -374,13 +401,16 @@ def _rebase_paths(raw: dict, base_dir: Path) -> dict:
     return raw
 
 
-def check_keys(keys, origin: str, what: str = "unknown key '{key}'") -> None:
-    """Every key must be one of ours: a removed one says what became of it, a typo gets a did-you-mean."""
+def check_keys(keys, origin: str | None) -> None:
+    """Every key must be one of ours: a removed one says what became of it, a typo gets a did-you-mean.
+    `origin` None: the keys are command-line overrides."""
     for key in keys:
+        where = f"{origin}: key '{key}'" if origin else f"override '{key}'"
         if key in REMOVED_KEYS:
-            raise UserError(f"{origin}: key '{key}': {REMOVED_KEYS[key]}")
+            raise UserError(f"{where}: {REMOVED_KEYS[key]}")
         if key not in KEY_GROUP:
-            raise UserError(f"{origin}: {what.format(key=key)}{_did_you_mean(key, KEY_GROUP)}")
+            where = f"{origin}: unknown key '{key}'" if origin else f"override '{key}': unknown key"
+            raise UserError(f"{where}{_did_you_mean(key, KEY_GROUP)}")
 
 
 def build_config(raw: dict, origin: str) -> RunConfig:
@@ -423,7 +453,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         check_keys(raw, str(path))
         raw = _rebase_paths(raw, path.parent)
     cli = parse_overrides(list(overrides))
-    check_keys(cli, "override", what="'{key}': unknown key")
+    check_keys(cli, None)
     return build_config({**raw, **cli}, origin)
 
 

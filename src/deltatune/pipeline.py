@@ -43,8 +43,10 @@ class RunResult:
 
 @dataclass(frozen=True)
 class Preflight:
-    """What the checks before loading decided: this process's device and the checkpoint to resume (or None)."""
+    """What the checks before loading decided: this process's device, whether it computes in bf16,
+    and the checkpoint to resume (or None)."""
     device: torch.device
+    bf16: bool
     resume: Path | None
 
 
@@ -67,11 +69,12 @@ def preflight(cfg: RunConfig) -> Preflight:
     if cfg.parallel.fsdp_cpu_offload and device.type != "cuda":
         raise UserError("fsdp_cpu_offload: true needs CUDA devices (on CPU the shards are in CPU memory already; "
                         "set it to false)")
+    bf16 = resolve_bf16(cfg.memory.bf16, device)  # bf16: true where the device has no fast bf16 is refused
     check_inputs(cfg.delta, cfg.seed)  # a bad probe or corpus file fails in seconds, not after training
     load_check(cfg.eval.metric, cfg.eval.metric_pattern, cfg.eval.metric_schema)  # a broken regex or schema
     resume = find_resume_checkpoint(cfg, world)  # None: start at step 0
     distributed.barrier()  # every rank has read output_dir before rank 0 rewrites config.yaml and tidies it
-    return Preflight(device, resume)
+    return Preflight(device, bf16, resume)
 
 
 def read_splits(cfg: RunConfig, task: Task) -> Splits:
@@ -154,11 +157,10 @@ def without_predictions(result: dict) -> dict:
 def run(cfg: RunConfig) -> RunResult:
     task = TASKS[cfg.task]
     checked = preflight(cfg)
-    device, resume = checked.device, checked.resume
+    device, bf16, resume = checked.device, checked.bf16, checked.resume
     splits = read_splits(cfg, task)
     model, tokenizer = task.load(cfg, splits)
     data = tokenize_splits(splits, cfg, task, tokenizer, model)
-    bf16 = resolve_bf16(cfg.memory.bf16, device)
     torch.manual_seed(cfg.seed)  # new weights (LoRA, a classifier head) start the same on every rank
     model = apply_method(model, cfg.model, task.peft_task_type, task.new_head)
     trained = trainable_summary(model)

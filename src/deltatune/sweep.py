@@ -81,7 +81,7 @@ def run_name(settings: dict[str, str]) -> str:
 
 def run_sweep(config_path: str, grid_items: list[str], overrides: list[str] = (), budget: Budget = Budget()) -> dict:
     grid = parse_grid(grid_items)
-    root = Path(load_config(config_path, list(overrides)).output_dir)
+    root = Path(load_config(config_path, list(overrides)).output.output_dir)
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     # Every combination is validated before the first one trains: a typo fails in seconds.
     runs = []
@@ -90,7 +90,7 @@ def run_sweep(config_path: str, grid_items: list[str], overrides: list[str] = ()
         cfg = load_config(config_path, list(overrides) + [f"{k}={v}" for k, v in settings.items()] +
                           [f"output_dir={root / name}", "overwrite_output_dir=true", "delta_report=true"])
         runs.append((name, settings, cfg))
-    for i, (name, settings, cfg) in enumerate(runs, 1):
+    for i, (name, _settings, cfg) in enumerate(runs, 1):
         if (root / name / "delta.json").is_file():
             print(f"sweep {i}/{len(runs)}: {name} finished before, skipped", flush=True)
             continue
@@ -131,7 +131,8 @@ def build_frontier(entries: list[dict], budget: Budget = Budget()) -> dict:
     recommended, reason = recommend(usable, budget)
     return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "task_type": task_type,
             "gain_measure": usable[0]["gain_measure"] if usable else "none",
-            "forgetting_measure": report_kind(task_type).forgetting_measure, "budget": asdict(budget), "rule": rule_text(budget),
+            "forgetting_measure": report_kind(task_type).forgetting_measure, "budget": asdict(budget),
+            "rule": rule_text(budget),
             "runs": entries, "recommended": recommended, "recommendation_reason": reason}
 
 
@@ -238,8 +239,10 @@ def plot(frontier: dict) -> dict[str, str]:
         ax.annotate(e["name"], (e["forgetting"], e["gain"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     front = sorted((e for e in runs if e["pareto"]), key=lambda e: e["forgetting"])
     ax.plot([e["forgetting"] for e in front], [e["gain"] for e in front], color="tab:red", alpha=0.5)
-    ax.set_xlabel(frontier["forgetting_measure"]); ax.set_ylabel(frontier["gain_measure"])
-    ax.set_title("task gain vs forgetting (red: Pareto-optimal)"); ax.grid(alpha=0.3)
+    ax.set_xlabel(frontier["forgetting_measure"])
+    ax.set_ylabel(frontier["gain_measure"])
+    ax.set_title("task gain vs forgetting (red: Pareto-optimal)")
+    ax.grid(alpha=0.3)
     return {"frontier": png(fig)}
 
 

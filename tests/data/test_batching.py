@@ -5,22 +5,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import chat, make_tiny_llama, run_fit
 from deltatune.config import build_config
+from deltatune.data.batching import collate, collate_packed, model_mask, pack_rows, packed_micro_batches
 from deltatune.data.examples import IGNORE_INDEX, build_sft_examples
-from deltatune.data.batching import collate
 from deltatune.data.formats import Record
-from deltatune.evaluate.loss import linear_cross_entropy
-from deltatune.data.batching import collate_packed, model_mask, pack_rows, packed_micro_batches
+from deltatune.evaluate.loss import causal_lm_loss, linear_cross_entropy
 from deltatune.train.metrics_log import MetricsLog
-from deltatune.evaluate.loss import causal_lm_loss
+
+from conftest import chat, make_tiny_llama, run_fit
 
 CPU = torch.device("cpu")
 
 
 def records(n=16):
     words = ["fox", "dog", "cat", "sun", "sky", "tea", "hello", "world"]
-    return [Record(messages=chat(f"say {words[i % 8]} " * (1 + i % 4), f"{words[(i * 3) % 8]} " * (1 + i % 3))["messages"],
+    return [Record(messages=chat(f"say {words[i % 8]} " * (1 + i % 4),
+                                 f"{words[(i * 3) % 8]} " * (1 + i % 3))["messages"],
                    source=f"t:{i}") for i in range(n)]
 
 
@@ -72,7 +72,7 @@ def test_packed_loss_equals_unpacked_loss_and_counts(tiny_tokenizer, examples):
     packed_sum, packed_n = causal_lm_loss(model, collate_packed([[examples[i] for i in r] for r in rows],
                                                                tiny_tokenizer.pad_token_id))
     plain_sum, plain_n = causal_lm_loss(model, collate(examples, tiny_tokenizer.pad_token_id))
-    assert int(packed_n) == int(plain_n) == sum(sum(l != IGNORE_INDEX for l in e.labels[1:]) for e in examples)
+    assert int(packed_n) == int(plain_n) == sum(sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in examples)
     torch.testing.assert_close(packed_sum, plain_sum, atol=1e-4, rtol=1e-5)
 
 

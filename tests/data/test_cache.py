@@ -2,10 +2,11 @@
 
 import pytest
 
-from conftest import chat
 from deltatune.data import cache as datacache
 from deltatune.data.examples import build_sft_examples
 from deltatune.data.formats import Record
+
+from conftest import chat
 
 
 def recs(answer="fox fox"):

@@ -2,10 +2,11 @@
 
 import pytest
 
-from conftest import make_tokenizer
-from deltatune.data.examples import IGNORE_INDEX, CHATML_TEMPLATE, build_sft_examples, tokenize_conversation
-from deltatune.errors import UserError
+from deltatune.data.examples import CHATML_TEMPLATE, IGNORE_INDEX, build_sft_examples, tokenize_conversation
 from deltatune.data.formats import Record
+from deltatune.errors import UserError
+
+from conftest import make_tokenizer
 
 
 def trained_text(tokenizer, example) -> list[str]:
@@ -55,13 +56,15 @@ def test_empty_user_and_system_content(tiny_tokenizer):
 
 def test_end_of_turn_token_is_trained_even_though_it_is_the_pad_token(tiny_tokenizer):
     assert tiny_tokenizer.pad_token_id == tiny_tokenizer.eos_token_id  # as in SmolLM2
-    ex = tokenize_conversation(tiny_tokenizer, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
-    trained = [t for t, l in zip(ex.input_ids, ex.labels) if l != IGNORE_INDEX]
+    ex = tokenize_conversation(tiny_tokenizer,
+                               [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    trained = [t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE_INDEX]
     assert trained[-1] == tiny_tokenizer.eos_token_id
 
 
 def test_train_on_inputs_trains_everything(tiny_tokenizer):
-    ex = tokenize_conversation(tiny_tokenizer, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+    ex = tokenize_conversation(tiny_tokenizer,
+                               [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
                                train_on_inputs=True)
     assert ex.labels == ex.input_ids
 
@@ -84,4 +87,5 @@ def test_template_that_rewrites_history_is_reported():
            "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
     tok = make_tokenizer(odd)
     with pytest.raises(UserError, match="renders this conversation differently"):
-        tokenize_conversation(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], source="x:1")
+        tokenize_conversation(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                              source="x:1")

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from conftest import write_jsonl
-from deltatune.errors import UserError
 from deltatune.data.formats import load_records
+from deltatune.errors import UserError
+
+from conftest import write_jsonl
 
 EXPECTED = [{"role": "user", "content": "Add 2 and 2"}, {"role": "assistant", "content": "4"}]
 

@@ -2,8 +2,9 @@
 
 import json
 
-from conftest import chat, run_cli, write_jsonl
 from deltatune.data.lint import lint, percentiles, print_report
+
+from conftest import chat, run_cli, write_jsonl
 
 LONG = ("the kettle switches off by itself when the water boils and the light ring turns white again; "
         "keep-warm mode holds the chosen temperature for thirty minutes and lifting the kettle cancels it")

@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, write_jsonl
-from deltatune.delta import measures as delta
 from deltatune.data.examples import build_classification_examples
-from deltatune.evaluate.metrics import classification_metrics
-from deltatune.model.load import load_classifier
+from deltatune.data.formats import Record
+from deltatune.delta import measures as delta
 from deltatune.delta.classifier import CkaSums, general_sentences, linear_cka, macro_f1_statistic, measure
 from deltatune.delta.measures import ReportOptions
-from deltatune.data.formats import Record
+from deltatune.evaluate.metrics import classification_metrics
+from deltatune.model.load import load_classifier
+
+from conftest import run_cli, write_jsonl
 
 CPU = torch.device("cpu")
 LABELS = ["animal", "drink", "weather"]
@@ -27,7 +28,8 @@ def classification_records(n_per_word: int = 2) -> list[dict]:
 
 
 def _examples(tok, model):
-    records = [Record(text=r["text"], label=r["label"], source=f"t:{i}") for i, r in enumerate(classification_records())]
+    records = [Record(text=r["text"], label=r["label"], source=f"t:{i}")
+               for i, r in enumerate(classification_records())]
     return build_classification_examples(records, tok, max_seq_length=32, label2id=model.config.label2id)[0], records
 
 
@@ -179,7 +181,8 @@ def test_cli_classification_run_writes_the_report_and_compare_reproduces_it(tmp_
     assert report["training"]["curves"]["loss"]
     # Titles show resolved paths, not configs/../runs.
     md = (out / "report.md").read_text()
-    assert str(out.resolve() / "final") in md and "/../" not in md and report["tuned_model"] == str(out.resolve() / "final")
+    assert (str(out.resolve() / "final") in md and "/../" not in md
+            and report["tuned_model"] == str(out.resolve() / "final"))
     assert "## Forgetting: representation drift" in md and "New head" in md
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 3
 
@@ -256,8 +259,9 @@ def test_sweep_over_a_classification_config_charts_accuracy_gain_against_backbon
 
 @pytest.mark.integration
 def test_real_minilm_classification_run_ends_with_the_delta_report(tmp_path):
-    from conftest import REPO
     from deltatune.demo import routing as classify_task
+
+    from conftest import REPO
 
     paths = classify_task.write(tmp_path / "data")
     proc = run_cli("train", str(REPO / "configs" / "classify_minilm.yaml"), f"train_file={paths['train']}",

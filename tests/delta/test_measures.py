@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import chat, make_tiny_llama, run_cli, write_jsonl
-from deltatune.delta import measures as delta
-from deltatune.evaluate import probes
 from deltatune.data.examples import build_sft_examples
 from deltatune.data.formats import Record
+from deltatune.delta import measures as delta
+from deltatune.evaluate import probes
+
+from conftest import chat, make_tiny_llama, run_cli, write_jsonl
 
 CPU = torch.device("cpu")
 
@@ -111,8 +112,10 @@ def test_lora_delta_is_b_times_a_and_base_weights_stay_untouched(tok, base):
         assert merged_rows[m["name"]]["relative_norm"] == pytest.approx(m["relative_norm"], rel=1e-4)
         assert merged_rows[m["name"]]["effective_rank"] == m["effective_rank"]
     layer0_q = model.base_model.model.model.layers[0].self_attn.q_proj
-    expected = (layer0_q.lora_B["default"].weight @ layer0_q.lora_A["default"].weight).detach() * layer0_q.scaling["default"]
-    assert rows["model.layers.0.self_attn.q_proj.weight"]["delta_norm"] == pytest.approx(float(expected.norm()), rel=1e-5)
+    expected = ((layer0_q.lora_B["default"].weight @ layer0_q.lora_A["default"].weight).detach()
+                * layer0_q.scaling["default"])
+    assert rows["model.layers.0.self_attn.q_proj.weight"]["delta_norm"] == pytest.approx(float(expected.norm()),
+                                                                                        rel=1e-5)
 
 
 def test_fact_recall_retention_drops_when_the_model_is_damaged(tok, base):
@@ -128,7 +131,8 @@ def test_fact_recall_retention_drops_when_the_model_is_damaged(tok, base):
     assert probes.retention(base_ok, probes.score(copy.deepcopy(base), tok, items, CPU)[0]) == 1.0
     damaged = copy.deepcopy(base)
     with torch.no_grad():
-        damaged.lm_head.weight.copy_(torch.randn(damaged.lm_head.weight.shape, generator=torch.Generator().manual_seed(3)))
+        damaged.lm_head.weight.copy_(torch.randn(damaged.lm_head.weight.shape,
+                                                 generator=torch.Generator().manual_seed(3)))
     damaged_ok, _ = probes.score(damaged, tok, items, CPU)
     assert probes.retention(base_ok, damaged_ok) < 0.5
 
@@ -169,7 +173,7 @@ def test_general_text_sample_is_fixed_and_user_corpus_works(tmp_path):
 
 def test_train_writes_the_delta_report_and_compare_reproduces_it(tmp_path, tiny_model_dir, sft_file):
     test = write_jsonl(tmp_path / "test.jsonl", [chat("say fox", "fox fox"), chat("say dog", "dog dog")])
-    probe_file = write_jsonl(tmp_path / "probes.jsonl", [{"prompt": "say fox", "answer": "fox"}])
+    write_jsonl(tmp_path / "probes.jsonl", [{"prompt": "say fox", "answer": "fox"}])  # named in the config below
     config = tmp_path / "run.yaml"
     config.write_text(f"model: {tiny_model_dir}\ntrain_file: train.jsonl\ntest_file: test.jsonl\n"
                       "output_dir: out\nlearning_rate: 5e-3\nnum_train_epochs: 2\nper_device_train_batch_size: 4\n"
@@ -180,7 +184,8 @@ def test_train_writes_the_delta_report_and_compare_reproduces_it(tmp_path, tiny_
     assert "what fine-tuning changed" in proc.stdout and "fact recall" in proc.stdout
     out = tmp_path / "out"
     report = json.loads((out / "delta.json").read_text())
-    assert report["schema"] == "deltatune.delta" and report["schema_version"] == 2 and report["task_type"] == "causal_lm"
+    assert (report["schema"] == "deltatune.delta" and report["schema_version"] == 2
+            and report["task_type"] == "causal_lm")
     assert report["task"]["validation"]["loss"]["gain"] > 0  # lr 5e-3 on a repetitive task: loss falls
     assert report["task"]["metric"]["examples"] == 2 and len(report["side_by_side"]) == 1
     assert report["forgetting"]["general_text"]["kl_per_token"] > 0
@@ -204,7 +209,9 @@ def test_train_writes_the_delta_report_and_compare_reproduces_it(tmp_path, tiny_
 def test_bad_probe_file_fails_before_training(tmp_path, tiny_model_dir, sft_file):
     (tmp_path / "probes.jsonl").write_text('{"prompt": "The capital of France is"}\n')
     config = tmp_path / "run.yaml"
-    config.write_text(f"model: {tiny_model_dir}\ntrain_file: train.jsonl\noutput_dir: out\nprobe_files: [probes.jsonl]\n")
+    config.write_text(f"model: {tiny_model_dir}\ntrain_file: train.jsonl\noutput_dir: out\n"
+                      "probe_files: [probes.jsonl]\n")
     proc = run_cli("train", str(config))
-    assert proc.returncode == 2 and "probes.jsonl:1: probe record needs a non-empty string field 'answer'" in proc.stderr
+    assert proc.returncode == 2
+    assert "probes.jsonl:1: probe record needs a non-empty string field 'answer'" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and not (tmp_path / "out").exists()

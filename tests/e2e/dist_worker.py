@@ -1,6 +1,6 @@
 """Run under torchrun by test_distributed.py: run_fit() the tiny model in several parallel setups.
 
-    torchrun --nproc-per-node 2 tests/dist_worker.py OUT.pt CASE [CASE ...]
+    torchrun --nproc-per-node 2 tests/e2e/dist_worker.py OUT.pt CASE [CASE ...]
 
 Every rank builds the same model and data; rank 0 saves {case: {history, state, ...}} to OUT.pt.
 The single-process reference is computed by the test itself with `train_case(case, world=1)`.
@@ -13,14 +13,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest
 
-from conftest import chat, make_tiny_llama, make_tokenizer, run_fit  # noqa: E402
-from deltatune.runtime import distributed
 from deltatune.config import build_config
 from deltatune.data.examples import build_sft_examples
 from deltatune.data.formats import Record
+from deltatune.train.metrics_log import NullLog
 from deltatune.evaluate.loss import mean_loss
+from deltatune.runtime import distributed
+
+from conftest import chat, make_tiny_llama, make_tokenizer, run_fit  # noqa: E402
 
 GLOBAL_BATCH = 8
 N_EXAMPLES = 14  # 8 + 6: the second step of each epoch is short, so one rank gets a blank micro-batch
@@ -28,7 +30,8 @@ N_EXAMPLES = 14  # 8 + 6: the second step of each epoch is short, so one rank ge
 
 def examples(tokenizer):
     words = ["fox", "dog", "cat", "sun", "sky", "tea", "hello"]
-    records = [Record(messages=chat(f"say {words[i % 7]}", f"{words[i % 7]} " * (1 + i % 3))["messages"], source=f"t:{i}")
+    records = [Record(messages=chat(f"say {words[i % 7]}", f"{words[i % 7]} " * (1 + i % 3))["messages"],
+                      source=f"t:{i}")
                for i in range(N_EXAMPLES)]
     return build_sft_examples(records, tokenizer, max_seq_length=64)[0]
 
@@ -58,15 +61,17 @@ def train_case(case: str, world: int, out_dir: Path) -> dict:
                             gradient_accumulation_steps=2, warmup_steps=0, max_grad_norm=1.0, eval_steps=2,
                             parallelism=parallelism, fsdp_cpu_offload=case.endswith("offload")), "test")
     data = examples(tokenizer)
-    wrapped = distributed.wrap_model(model, cfg.parallel.parallelism, torch.device("cpu"), cfg.parallel.fsdp_cpu_offload)
+    wrapped = distributed.wrap_model(model, cfg.parallel.parallelism, torch.device("cpu"),
+                                     cfg.parallel.fsdp_cpu_offload)
     with torch.no_grad():  # as the pipeline does: evaluate the base model through the wrapper, then train
         base_loss, _ = distributed.call(wrapped, mean_loss, data[:3], 4, tokenizer.pad_token_id, torch.device("cpu"))
-    result = run_fit(wrapped, tokenizer, data, data[:3], cfg, out_dir, distributed.NullLog(), torch.device("cpu"))
+    result = run_fit(wrapped, tokenizer, data, data[:3], cfg, out_dir, NullLog(), torch.device("cpu"))
     state = distributed.full_state_dict(wrapped)
     if state is None:
         state = {n: p.detach().clone() for n, p in distributed.unwrap(wrapped).named_parameters()}
     state = {n: state[n] for n in initial if n in state}  # parameters only, same names as `initial`
-    return {"base_loss": base_loss, "history": result.history, "state": state, "initial": initial, "trained_tokens": result.trained_tokens,
+    return {"base_loss": base_loss, "history": result.history, "state": state, "initial": initial,
+            "trained_tokens": result.trained_tokens,
             "seen_tokens": result.seen_tokens, "steps": result.steps, "wrapper": type(wrapped).__name__}
 
 

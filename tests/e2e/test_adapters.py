@@ -5,8 +5,9 @@ import json
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import chat, run_cli, write_jsonl
 from deltatune.cli import main as cli_main
+
+from conftest import chat, run_cli, write_jsonl
 
 
 def test_lora_run_saves_peft_adapter_that_merges_to_same_logits(tmp_path, tiny_model_dir, sft_file, capsys):
@@ -22,8 +23,8 @@ def test_lora_run_saves_peft_adapter_that_merges_to_same_logits(tmp_path, tiny_m
     assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
     assert not (final / "config.json").exists()
     assert (final / "tokenizer_config.json").is_file()
-    method = next(json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
-                  if '"method"' in l)
+    method = next(json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+                  if '"method"' in line)
     assert method["method"] == "lora" and 0 < method["trainable_parameters"] < method["total_parameters"]
 
     # Plain peft loads the adapter onto the base model.

@@ -1,4 +1,4 @@
-"""The bad-input corpus (tests/bad_inputs/manifest.yaml) through the CLI: exit 2, one line, nothing written."""
+"""The bad-input corpus (tests/e2e/bad_inputs/manifest.yaml) through the CLI: exit 2, one line, nothing written."""
 
 import json
 import pickle
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from conftest import run_cli
 from deltatune.cli import main
+
+from conftest import run_cli
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES = yaml.safe_load((CORPUS / "manifest.yaml").read_text(encoding="utf-8"))

@@ -23,9 +23,9 @@ def test_train_end_to_end(tmp_path, tiny_model_dir, sft_file):
     tok = AutoTokenizer.from_pretrained(out / "final")
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
     assert model.config.num_hidden_layers == 2
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    base = next(l for l in lines if l.get("event") == "base_eval")
-    tuned = next(l for l in lines if l.get("event") == "tuned_eval")
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    base = next(row for row in lines if row.get("event") == "base_eval")
+    tuned = next(row for row in lines if row.get("event") == "tuned_eval")
     assert tuned["loss"] < base["loss"]
     summary = (out / "summary.md").read_text()
     assert "validation loss" in summary and "exact match" in summary
@@ -69,7 +69,8 @@ def test_pickle_weights_refused_without_flag(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "llama"}')
     marker = tmp_path / "pwned"
-    import pickle, os  # noqa: E401
+    import os
+    import pickle
 
     class Payload:
         def __reduce__(self):
@@ -82,8 +83,9 @@ def test_pickle_weights_refused_without_flag(tmp_path):
 
 
 def test_example_configs_are_valid():
-    from conftest import REPO
     from deltatune.config import load_config
+
+    from conftest import REPO
 
     configs = sorted((REPO / "configs").glob("*.yaml"))
     assert configs
@@ -108,23 +110,23 @@ def test_real_smollm2_short_run(tmp_path):
                    "max_new_tokens=4", "per_device_eval_batch_size=20",
                    "delta_report=false")  # the report is tested on tiny models; `make demo` runs it on this one
     assert proc.returncode == 0, proc.stderr
-    lines = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines if "loss" in l and "event" not in l] == [2]
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in lines if "loss" in row and "event" not in row] == [2]
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
 
 
 def test_chat_keeps_history_and_ends_on_empty_line(tiny_model_dir, monkeypatch, capsys):
     from deltatune import cli
-    from deltatune.evaluate import evaluate
+    from deltatune.evaluate import generate as generation
 
     seen = []
-    real_generate = evaluate.generate
+    real_generate = generation.generate
 
     def spy(model, tok, conversations, **kw):
         seen.append([m["content"] for m in conversations[0]])
         return real_generate(model, tok, conversations, **kw)
 
-    monkeypatch.setattr(evaluate, "generate", spy)
+    monkeypatch.setattr(generation, "generate", spy)
     lines = iter(["say fox", "say dog", ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     assert cli.main(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "3"]) == 0

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from dist_worker import train_case
 
 from conftest import SRC, chat, make_tiny_llama, make_tokenizer, run_cli, write_jsonl
-from dist_worker import train_case
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 CASES = ["ddp", "fsdp", "ddp-lora", "fsdp-lora"]
@@ -82,7 +82,8 @@ def _tied_model_dir(folder: Path) -> Path:
 
 def _job(tmp_path: Path, **overrides) -> Path:
     words = ["fox", "dog", "cat", "sun", "sky", "tea", "hello"]
-    write_jsonl(tmp_path / "train.jsonl", [chat(f"say {words[i % 7]}", f"{words[i % 7]} " * (1 + i % 3)) for i in range(22)])
+    write_jsonl(tmp_path / "train.jsonl",
+                [chat(f"say {words[i % 7]}", f"{words[i % 7]} " * (1 + i % 3)) for i in range(22)])
     write_jsonl(tmp_path / "test.jsonl", [chat(f"say {w}", w) for w in words[:3]])
     config = {"model": str(_tied_model_dir(tmp_path / "model")), "train_file": "train.jsonl", "test_file": "test.jsonl",
               "validation_split": 0.1, "learning_rate": 1e-3, "num_train_epochs": 2, "logging_steps": 1, "bf16": False,
@@ -117,9 +118,9 @@ def test_cli_fsdp_run_writes_what_a_single_process_run_writes(tmp_path):
     process with the same global batch."""
     from safetensors.torch import load_file
 
-    from deltatune.train.checkpoint import verify
     from deltatune.config import load_config
     from deltatune.pipeline import run
+    from deltatune.train.checkpoint import verify
 
     config = _job(tmp_path, save_steps=5)
     run(load_config(config, [f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=4"]))
@@ -137,7 +138,8 @@ def test_cli_fsdp_run_writes_what_a_single_process_run_writes(tmp_path):
     assert set(c1) == set(c2)  # the tied head is stored once, under the embeddings' name
     for name in c1:
         torch.testing.assert_close(c2[name], c1[name], atol=1e-6, rtol=1e-5, msg=name)
-    assert json.loads((one / "final" / "config.json").read_text()) == json.loads((two / "final" / "config.json").read_text())
+    assert (json.loads((one / "final" / "config.json").read_text())
+            == json.loads((two / "final" / "config.json").read_text()))
     w1, w2 = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
     assert set(w1) == set(w2) and "lm_head.weight" not in w2  # the tied head is stored once, as on one process
     for name in w1:
@@ -180,12 +182,13 @@ def test_nproc_checks_the_config_before_starting_processes(tmp_path):
     assert proc.stderr.count("error:") == 1
 
 
-def test_cpu_offload_needs_fsdp_and_cuda(tiny_tokenizer):
-    from deltatune.runtime.distributed import wrap_model
+def test_cpu_offload_needs_fsdp_and_cuda(tmp_path):
+    from deltatune.config import build_config
     from deltatune.errors import UserError
+    from deltatune.pipeline import preflight
 
-    model = make_tiny_llama(tiny_tokenizer)
+    base = {"train_file": "t.jsonl", "output_dir": str(tmp_path), "fsdp_cpu_offload": True}
     with pytest.raises(UserError, match="needs parallelism: fsdp"):
-        wrap_model(model, "ddp", torch.device("cpu"), cpu_offload=True)
-    with pytest.raises(UserError, match="needs CUDA"):
-        wrap_model(model, "fsdp", torch.device("cpu"), cpu_offload=True)
+        build_config({**base, "parallelism": "ddp"}, "run.yaml")
+    with pytest.raises(UserError, match="needs CUDA"):  # refused before any model is loaded
+        preflight(build_config({**base, "parallelism": "fsdp"}, "run.yaml"))

@@ -21,11 +21,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from conftest import SRC
-from deltatune.train.checkpoint import checkpoints, verify
 from test_distributed import _tied_model_dir
 from test_resume import logged, make_run
+
+from deltatune.train.checkpoint import checkpoints, verify
+
+from conftest import SRC
 
 NO_PICKLE_MAIN = Path(__file__).resolve().parent / "no_pickle_main.py"
 
@@ -52,7 +53,8 @@ def _is_json_or_safetensors(path: Path) -> bool:
     if path.suffix == ".safetensors":
         with safe_open(path, framework="pt"):
             return True
-    lines = path.read_text(encoding="utf-8").splitlines() if path.suffix == ".jsonl" else [path.read_text(encoding="utf-8")]
+    lines = (path.read_text(encoding="utf-8").splitlines() if path.suffix == ".jsonl"
+             else [path.read_text(encoding="utf-8")])
     return all(json.loads(line) is not None for line in lines)
 
 
@@ -64,7 +66,8 @@ def _assert_same_end(out: Path, reference_out: Path, method: str, kept: list[int
     assert got.keys() == want.keys()
     for name in want:
         assert torch.equal(got[name], want[name]), name
-    assert sorted(p.name for p in (out / "final").iterdir()) == sorted(p.name for p in (reference_out / "final").iterdir())
+    assert (sorted(p.name for p in (out / "final").iterdir())
+            == sorted(p.name for p in (reference_out / "final").iterdir()))
     assert logged(out) == logged(reference_out)  # every step once, the same numbers
     assert [r["step"] for r in logged(out) if "loss" in r and "event" not in r] == [4, 8, 10]
     assert [c.name for c in checkpoints(out)] == [f"checkpoint-{n}" for n in kept]  # save_total_limit: 2

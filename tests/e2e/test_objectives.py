@@ -5,15 +5,16 @@ import json
 import pytest
 import torch
 
-from conftest import write_jsonl
+from deltatune.config import build_config
+from deltatune.data.batching import collate
+from deltatune.data.examples import IGNORE_INDEX, build_text_blocks
+from deltatune.data.formats import Record
+from deltatune.errors import UserError
 from deltatune.evaluate.metrics import classification_metrics
 from deltatune.model.load import load_classifier
-from deltatune.config import build_config
-from deltatune.data.examples import IGNORE_INDEX, build_text_blocks
-from deltatune.data.batching import collate
-from deltatune.errors import UserError
-from deltatune.data.formats import Record
 from deltatune.pipeline import run
+
+from conftest import write_jsonl
 
 WORDS = {"animal": ["fox", "dog", "cat"], "weather": ["sun", "sky", "rain"], "drink": ["tea", "coffee", "water"]}
 
@@ -109,14 +110,15 @@ def test_classification_trains_and_reloads_with_its_labels(tmp_path, tiny_model_
     if method == "lora":
         assert (final / "adapter_config.json").is_file() and json.loads((final / "labels.json").read_text())["id2label"]
     else:
-        assert json.loads((final / "config.json").read_text())["id2label"] == {"0": "animal", "1": "drink", "2": "weather"}
+        assert json.loads((final / "config.json").read_text())["id2label"] == {"0": "animal", "1": "drink",
+                                                                               "2": "weather"}
 
     # Reloaded, the model predicts exactly what the tuned model did: its head is the trained one, not a fresh one.
     reloaded, tok = load_classifier(str(final), None, seed=123)
     reloaded.eval()
     from deltatune.data.examples import build_classification_examples
-    from deltatune.evaluate.evaluate import predict
     from deltatune.data.formats import load_records
+    from deltatune.evaluate.evaluate import predict
 
     examples, _ = build_classification_examples(load_records(train)[0], tok, max_seq_length=64,
                                                 label2id=reloaded.config.label2id)
@@ -133,14 +135,16 @@ def test_classification_trains_and_reloads_with_its_labels(tmp_path, tiny_model_
         assert merged.config.id2label[0] == "animal"
         batch = collate(examples[:4], tok.pad_token_id)
         with torch.no_grad():
-            torch.testing.assert_close(merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                       reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                       atol=1e-4, rtol=0)
+            torch.testing.assert_close(
+                merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                atol=1e-4, rtol=0)
 
 
 def test_unknown_label_in_validation_names_the_line(tmp_path, tiny_model_dir):
     train = classification_file(tmp_path / "train.jsonl")
     val = write_jsonl(tmp_path / "val.jsonl", [{"text": "fox", "label": "animal"}, {"text": "x", "label": "plant"}])
     with pytest.raises(UserError, match=r"val.jsonl:2: label 'plant' does not occur in the training data"):
-        run(run_config(tmp_path, tiny_model_dir, task="classification", train_file=str(train), validation_file=str(val)))
+        run(run_config(tmp_path, tiny_model_dir, task="classification", train_file=str(train),
+                       validation_file=str(val)))
     assert not (tmp_path / "out").exists()

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SRC, chat, make_tiny_llama, make_tokenizer, write_jsonl, run_fit
-from deltatune.train.checkpoint import checkpoints, verify
 from deltatune.cli import main
+from deltatune.train.checkpoint import checkpoints, verify
+
+from conftest import SRC, chat, make_tiny_llama, make_tokenizer, run_fit, write_jsonl
 
 WORDS = ["fox", "dog", "cat", "sun", "sky", "tea"]
 # 18 training examples, 4 per step -> 5 steps per epoch (the last one short): 12 steps cross two
@@ -152,8 +153,8 @@ def _fit(tmp_path, loss_fn=None, **overrides):
     from deltatune.config import build_config
     from deltatune.data.examples import build_sft_examples
     from deltatune.data.formats import Record
-    from deltatune.train.metrics_log import MetricsLog
     from deltatune.evaluate.loss import causal_lm_loss
+    from deltatune.train.metrics_log import MetricsLog
 
     tokenizer = make_tokenizer()
     model = make_tiny_llama(tokenizer, seed=3)
@@ -199,7 +200,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     model, result = _fit(tmp_path, loss_fn=nan_at({3, 6}))
     assert result.skipped_steps == 2 and result.steps == 8
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    events = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e.get("event") == "nonfinite_skipped"] == [3, 6]
     assert all(r["loss"] == r["loss"] for r in result.history if "loss" in r)  # no NaN in the logged curve
 
@@ -237,8 +238,8 @@ def test_nan_weights_never_become_final(tmp_path, capsys):
 
 
 def test_damaged_newest_checkpoint_is_passed_over(tmp_path):
-    from deltatune.train.checkpoint import latest_checkpoint, restore_run_files, save_checkpoint
     from deltatune.config import build_config
+    from deltatune.train.checkpoint import latest_checkpoint, restore_run_files, save_checkpoint
 
     cfg = build_config({"train_file": "t.jsonl", "output_dir": str(tmp_path)}, "test")
     model = torch.nn.Linear(3, 2)
@@ -246,8 +247,11 @@ def test_damaged_newest_checkpoint_is_passed_over(tmp_path):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     for step in (1, 2):
         model(torch.randn(4, 3)).sum().backward()
-        optimizer.step(); scheduler.step(); optimizer.zero_grad()
-        save_checkpoint(tmp_path, step, cfg, model, optimizer, scheduler, {"step": step}, None, tmp_path / "none")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        save_checkpoint(tmp_path, step, cfg.flat(), model, optimizer, scheduler, {"step": step}, None,
+                        tmp_path / "none")
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
     moments = tmp_path / "checkpoint-2" / "optimizer.safetensors"
     data = bytearray(moments.read_bytes())

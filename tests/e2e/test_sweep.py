@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from conftest import chat, run_cli, write_jsonl
 from deltatune.errors import UserError
 from deltatune.sweep import Budget, budget_ratio, build_frontier, pareto, parse_grid, run_name
+
+from conftest import chat, run_cli, write_jsonl
 
 
 def causal_run(name, gain, kl, ppl, retention, significant=True):
@@ -17,7 +18,8 @@ def causal_run(name, gain, kl, ppl, retention, significant=True):
 
 
 def classifier_run(name, gain, cka, significant=True):
-    return {"name": name, "settings": {}, "gain": gain, "gain_ci": [gain - 0.05, gain + 0.05], "significant": significant,
+    return {"name": name, "settings": {}, "gain": gain, "gain_ci": [gain - 0.05, gain + 0.05],
+            "significant": significant,
             "gain_measure": "accuracy gain", "forgetting": 1 - cka, "cka": cka, "mean_cosine": 0.9,
             "macro_f1_gain": gain, "perplexity_change": None, "fact_retention": None, "weight_change": 0.01,
             "task_type": "classification"}
@@ -58,7 +60,8 @@ def test_recommendation_when_no_run_fits_the_budget_or_none_is_significant():
     mixed = [causal_run("big-ns", 0.9, 0.01, 0.0, 1.0, significant=False), causal_run("small", 0.2, 0.01, 0.02, 0.95)]
     assert build_frontier(mixed)["recommended"]["name"] == "small"
     # No significant gain anywhere: the positive ones are candidates, and the reason says it is tentative.
-    frontier = build_frontier([causal_run("x", 0.3, 0.01, 0.0, 1.0, False), causal_run("y", -0.1, 0.0, 0.0, 1.0, False)])
+    frontier = build_frontier([causal_run("x", 0.3, 0.01, 0.0, 1.0, False),
+                               causal_run("y", -0.1, 0.0, 0.0, 1.0, False)])
     assert frontier["recommended"]["name"] == "x" and "tentative" in frontier["recommendation_reason"]
     # Nothing improved: no recommendation, and the frontier says why.
     frontier = build_frontier([causal_run("y", -0.1, 0.0, 0.0, 1.0, True), causal_run("z", 0.0, 0.0, 0.0, 1.0, False)])
@@ -72,7 +75,8 @@ def test_classification_recommendation_uses_the_cka_budget():
     frontier = build_frontier(runs)
     assert frontier["task_type"] == "classification" and "CKA" in frontier["forgetting_measure"]
     assert frontier["recommended"]["name"] == "lr-1e-4"  # the highest gain with CKA ≥ 0.9
-    assert "lr-1e-3 gains more" in frontier["recommendation_reason"] and "CKA 0.700" in frontier["recommendation_reason"]
+    assert ("lr-1e-3 gains more" in frontier["recommendation_reason"]
+            and "CKA 0.700" in frontier["recommendation_reason"])
     assert build_frontier(runs, Budget(min_cka=0.99))["recommended"]["name"] == "lr-1e-5"
     with pytest.raises(UserError, match="--min-cka 1.0"):
         Budget(min_cka=1.0)

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from conftest import chat, run_cli, write_jsonl
 from deltatune.config import build_config
 from deltatune.errors import UserError
-from deltatune.evaluate.metrics import Check
-from deltatune.evaluate.metrics import load_check
+from deltatune.evaluate.metrics import Check, load_check
+
+from conftest import chat, run_cli, write_jsonl
 
 
 def test_each_check_scores_what_it_says(tmp_path):

@@ -3,10 +3,11 @@ import time
 import pytest
 import torch
 
-from conftest import make_tiny_llama, make_tokenizer
 from deltatune.data.examples import CHATML_TEMPLATE, IGNORE_INDEX, tokenize_conversation
 from deltatune.errors import UserError
 from deltatune.model.load import load_causal_lm, resolve, save_pretrained_atomic
+
+from conftest import make_tiny_llama, make_tokenizer
 
 
 def test_missing_chat_template_falls_back_to_chatml_and_is_saved(tmp_path):
@@ -46,6 +47,6 @@ def test_embedded_smollm2_loads_from_cache_and_masks_its_template():
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! 👋"},
                 {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]
     ex = tokenize_conversation(tok, messages)
-    trained = [t for t, l in zip(ex.input_ids, ex.labels) if l != IGNORE_INDEX]
+    trained = [t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE_INDEX]
     assert tok.decode(trained) == "Hello! 👋<|im_end|>Goodbye.<|im_end|>"
     assert "You are a helpful AI assistant" in tok.decode(ex.input_ids)  # template's default system prompt, untrained

@@ -5,21 +5,23 @@ import re
 import pytest
 import torch
 
-from conftest import chat, make_tiny_llama, run_fit
 from deltatune.config import build_config
 from deltatune.data.examples import build_sft_examples
-from deltatune.errors import UserError
 from deltatune.data.formats import Record
+from deltatune.errors import UserError
 from deltatune.model.methods import apply_method, trainable_summary
+from deltatune.pipeline import preflight
 from deltatune.train.metrics_log import MetricsLog
 
+from conftest import chat, make_tiny_llama, run_fit
 
 CPU = torch.device("cpu")
 
 
 def sft_examples(tokenizer):
     words = ["fox", "dog", "cat", "sun", "sky", "tea"]
-    records = [Record(messages=chat(f"say {w}", f"{w} {w}")["messages"], source=f"t:{i}") for i, w in enumerate(words * 2)]
+    records = [Record(messages=chat(f"say {w}", f"{w} {w}")["messages"], source=f"t:{i}")
+               for i, w in enumerate(words * 2)]
     return build_sft_examples(records, tokenizer, max_seq_length=64)[0]
 
 
@@ -32,7 +34,7 @@ def cfg(tmp_path, **kw):
 def train_and_compare(tokenizer, tmp_path, **method):
     """Apply a method, fit a few steps; return (model, {name: (trainable, changed)}) keyed by base names."""
     config = cfg(tmp_path, **method)
-    model = apply_method(make_tiny_llama(tokenizer), config)
+    model = apply_method(make_tiny_llama(tokenizer), config.model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     log = MetricsLog(tmp_path)
@@ -95,7 +97,8 @@ def test_trainable_modules_regexes(tiny_tokenizer, tmp_path):
 
 
 def test_trainable_summary_groups_blocks_into_ranges(tiny_tokenizer, tmp_path):
-    model = apply_method(make_tiny_llama(tiny_tokenizer), cfg(tmp_path, method="lora", lora_target_modules=["q_proj"]))
+    model = apply_method(make_tiny_llama(tiny_tokenizer),
+                         cfg(tmp_path, method="lora", lora_target_modules=["q_proj"]).model)
     summary = trainable_summary(model)
     assert summary.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
     assert summary.total == sum(p.numel() for p in model.parameters())
@@ -108,11 +111,12 @@ def test_bad_method_settings_are_user_errors(tiny_tokenizer, tmp_path):
     with pytest.raises(UserError, match="freeze_layers"):
         cfg(tmp_path, method="lora", freeze_layers=1)
     with pytest.raises(UserError, match="more than the model's 2 blocks"):
-        apply_method(make_tiny_llama(tiny_tokenizer), cfg(tmp_path, method="freeze", freeze_layers=3))
+        apply_method(make_tiny_llama(tiny_tokenizer), cfg(tmp_path, method="freeze", freeze_layers=3).model)
     with pytest.raises(UserError, match="match no parameter"):
-        apply_method(make_tiny_llama(tiny_tokenizer), cfg(tmp_path, method="freeze", trainable_modules=["nothing_here"]))
+        apply_method(make_tiny_llama(tiny_tokenizer),
+                     cfg(tmp_path, method="freeze", trainable_modules=["nothing_here"]).model)
 
 
-def test_qlora_without_cuda_names_what_is_missing():
+def test_qlora_without_cuda_is_refused_before_anything_loads(tmp_path):
     with pytest.raises(UserError, match="CUDA GPU"):
-        check_method_available("qlora", CPU)
+        preflight(build_config({"train_file": "t.jsonl", "method": "qlora", "output_dir": str(tmp_path)}, "run.yaml"))

@@ -9,21 +9,22 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import chat, make_tiny_llama, make_tokenizer, run_cli, write_jsonl
-from deltatune.train import frozen_weights as lowp
 from deltatune import pipeline
 from deltatune.cli import main
-from deltatune.config import RunConfig, build_config
+from deltatune.config import build_config
 from deltatune.errors import UserError
 from deltatune.model.methods import apply_method
+from deltatune.train import frozen_weights as lowp
+
+from conftest import chat, make_tiny_llama, make_tokenizer, run_cli, write_jsonl
 
 
 def adapted_tiny_llama(method: str, lora_dropout: float = 0.0):
     """A tiny Llama with adapters whose B is random: the adapters change the output, so the
     gradients of A and B (and DoRA's magnitude) all depend on the frozen weights."""
     tokenizer = make_tokenizer()
-    model = apply_method(make_tiny_llama(tokenizer), RunConfig(train_file="t", method=method, lora_r=4,
-                                                               lora_dropout=lora_dropout))
+    model = apply_method(make_tiny_llama(tokenizer), build_config(
+        {"train_file": "t", "method": method, "lora_r": 4, "lora_dropout": lora_dropout}, "test").model)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -103,7 +104,8 @@ def test_dora_with_dropout_would_keep_float32_copies_so_the_config_refuses_it(tm
     lowp.store_frozen_weights(model, "float16")
     assert weights_saved_for_backward(model, ids)[1] > 0  # peft's DoRA recomputes the base output from a copy
     with pytest.raises(UserError, match="frozen_weights_dtype: float16 with method dora needs lora_dropout: 0"):
-        build_config({"train_file": "t", "method": "dora", "lora_dropout": 0.1, "frozen_weights_dtype": "float16"}, "run.yaml")
+        build_config({"train_file": "t", "method": "dora", "lora_dropout": 0.1, "frozen_weights_dtype": "float16"},
+                     "run.yaml")
 
 
 @pytest.mark.parametrize("raw,message", [
@@ -114,11 +116,12 @@ def test_dora_with_dropout_would_keep_float32_copies_so_the_config_refuses_it(tm
 def test_config_refuses_stored_weights_where_they_cannot_work(raw, message):
     with pytest.raises(UserError, match=message):
         build_config({"train_file": "t", "frozen_weights_dtype": "float16", **raw}, "run.yaml")
-    assert build_config({"train_file": "t", **raw}, "run.yaml").frozen_weights_dtype == "float32"  # the default
+    assert build_config({"train_file": "t", **raw}, "run.yaml").memory.frozen_weights_dtype == "float32"  # the default
 
 
 def write_run(root, model_dir, extra: str = ""):
-    write_jsonl(root / "train.jsonl", [chat(f"say {w}", f"{w} {w}") for w in ["fox", "dog", "cat", "sun", "sky", "tea"] * 4])
+    write_jsonl(root / "train.jsonl",
+                [chat(f"say {w}", f"{w} {w}") for w in ["fox", "dog", "cat", "sun", "sky", "tea"] * 4])
     config = root / "run.yaml"
     config.write_text(f"model: {model_dir}\ntrain_file: train.jsonl\noutput_dir: out\nmethod: lora\nlora_r: 4\n"
                       "learning_rate: 2e-2\nmax_steps: 6\nper_device_train_batch_size: 4\nlogging_steps: 1\n"
@@ -128,20 +131,21 @@ def write_run(root, model_dir, extra: str = ""):
 
 def test_cli_run_trains_on_float16_storage_and_evaluates_on_the_exact_float32_weights(
         tmp_path, tiny_model_dir, monkeypatch):
-    seen = []  # (where, {base weight name: tensor}) at the base evaluation, at the start of fit, at the tuned evaluation
+    # (where, {base weight name: tensor}) at the base evaluation, at the start of fit, at the tuned evaluation
+    seen = []
 
     def base_weights(model):
         return {n: p.detach().clone() for n, p in model.named_parameters() if ".base_layer." in n}
 
-    def spy_evaluate(model, *args, **kwargs):
+    def spy_evaluate(model, task, *args, **kwargs):
         seen.append(("evaluate", base_weights(model)))
-        return real_evaluate(model, *args, **kwargs)
+        return real_evaluate(task, model, *args, **kwargs)
 
     def spy_fit(model, *args, **kwargs):
         seen.append(("fit", base_weights(model)))
         return real_fit(model, *args, **kwargs)
-    real_evaluate, real_fit = pipeline._evaluate, pipeline.fit
-    monkeypatch.setattr(pipeline, "_evaluate", spy_evaluate)
+    real_evaluate, real_fit = pipeline.evaluate_model, pipeline.fit
+    monkeypatch.setattr(pipeline, "evaluate_model", lambda task, model, *a, **k: spy_evaluate(model, task, *a, **k))
     monkeypatch.setattr(pipeline, "fit", spy_fit)
 
     assert main(["train", str(write_run(tmp_path, tiny_model_dir))]) == 0
@@ -167,9 +171,11 @@ def test_cli_run_trains_on_float16_storage_and_evaluates_on_the_exact_float32_we
 
 
 def test_resume_with_float16_storage_ends_where_an_uninterrupted_run_does(tmp_path, tiny_model_dir, monkeypatch):
-    (tmp_path / "a").mkdir(); (tmp_path / "b").mkdir()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     extra = "save_steps: 3\ndelta_report: false\n"
-    reference, resumed = write_run(tmp_path / "a", tiny_model_dir, extra), write_run(tmp_path / "b", tiny_model_dir, extra)
+    reference, resumed = (write_run(tmp_path / "a", tiny_model_dir, extra),
+                          write_run(tmp_path / "b", tiny_model_dir, extra))
     assert main(["train", str(reference)]) == 0
     monkeypatch.setenv("DELTATUNE_TEST_KILL", "step:4:SIGTERM")  # stop after step 4: checkpoint-4
     assert main(["train", str(resumed)]) == 143
@@ -181,10 +187,12 @@ def test_resume_with_float16_storage_ends_where_an_uninterrupted_run_does(tmp_pa
 
 
 def test_two_ddp_processes_train_on_float16_storage(tmp_path, tiny_model_dir):
-    config = write_run(tmp_path, tiny_model_dir, "per_device_train_batch_size: 2\nparallelism: ddp\ndelta_report: false\n")
+    config = write_run(tmp_path, tiny_model_dir,
+                       "per_device_train_batch_size: 2\nparallelism: ddp\ndelta_report: false\n")
     proc = run_cli("train", "--nproc", "2", str(config), timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("frozen_weights_dtype: float16 storage for the 14 frozen linear layers") == 1  # rank 0 prints
+    # rank 0 prints
+    assert proc.stdout.count("frozen_weights_dtype: float16 storage for the 14 frozen linear layers") == 1
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r and "event" not in r]
     assert [r["world_size"] for r in rows if r.get("event") == "start"] == [2] and losses[-1] < losses[0]

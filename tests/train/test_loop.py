@@ -1,20 +1,20 @@
 """The training loop: parameters move, the loss falls, accumulation is exact, schedules are right."""
 
-import copy
 import json
 
 import pytest
 import torch
 
-from conftest import chat, make_tiny_llama, run_fit
 from deltatune.config import build_config
-from deltatune.data.examples import build_sft_examples
 from deltatune.data.batching import collate, length_batches, micro_batches
+from deltatune.data.examples import build_sft_examples
 from deltatune.data.formats import Record
-from deltatune.train.metrics_log import MetricsLog
-from deltatune.train.loop import accumulate_gradients
 from deltatune.evaluate.loss import causal_lm_loss, mean_loss
+from deltatune.train.loop import accumulate_gradients
+from deltatune.train.metrics_log import MetricsLog
 from deltatune.train.optim import lr_lambda
+
+from conftest import chat, make_tiny_llama, run_fit
 
 CPU = torch.device("cpu")
 
@@ -36,14 +36,15 @@ def test_full_finetune_changes_every_parameter_and_loss_falls(tiny_tokenizer, tm
     examples, _ = build_sft_examples(records(), tiny_tokenizer, max_seq_length=64)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     log = MetricsLog(tmp_path)
-    result = run_fit(model, tiny_tokenizer, examples, examples[:4], cfg(tmp_path, num_train_epochs=8), tmp_path, log, CPU)
+    result = run_fit(model, tiny_tokenizer, examples, examples[:4], cfg(tmp_path, num_train_epochs=8), tmp_path,
+                     log, CPU)
     log.close()
     for name, p in model.named_parameters():
         assert not torch.equal(before[name], p), f"{name} did not change"
     losses = [r["loss"] for r in result.history if "loss" in r]
     assert losses[-1] < 0.7 * losses[0]
-    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert any("eval_loss" in l for l in lines) and sum("loss" in l for l in lines) == result.steps
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in row for row in lines) and sum("loss" in row for row in lines) == result.steps
     assert list((tmp_path / "tensorboard").iterdir())
 
 
@@ -61,7 +62,7 @@ def test_frozen_parameters_stay_bit_identical(tiny_tokenizer, tmp_path):
 def test_accumulated_gradients_equal_one_big_batch(tiny_tokenizer):
     """The gradient of batch 8 equals 4 accumulated micro-batches of 2 (uneven label counts)."""
     examples, _ = build_sft_examples(records(8), tiny_tokenizer, max_seq_length=64)
-    assert len({sum(l != -100 for l in e.labels) for e in examples}) > 1
+    assert len({sum(label != -100 for label in e.labels) for e in examples}) > 1
     grads = []
     for size in (8, 2):
         model = make_tiny_llama(tiny_tokenizer, seed=1)
@@ -142,7 +143,8 @@ def test_early_stopping_keeps_best_weights(tiny_tokenizer, tmp_path):
     val, _ = build_sft_examples(val_records, tiny_tokenizer, max_seq_length=64)
     log = MetricsLog(tmp_path)
     result = run_fit(model, tiny_tokenizer, train, val, cfg(tmp_path, num_train_epochs=40, eval_steps=1,
-                                                      early_stopping_patience=2, learning_rate=3e-2), tmp_path, log, CPU)
+                                                      early_stopping_patience=2, learning_rate=3e-2),
+                     tmp_path, log, CPU)
     log.close()
     assert result.stopped_early and result.steps < 80
     from deltatune.evaluate.loss import mean_loss

@@ -5,14 +5,14 @@ import copy
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_optimizer_in_backward import killed_and_resumed_ends_as_whole, train, write_cli_run
 
-from conftest import make_tiny_llama, make_tokenizer
-from deltatune import optimizers
 from deltatune.config import build_config
 from deltatune.errors import UserError
-from deltatune.train.optim import AdamWBf16Moments
-from deltatune.train.optim import build_optimizer
-from test_optimizer_in_backward import killed_and_resumed_ends_as_whole, train, write_cli_run
+from deltatune.train import optim as optimizers
+from deltatune.train.optim import AdamWBf16Moments, build_optimizer
+
+from conftest import make_tiny_llama, make_tokenizer
 
 CPU = torch.device("cpu")
 SHAPES = [(40, 30), (700,), (3, 5, 7)]
@@ -119,7 +119,8 @@ def test_build_and_refusals():
     tokenizer = make_tokenizer()
     model = make_tiny_llama(tokenizer)
     cfg = build_config(dict(train_file="t.jsonl", optimizer_state_dtype="bfloat16"), "run.yaml")
-    assert isinstance(build_optimizer(model, cfg, CPU), AdamWBf16Moments)
+    assert isinstance(build_optimizer(model, cfg.train, cfg.memory.optimizer_state_dtype, cfg.seed, CPU),
+                      AdamWBf16Moments)
     with pytest.raises(UserError, match="parallelism: fsdp"):
         build_config(dict(train_file="t.jsonl", optimizer_state_dtype="bfloat16", parallelism="fsdp"), "run.yaml")
     with pytest.raises(UserError, match="optimizer_state_dtype"):

@@ -5,16 +5,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import chat, make_tiny_llama, make_tokenizer, write_jsonl, run_fit
 from deltatune.cli import main
 from deltatune.config import build_config
-from deltatune.data.examples import build_sft_examples
 from deltatune.data.batching import collate
-from deltatune.errors import UserError
+from deltatune.data.examples import build_sft_examples
 from deltatune.data.formats import Record
+from deltatune.errors import UserError
+from deltatune.evaluate.loss import causal_lm_loss
 from deltatune.train.metrics_log import MetricsLog
 from deltatune.train.optim import build_optimizer, optimizer_steps_in_backward
-from deltatune.evaluate.loss import causal_lm_loss
+
+from conftest import chat, make_tiny_llama, make_tokenizer, run_fit, write_jsonl
 
 CPU = torch.device("cpu")
 WORDS = ["fox", "dog", "cat", "sun", "sky", "tea"]
@@ -64,7 +65,7 @@ def test_gradients_are_freed_as_backward_goes():
     tokenizer = make_tokenizer()
     model = make_tiny_llama(tokenizer)
     cfg = settings("unused", optimizer_in_backward=True)
-    optimizer = build_optimizer(model, cfg, CPU)
+    optimizer = build_optimizer(model, cfg.train, cfg.memory.optimizer_state_dtype, cfg.seed, CPU)
     params = [p for p in model.parameters() if p.requires_grad]
     held = []  # how many gradients exist each time one is completed
     for p in params:
@@ -109,12 +110,13 @@ def test_a_nonfinite_gradient_never_reaches_its_weight(tmp_path):
     before = poisoned.detach().clone()
     poisoned.register_hook(lambda grad: grad * float("nan"))
     log = MetricsLog(tmp_path)
-    result = run_fit(model, tokenizer, examples(tokenizer), [], settings(tmp_path, optimizer_in_backward=True, max_steps=2),
-                 tmp_path, log, CPU)
+    result = run_fit(model, tokenizer, examples(tokenizer), [],
+                     settings(tmp_path, optimizer_in_backward=True, max_steps=2), tmp_path, log, CPU)
     log.close()
     assert torch.equal(poisoned, before)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, make_tiny_llama(tokenizer).model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight,
+                           make_tiny_llama(tokenizer).model.layers[0].mlp.up_proj.weight)
     assert result.skipped_steps == 2  # counted as skipped: the update was not the whole step's
 
 
@@ -123,9 +125,14 @@ def test_refused_with_clipping_and_with_several_processes(tmp_path, monkeypatch)
         build_config(dict(train_file="t.jsonl", optimizer_in_backward=True), "run.yaml")
     from deltatune.runtime import distributed
 
+    from deltatune.pipeline import preflight
+
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    cfg = build_config(dict(train_file="t.jsonl", optimizer_in_backward=True, max_grad_norm=0.0,
+                            output_dir=str(tmp_path / "out")), "run.yaml")
     with pytest.raises(UserError, match="one process only"):
-        train(tmp_path, optimizer_in_backward=True)
+        preflight(cfg)  # before any model is loaded or anything is written
+    assert not (tmp_path / "out").exists()
 
 
 def write_cli_run(tmp_path, tiny_model_dir, monkeypatch, extra_yaml: str) -> None:

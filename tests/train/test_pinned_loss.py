@@ -8,12 +8,12 @@ they are compared at rtol=1e-4 rather than bit for bit.
 import pytest
 import torch
 
-from conftest import chat, make_tiny_llama, run_fit
 from deltatune.config import build_config
 from deltatune.data.examples import build_sft_examples
 from deltatune.data.formats import Record
 from deltatune.train.metrics_log import MetricsLog
 
+from conftest import chat, make_tiny_llama, run_fit
 
 PINNED = {  # (training loss, gradient norm) per step, and the validation loss at the end
     "packed": {"curve": [(6.011531575520833, 2.1848535537719727), (5.804279581705729, 2.477386951446533),

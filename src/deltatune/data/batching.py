@@ -31,7 +31,7 @@ from deltatune.errors import UserError
 # Row length for short examples. Longer rows squeeze out more padding, but the dense block mask
 # makes attention cost grow with the row length squared: for a 576-wide model at 512 tokens the
 # wasted attention is at most ~7% of a layer's matmuls. Shorter rows cost more: at 256, most
-# steps of 4 short conversations needed a second pass of a few dozen tokens (10% slower, measured).
+# steps of 4 short conversations needed a second pass of a few dozen tokens (slower: benchmarks/RESULTS.md).
 ROW_TOKENS = 512
 
 

@@ -172,7 +172,8 @@ def build_text_blocks(records: list[Record], tokenizer, *, max_seq_length: int,
         raise UserError(f"{name}: the text holds fewer than 2 tokens (add text)")
     stats = DatasetStats(examples=len(blocks), tokens=sum(len(b) for b in blocks),
                          label_tokens=sum(len(b) - 1 for b in blocks),
-                         notes=[f"{len(records)} documents packed into {len(blocks)} blocks of up to {max_seq_length} tokens"])
+                         notes=[f"{len(records)} documents packed into {len(blocks)} blocks "
+                                f"of up to {max_seq_length} tokens"])
     return [Example(list(b), list(b), f"{name}:block{i}") for i, b in enumerate(blocks)], stats
 
 

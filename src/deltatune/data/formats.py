@@ -103,7 +103,8 @@ def _csv_items(path: Path, text: str):
         raise UserError(f"{where(path, 1)}: CSV has no header row (first line must name the columns)")
     for row in reader:
         if None in row:
-            raise UserError(f"{where(path, reader.line_num)}: more values than header columns (quote fields with commas)")
+            raise UserError(f"{where(path, reader.line_num)}: more values than header columns "
+                            "(quote fields with commas)")
         yield reader.line_num, {k: v for k, v in row.items() if v is not None}
 
 

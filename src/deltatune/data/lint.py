@@ -2,7 +2,7 @@
 
 Records are validated by the same code as training (`formats.load_records`, collecting every
 bad record instead of stopping at the first) and tokenised by the same masking code
-(`data.tokenize_conversation`), so the figures are the ones a run would see: token lengths of
+(`data.examples.tokenize_conversation`), so the figures are the ones a run would see: token lengths of
 prompts (untrained tokens) and responses (trained tokens), truncation at `max_seq_length`,
 examples left with no trained token, duplicates, train/validation overlap, short responses,
 labels, and one example rendered with its trained tokens marked.
@@ -90,62 +90,84 @@ def lint(data: str, tokenizer, *, max_seq_length: int = 1024, validation: str | 
                     "max_seq_length": max_seq_length}
     roles = Counter(m["role"] for r in records for m in r.messages)
     report["roles"] = dict(roles)
-
     if fmt in CHAT_FORMATS:
-        prompt_lengths, response_lengths, total_lengths = [], [], []
-        truncated, no_trainable, short = [], [], []
-        for record in records:
-            try:
-                ex = tokenize_conversation(tokenizer, record.messages, train_on_inputs=train_on_inputs,
-                                           source=record.source)
-            except UserError as err:
-                errors.append(str(err))
-                continue
-            trained = sum(1 for x in ex.labels if x != IGNORE_INDEX)
-            response_lengths.append(trained)
-            prompt_lengths.append(len(ex.input_ids) - trained)
-            total_lengths.append(len(ex.input_ids))
-            if len(ex.input_ids) > max_seq_length:
-                truncated.append(record.source)
-            # The same rule as training: position 0 is never predicted, and truncation comes first.
-            if not any(x != IGNORE_INDEX for x in ex.labels[1:max_seq_length]):
-                no_trainable.append(record.source)
-            if len(record.messages[-1]["content"].split()) < SHORT_RESPONSE_WORDS:
-                short.append(record.source)
-        n = len(total_lengths)
-        report["tokens"] = {"prompt": percentiles(prompt_lengths), "response": percentiles(response_lengths),
-                            "total": percentiles(total_lengths)}
-        report["truncated"] = {"count": len(truncated), "share": _share(len(truncated), n), "records": truncated[:SHOWN]}
-        report["no_trainable_tokens"] = {"count": len(no_trainable), "share": _share(len(no_trainable), n),
-                                         "records": no_trainable[:SHOWN]}
-        report["short_responses"] = {"count": len(short), "share": _share(len(short), n), "records": short[:SHOWN],
-                                     "fewer_words_than": SHORT_RESPONSE_WORDS}
-        if truncated:
-            warnings.append(f"{len(truncated)} of {n} examples are longer than max_seq_length={max_seq_length} "
-                            "and will be truncated")
-        if no_trainable and len(no_trainable) == n:
-            errors.append(f"{data}: every example loses all its trained tokens at max_seq_length={max_seq_length} "
-                          "(raise max_seq_length or shorten the prompts)")
-        elif no_trainable:
-            warnings.append(f"{len(no_trainable)} examples keep no trained token after truncation and will be dropped")
-        example = next((r for r in records if r.source not in set(no_trainable)), records[0] if records else None)
-        if example is not None and n:
-            try:
-                report["example"] = rendered_example(tokenizer, example, max_seq_length, train_on_inputs)
-            except UserError:
-                pass  # already reported as an error above
+        _lint_chats(data, records, tokenizer, max_seq_length, train_on_inputs, report, errors, warnings)
     else:
-        lengths = [len(tokenizer(r.text, add_special_tokens=False)["input_ids"]) for r in records]
-        report["tokens"] = {"text": percentiles(lengths)}
-        truncated = sum(1 for x in lengths if x > max_seq_length)
-        report["truncated"] = {"count": truncated, "share": _share(truncated, len(lengths))}
-        if fmt == "classification":
-            report["labels"] = dict(Counter(r.label for r in records).most_common())
-            if len(report["labels"]) < 2:
-                warnings.append(f"only {len(report['labels'])} label(s): a classifier needs two or more")
-        warnings.append(f"format '{fmt}' has no conversations: `deltatune train` with task 'sft' needs chat records")
-
+        _lint_texts(records, fmt, tokenizer, max_seq_length, report, warnings)
     texts = [record_text(r) for r in records]
+    _lint_duplicates(records, texts, threshold, report, warnings)
+    if validation:
+        _lint_validation(validation, fmt, records, texts, threshold, report, errors, warnings)
+    if not records and not errors:
+        errors.append(f"{data}: no records found (add at least one)")
+    report["errors"] = errors
+    report["warnings"] = warnings
+    return report
+
+
+def _lint_chats(data, records: list[Record], tokenizer, max_seq_length: int, train_on_inputs: bool, report: dict,
+                errors: list[str], warnings: list[str]) -> None:
+    """Conversations: token lengths, truncation and masking exactly as training renders them."""
+    prompt_lengths, response_lengths, total_lengths = [], [], []
+    truncated, no_trainable, short = [], [], []
+    for record in records:
+        try:
+            ex = tokenize_conversation(tokenizer, record.messages, train_on_inputs=train_on_inputs,
+                                       source=record.source)
+        except UserError as err:
+            errors.append(str(err))
+            continue
+        trained = sum(1 for x in ex.labels if x != IGNORE_INDEX)
+        response_lengths.append(trained)
+        prompt_lengths.append(len(ex.input_ids) - trained)
+        total_lengths.append(len(ex.input_ids))
+        if len(ex.input_ids) > max_seq_length:
+            truncated.append(record.source)
+        # The same rule as training: position 0 is never predicted, and truncation comes first.
+        if not any(x != IGNORE_INDEX for x in ex.labels[1:max_seq_length]):
+            no_trainable.append(record.source)
+        if len(record.messages[-1]["content"].split()) < SHORT_RESPONSE_WORDS:
+            short.append(record.source)
+    n = len(total_lengths)
+    report["tokens"] = {"prompt": percentiles(prompt_lengths), "response": percentiles(response_lengths),
+                        "total": percentiles(total_lengths)}
+    report["truncated"] = {"count": len(truncated), "share": _share(len(truncated), n), "records": truncated[:SHOWN]}
+    report["no_trainable_tokens"] = {"count": len(no_trainable), "share": _share(len(no_trainable), n),
+                                     "records": no_trainable[:SHOWN]}
+    report["short_responses"] = {"count": len(short), "share": _share(len(short), n), "records": short[:SHOWN],
+                                 "fewer_words_than": SHORT_RESPONSE_WORDS}
+    if truncated:
+        warnings.append(f"{len(truncated)} of {n} examples are longer than max_seq_length={max_seq_length} "
+                        "and will be truncated")
+    if no_trainable and len(no_trainable) == n:
+        errors.append(f"{data}: every example loses all its trained tokens at max_seq_length={max_seq_length} "
+                      "(raise max_seq_length or shorten the prompts)")
+    elif no_trainable:
+        warnings.append(f"{len(no_trainable)} examples keep no trained token after truncation and will be dropped")
+    example = next((r for r in records if r.source not in set(no_trainable)), records[0] if records else None)
+    if example is not None and n:
+        try:
+            report["example"] = rendered_example(tokenizer, example, max_seq_length, train_on_inputs)
+        except UserError:
+            pass  # already reported as an error above
+
+
+def _lint_texts(records: list[Record], fmt: str, tokenizer, max_seq_length: int, report: dict,
+                warnings: list[str]) -> None:
+    """Raw or labelled text: token lengths, truncation, the label counts."""
+    lengths = [len(tokenizer(r.text, add_special_tokens=False)["input_ids"]) for r in records]
+    report["tokens"] = {"text": percentiles(lengths)}
+    truncated = sum(1 for x in lengths if x > max_seq_length)
+    report["truncated"] = {"count": truncated, "share": _share(truncated, len(lengths))}
+    if fmt == "classification":
+        report["labels"] = dict(Counter(r.label for r in records).most_common())
+        if len(report["labels"]) < 2:
+            warnings.append(f"only {len(report['labels'])} label(s): a classifier needs two or more")
+    warnings.append(f"format '{fmt}' has no conversations: `deltatune train` with task 'sft' needs chat records")
+
+
+def _lint_duplicates(records: list[Record], texts: list[str], threshold: float, report: dict,
+                     warnings: list[str]) -> None:
     dups = find_duplicates(texts, threshold)
     report["duplicates"] = {
         "exact": sum(d.kind == "exact" for d in dups), "near": sum(d.kind == "near" for d in dups),
@@ -156,25 +178,23 @@ def lint(data: str, tokenizer, *, max_seq_length: int = 1024, validation: str | 
         warnings.append(f"{len(dups)} records repeat an earlier one "
                         f"({report['duplicates']['exact']} exact, {report['duplicates']['near']} near)")
 
-    if validation:
-        val_errors: list[str] = []
-        val_records, _, _ = _read(validation, fmt, val_errors)
-        errors += val_errors
-        found = overlaps(texts, [record_text(r) for r in val_records], threshold)
-        report["validation"] = {
-            "file": str(validation), "records": len(val_records),
-            "overlap_exact": sum(d.kind == "exact" for d in found), "overlap_near": sum(d.kind == "near" for d in found),
-            "pairs": [{"record": val_records[d.index].source, "repeats": records[d.of].source, "kind": d.kind,
-                       "similarity": d.similarity} for d in found[:SHOWN]]}
-        if found:
-            warnings.append(f"{len(found)} validation records repeat training records: validation loss will "
-                            "look better than it is")
 
-    if not records and not errors:
-        errors.append(f"{data}: no records found (add at least one)")
-    report["errors"] = errors
-    report["warnings"] = warnings
-    return report
+def _lint_validation(validation: str, fmt: str, records: list[Record], texts: list[str], threshold: float,
+                     report: dict, errors: list[str], warnings: list[str]) -> None:
+    """Validation records that repeat training records make validation loss look better than it is."""
+    val_errors: list[str] = []
+    val_records, _, _ = _read(validation, fmt, val_errors)
+    errors += val_errors
+    found = overlaps(texts, [record_text(r) for r in val_records], threshold)
+    report["validation"] = {
+        "file": str(validation), "records": len(val_records),
+        "overlap_exact": sum(d.kind == "exact" for d in found),
+        "overlap_near": sum(d.kind == "near" for d in found),
+        "pairs": [{"record": val_records[d.index].source, "repeats": records[d.of].source, "kind": d.kind,
+                   "similarity": d.similarity} for d in found[:SHOWN]]}
+    if found:
+        warnings.append(f"{len(found)} validation records repeat training records: validation loss will "
+                        "look better than it is")
 
 
 def _fmt_percentiles(stats: dict) -> str:

@@ -67,59 +67,14 @@ def measure(base, tuned, tokenizer, *, val_examples, base_predictions: Predictio
             probe_set=None) -> dict:
     """Every base-vs-tuned number of the report (training excepted), as the delta.json dict."""
     seconds = {}
-    pad = tokenizer.pad_token_id
-    report: dict = {"task": {"validation": None, "metric": None}, "forgetting": {}}
-
     t = time.perf_counter()
-    if val_examples:
-        stats = delta.paired_pass(base, tuned, val_examples, pad, device, options.batch_size)
-        # Token-weighted: the mean loss over all label tokens, resampled by example.
-        loss = delta.paired_gain(stats.nll_base, stats.nll_tuned, stats.label_tokens, higher_is_better=False,
-                                 seed=options.seed)
-        s = stats.summary()
-        report["task"]["validation"] = {"loss": loss, "base_perplexity": s["base_perplexity"],
-                                        "tuned_perplexity": s["tuned_perplexity"],
-                                        "kl_per_token": s["kl_per_token"], "tokens": s["tokens"]}
-    if base_predictions and tuned_predictions and base_predictions.references:
-        report["task"]["metric"] = {"name": metric, **delta.paired_gain(
-            base_predictions.hits(), tuned_predictions.hits(), seed=options.seed)}
+    report: dict = {"task": task_measures(base, tuned, tokenizer, val_examples, base_predictions,
+                                          tuned_predictions, metric, options, device)}
     seconds["task"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    texts, source = delta.general_texts(options.general_text_file, seed=options.seed)
-    stats = delta.paired_pass(base, tuned, delta.text_examples(tokenizer, texts), pad, device, options.batch_size)
-    s = stats.summary()
-    report["forgetting"]["general_text"] = {
-        "source": source, "passages": s["sequences"], "tokens": s["tokens"],
-        "base_perplexity": s["base_perplexity"], "tuned_perplexity": s["tuned_perplexity"],
-        "perplexity_change": s["tuned_perplexity"] / s["base_perplexity"] - 1.0, "kl_per_token": s["kl_per_token"]}
-    seconds["general_text"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    report["forgetting"]["base_samples"] = None
-    if options.kl_samples:
-        samples = delta.sample_from_base(base, tokenizer, options.kl_samples, seed=options.seed, device=device)
-        stats = delta.paired_pass(base, tuned, samples, pad, device, options.batch_size)
-        report["forgetting"]["base_samples"] = {"samples": len(samples), "tokens": int(stats.kl_tokens.sum()),
-                                                "kl_per_token": stats.summary()["kl_per_token"]}
-    seconds["base_samples"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    items, sources = probe_set or load_probe_sets(options.probe_files)
-    base_ok, base_out = probes.score(base, tokenizer, items, device)
-    tuned_ok, tuned_out = probes.score(tuned, tokenizer, items, device)
-    report["forgetting"]["fact_recall"] = {
-        "items": len(items), "base_correct": sum(base_ok), "tuned_correct": sum(tuned_ok),
-        "base_accuracy": sum(base_ok) / len(items), "tuned_accuracy": sum(tuned_ok) / len(items),
-        "retention": probes.retention(base_ok, tuned_ok), "sources": sources,
-        "lost": [{"prompt": p.prompt, "answer": p.answer, "base": b, "tuned": o}
-                 for p, ok_b, ok_t, b, o in zip(items, base_ok, tuned_ok, base_out, tuned_out) if ok_b and not ok_t]}
-    seconds["fact_recall"] = time.perf_counter() - t
-
+    report["forgetting"] = forgetting_measures(base, tuned, tokenizer, options, device, seconds, probe_set)
     t = time.perf_counter()
     report["weights"] = delta.weight_delta(base, tuned)
     seconds["weights"] = time.perf_counter() - t
-
     report["side_by_side"] = []
     if base_predictions and tuned_predictions:
         report["side_by_side"] = [{"prompt": p, "reference": r, "base": b, "tuned": o} for p, r, b, o in zip(
@@ -127,6 +82,64 @@ def measure(base, tuned, tokenizer, *, val_examples, base_predictions: Predictio
             tuned_predictions.outputs)][: options.side_by_side]
     report["seconds"] = seconds
     return report
+
+
+def task_measures(base, tuned, tokenizer, val_examples, base_predictions: Predictions | None,
+                  tuned_predictions: Predictions | None, metric: str, options: ReportOptions, device) -> dict:
+    """The task gain: validation loss (token-weighted) and the test metric, with paired CIs."""
+    task: dict = {"validation": None, "metric": None}
+    if val_examples:
+        stats = delta.paired_pass(base, tuned, val_examples, tokenizer.pad_token_id, device, options.batch_size)
+        # Token-weighted: the mean loss over all label tokens, resampled by example.
+        loss = delta.paired_gain(stats.nll_base, stats.nll_tuned, stats.label_tokens, higher_is_better=False,
+                                 seed=options.seed)
+        s = stats.summary()
+        task["validation"] = {"loss": loss, "base_perplexity": s["base_perplexity"],
+                              "tuned_perplexity": s["tuned_perplexity"], "kl_per_token": s["kl_per_token"],
+                              "tokens": s["tokens"]}
+    if base_predictions and tuned_predictions and base_predictions.references:
+        task["metric"] = {"name": metric, **delta.paired_gain(
+            base_predictions.hits(), tuned_predictions.hits(), seed=options.seed)}
+    return task
+
+
+def forgetting_measures(base, tuned, tokenizer, options: ReportOptions, device, seconds: dict,
+                        probe_set=None) -> dict:
+    """General-text perplexity and KL, KL on the base model's own samples, fact recall; each
+    measure's time goes into `seconds`."""
+    pad = tokenizer.pad_token_id
+    forgetting: dict = {}
+    t = time.perf_counter()
+    texts, source = delta.general_texts(options.general_text_file, seed=options.seed)
+    stats = delta.paired_pass(base, tuned, delta.text_examples(tokenizer, texts), pad, device, options.batch_size)
+    s = stats.summary()
+    forgetting["general_text"] = {
+        "source": source, "passages": s["sequences"], "tokens": s["tokens"],
+        "base_perplexity": s["base_perplexity"], "tuned_perplexity": s["tuned_perplexity"],
+        "perplexity_change": s["tuned_perplexity"] / s["base_perplexity"] - 1.0, "kl_per_token": s["kl_per_token"]}
+    seconds["general_text"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    forgetting["base_samples"] = None
+    if options.kl_samples:
+        samples = delta.sample_from_base(base, tokenizer, options.kl_samples, seed=options.seed, device=device)
+        stats = delta.paired_pass(base, tuned, samples, pad, device, options.batch_size)
+        forgetting["base_samples"] = {"samples": len(samples), "tokens": int(stats.kl_tokens.sum()),
+                                      "kl_per_token": stats.summary()["kl_per_token"]}
+    seconds["base_samples"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    items, sources = probe_set or load_probe_sets(options.probe_files)
+    base_ok, base_out = probes.score(base, tokenizer, items, device)
+    tuned_ok, tuned_out = probes.score(tuned, tokenizer, items, device)
+    forgetting["fact_recall"] = {
+        "items": len(items), "base_correct": sum(base_ok), "tuned_correct": sum(tuned_ok),
+        "base_accuracy": sum(base_ok) / len(items), "tuned_accuracy": sum(tuned_ok) / len(items),
+        "retention": probes.retention(base_ok, tuned_ok), "sources": sources,
+        "lost": [{"prompt": p.prompt, "answer": p.answer, "base": b, "tuned": o}
+                 for p, ok_b, ok_t, b, o in zip(items, base_ok, tuned_ok, base_out, tuned_out) if ok_b and not ok_t]}
+    seconds["fact_recall"] = time.perf_counter() - t
+    return forgetting
 
 
 
@@ -156,7 +169,8 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
         v = task["validation"]
         sig = "significant" if v["loss"]["significant"] else "not significant"
         rows.append(("validation loss", fmt(v["loss"]["base"]), fmt(v["loss"]["tuned"]),
-                     f"{-v['loss']['gain']:+.4f} [{-v['loss']['gain_ci'][1]:+.4f}, {-v['loss']['gain_ci'][0]:+.4f}] {sig}"))
+                     f"{-v['loss']['gain']:+.4f} [{-v['loss']['gain_ci'][1]:+.4f}, "
+                     f"{-v['loss']['gain_ci'][0]:+.4f}] {sig}"))
         rows.append(("KL(base‖tuned) on task text, /token", "", "", fmt(v["kl_per_token"])))
     g = report["forgetting"]["general_text"]
     rows.append(("general-text perplexity", fmt(g["base_perplexity"]), fmt(g["tuned_perplexity"]),

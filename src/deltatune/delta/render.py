@@ -6,7 +6,8 @@ the three files. delta.json is written last, atomically: its presence marks a fi
 
 `delta.json` schema (`"schema": "deltatune.delta"`, `"schema_version": 2`); every number is a
 float/int, NaN is written as null. Version 2 added `task_type` and has two variants:
-`"causal_lm"` (below; otherwise the v1 shape) and `"classification"` (below). A v1 file has no `task_type` and is a causal-LM report.
+`"causal_lm"` (below; otherwise the v1 shape) and `"classification"` (below). A v1 file has no
+`task_type` and is a causal-LM report.
 
     task_type: "causal_lm"
     base_model, tuned_model (local paths resolved), created (UTC ISO time)
@@ -170,7 +171,8 @@ def weight_markdown(w: dict) -> list[str]:
     lines = ["", "## Weight change", "",
               f"{w['changed_matrices']} of {len(w['matrices'])} weight matrices changed; overall ‖ΔW‖_F/‖W‖_F = "
               f"{fmt(w['relative_norm'])}. Effective rank: smallest k holding 90 % of ΔW's squared singular values. "
-              f"Intruders: top-{measures.INTRUDER_TOP_K} singular vectors of W_tuned with |cos| < {measures.INTRUDER_COSINE} "
+              f"Intruders: top-{measures.INTRUDER_TOP_K} singular vectors of W_tuned with "
+              f"|cos| < {measures.INTRUDER_COSINE} "
               f"to all top-{measures.INTRUDER_BASE_K} of W_base.", "", "Most changed matrices:", ""]
     lines += md_table(["matrix", "shape", "‖ΔW‖/‖W‖", "effective rank", "intruders"],
                        [[n, "×".join(map(str, by_name[n]["shape"])), fmt(by_name[n]["relative_norm"]),
@@ -191,7 +193,8 @@ def training_markdown(tr: dict | None) -> list[str]:
     if tr:
         lines += ["", "## Training", "",
                   f"- steps: {tr.get('steps')}, train loss at the end: {fmt(tr.get('train_loss'))}",
-                  f"- wall time: {fmt(tr.get('wall_seconds'), 3)} s, {fmt(tr.get('tokens_per_second'), 3)} trained tokens/s"]
+                  f"- wall time: {fmt(tr.get('wall_seconds'), 3)} s, "
+                  f"{fmt(tr.get('tokens_per_second'), 3)} trained tokens/s"]
         if tr["curves"]["eval_loss"]:
             lines.append("- validation loss by step: " +
                          ", ".join(f"{s}: {v:.4f}" for s, v in tr["curves"]["eval_loss"]))
@@ -209,9 +212,11 @@ def _markdown_to_html(md: str) -> str:
 
     def flush():
         if table:
-            head, *body = [[c.strip() for c in re.split(r"(?<!\\)\|", r.strip()[1:-1])] for r in table if "---|" not in r]
+            head, *body = [[c.strip() for c in re.split(r"(?<!\\)\|", r.strip()[1:-1])]
+                           for r in table if "---|" not in r]
             out.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>" +
-                       "".join("<tr>" + "".join(f"<td>{inline(c.replace(chr(92) + '|', '|'))}</td>" for c in r) + "</tr>"
+                       "".join("<tr>" + "".join(f"<td>{inline(c.replace(chr(92) + '|', '|'))}</td>" for c in r)
+                               + "</tr>"
                                for r in body) + "</table>")
             table.clear()
 
@@ -240,7 +245,8 @@ HTML_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em
 
 def html_page(title: str, md: str, images: dict[str, str]) -> str:
     body = _markdown_to_html(md)
-    figs = "".join(f'<h2>{html.escape(name.replace("_", " "))}</h2><img alt="{name}" src="data:image/png;base64,{data}">'
+    figs = "".join(f'<h2>{html.escape(name.replace("_", " "))}</h2>'
+                   f'<img alt="{name}" src="data:image/png;base64,{data}">'
                    for name, data in images.items())
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{HTML_STYLE}</style></head><body>{body}{figs}</body></html>\n")
@@ -250,7 +256,9 @@ def files_text(paths: dict[str, Path]) -> str:
     """`/abs/dir/{report.md, report.html, delta.json}`: where the files went, resolved for display."""
     folder = {p.parent for p in paths.values()}
     names = ", ".join(p.name for p in paths.values())
-    return f"{folder.pop().resolve()}/{{{names}}}" if len(folder) == 1 else ", ".join(str(p.resolve()) for p in paths.values())
+    if len(folder) == 1:
+        return f"{folder.pop().resolve()}/{{{names}}}"
+    return ", ".join(str(p.resolve()) for p in paths.values())
 
 
 def write(out_dir: Path, report: dict, render) -> dict[str, Path]:
@@ -285,22 +293,30 @@ def plots(report: dict) -> dict[str, str]:
             if pts:
                 ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if key == "eval_loss" else None,
                          label=label)
-        ax1.set_xlabel("step"); ax1.set_ylabel("loss"); ax1.legend(); ax1.grid(alpha=0.3)
+        ax1.set_xlabel("step")
+        ax1.set_ylabel("loss")
+        ax1.legend()
+        ax1.grid(alpha=0.3)
         lr = training["curves"]["learning_rate"]
         ax2.plot([p[0] for p in lr], [p[1] for p in lr], color="tab:green")
-        ax2.set_xlabel("step"); ax2.set_ylabel("learning rate"); ax2.grid(alpha=0.3)
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("learning rate")
+        ax2.grid(alpha=0.3)
         out["training"] = png(fig)
     layers = [r for r in report["weights"]["by_layer"] if r["layer"] is not None]
     if layers:
         fig, ax = plt.subplots(figsize=(10, 3))
         ax.bar([r["layer"] for r in layers], [r["relative_norm"] for r in layers])
-        ax.set_xlabel("layer"); ax.set_ylabel("‖ΔW‖/‖W‖"); ax.set_title("weight change per layer")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("‖ΔW‖/‖W‖")
+        ax.set_title("weight change per layer")
         out["layers"] = png(fig)
     types = report["weights"]["by_module_type"]
     if types:
         fig, ax = plt.subplots(figsize=(10, 3))
         ax.bar([str(r["module_type"]) for r in types], [r["relative_norm"] for r in types], color="tab:orange")
-        ax.set_ylabel("‖ΔW‖/‖W‖"); ax.set_title("weight change per module type")
+        ax.set_ylabel("‖ΔW‖/‖W‖")
+        ax.set_title("weight change per module type")
         ax.tick_params(axis="x", rotation=30)
         out["module_types"] = png(fig)
     return out

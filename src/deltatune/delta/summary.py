@@ -11,7 +11,8 @@ from pathlib import Path
 
 from deltatune.delta.render import fmt
 
-METRIC_ROWS = (("loss", "validation loss"), ("perplexity", "validation perplexity"), ("exact_match", "exact match (test)"),
+METRIC_ROWS = (("loss", "validation loss"), ("perplexity", "validation perplexity"),
+               ("exact_match", "exact match (test)"),
                ("contains", "contains reference (test)"), ("regex", "matches metric_pattern (test)"),
                ("json_schema", "valid under metric_schema (test)"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
 
@@ -49,7 +50,8 @@ def write_summary(out_dir: Path, *, model: str, before: dict, after: dict, fit, 
              "| metric | base | tuned | change |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in comparison_rows(before, after)]
     lines += ["", "## Training", "",
-              f"- optimizer steps: {fit.steps} ({fit.epochs:.2f} epochs){' — stopped early' if fit.stopped_early else ''}",
+              f"- optimizer steps: {fit.steps} ({fit.epochs:.2f} epochs)"
+              f"{' — stopped early' if fit.stopped_early else ''}",
               f"- final training loss: {_fmt(fit.train_loss)}",
               f"- wall time: {fit.wall_seconds:.1f} s, {fit.tokens_per_second:.0f} tokens/s "
               "(real tokens, evaluations included)",

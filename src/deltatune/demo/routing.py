@@ -33,7 +33,8 @@ TOPICS = {
     },
     "account": {
         "things": ["account", "email address", "username", "profile", "phone number on file", "membership"],
-        "problems": ["needs to be closed", "has to be changed", "is under the wrong name", "should be merged with my other one",
+        "problems": ["needs to be closed", "has to be changed", "is under the wrong name",
+                     "should be merged with my other one",
                      "must be updated", "needs a new owner"],
     },
 }

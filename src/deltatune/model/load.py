@@ -3,7 +3,7 @@
 A model is named by an embedded alias, a local Hugging Face folder, a `.gguf` file, or a hub
 id. GGUF files are dequantised once through transformers + `gguf` into a plain safetensors
 folder in a cache keyed by the file's hash, because a GGUF-loaded model cannot be saved and
-takes 20-30 s to load; the cached folder loads in well under a second.
+is slow to load; the cached folder loads fast (benchmarks/RESULTS.md).
 
 Safety: pickle checkpoints (.bin/.pt) can execute code when loaded and are refused unless
 `allow_pickle` is set; a model's own Python code runs only with `trust_remote_code`.

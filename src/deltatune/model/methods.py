@@ -1,6 +1,6 @@
 """What trains: full fine-tuning, LoRA/DoRA/QLoRA adapters, the head only, or chosen layers.
 
-`apply_method(model, cfg)` returns the model to train (a `peft.PeftModel` for adapter methods,
+`apply_method(model, args)` (ModelArgs) returns the model to train (a `peft.PeftModel` for adapter methods,
 the same model otherwise) with `requires_grad` set on exactly the parameters that train, and
 `trainable_summary(model)` says what that is.
 """
@@ -49,15 +49,15 @@ def quantization_config(method: str):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def _lora_config(model, cfg, task_type: str, new_head: bool):
+def _lora_config(model, args, task_type: str, new_head: bool):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_r,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.lora_target_modules) if cfg.lora_target_modules else default_lora_targets(model),
-        use_dora=cfg.method == "dora",
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
+        lora_dropout=args.lora_dropout,
+        target_modules=list(args.lora_target_modules) if args.lora_target_modules else default_lora_targets(model),
+        use_dora=args.method == "dora",
         # A new classification head starts random: it must train, and be saved with the adapter.
         modules_to_save=head_module_names(model) if new_head else None,
         task_type=task_type,
@@ -74,14 +74,14 @@ def _block_index(name: str, prefix: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def apply_method(model: torch.nn.Module, cfg, task_type: str = "CAUSAL_LM", new_head: bool = False
+def apply_method(model: torch.nn.Module, args, task_type: str = "CAUSAL_LM", new_head: bool = False
                  ) -> torch.nn.Module:
-    """Set what trains according to `cfg.method` (a ModelArgs); returns the model to train (maybe a PeftModel).
+    """Set what trains according to `args.method` (ModelArgs); returns the model to train (maybe a PeftModel).
 
     task_type: peft's name for the objective ("CAUSAL_LM", "SEQ_CLS"). new_head: the model has a
     freshly initialised head (a classifier), which must train and be saved with an adapter.
     """
-    method = cfg.method
+    method = args.method
     if method == "full":
         _freeze_all_but(model, lambda name: True)
         return model
@@ -91,7 +91,7 @@ def apply_method(model: torch.nn.Module, cfg, task_type: str = "CAUSAL_LM", new_
         if method == "qlora":
             model = prepare_model_for_kbit_training(model)
         try:
-            return get_peft_model(model, _lora_config(model, cfg, task_type, new_head))
+            return get_peft_model(model, _lora_config(model, args, task_type, new_head))
         except ValueError as err:  # peft's message for target names that match nothing
             raise UserError(f"lora_target_modules: {str(err).splitlines()[0]}") from None
     if method == "head_only":
@@ -104,10 +104,10 @@ def apply_method(model: torch.nn.Module, cfg, task_type: str = "CAUSAL_LM", new_
         return model
     if method == "freeze":
         prefix, blocks = find_blocks(model)
-        n_frozen = cfg.freeze_layers or 0
+        n_frozen = args.freeze_layers or 0
         if n_frozen > len(blocks):
             raise UserError(f"freeze_layers: {n_frozen} is more than the model's {len(blocks)} blocks")
-        patterns = [re.compile(p) for p in cfg.trainable_modules or []]
+        patterns = [re.compile(p) for p in args.trainable_modules or []]
         embeddings = embedding_parameter_names(model)
 
         def trains(name: str) -> bool:
@@ -120,8 +120,9 @@ def apply_method(model: torch.nn.Module, cfg, task_type: str = "CAUSAL_LM", new_
 
         _freeze_all_but(model, trains)
         if not any(p.requires_grad for p in model.parameters()):
-            raise UserError(f"trainable_modules: {cfg.trainable_modules} match no parameter outside the "
-                            f"{n_frozen} frozen blocks (names look like '{next(iter(dict(model.named_parameters())))}')")
+            raise UserError(f"trainable_modules: {args.trainable_modules} match no parameter outside the "
+                            f"{n_frozen} frozen blocks "
+                            f"(names look like '{next(iter(dict(model.named_parameters())))}')")
         return model
     raise UserError(f"method '{method}' is not known")
 

@@ -152,7 +152,8 @@ def wrap_model(model: torch.nn.Module, parallelism: str, device: torch.device,
 
         # broadcast_buffers off: our buffers (rotary tables) are constants, and syncing them
         # would add a collective to every forward, evaluation included.
-        return DistributedDataParallel(_Shell(model.to(device)), device_ids=[device.index] if device.type == "cuda" else None,
+        return DistributedDataParallel(_Shell(model.to(device)),
+                                       device_ids=[device.index] if device.type == "cuda" else None,
                                        broadcast_buffers=False)
     if parallelism == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh

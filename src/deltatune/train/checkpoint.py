@@ -34,6 +34,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from deltatune.config import REMOVED_KEYS
 from deltatune.errors import UserError
 from deltatune.files import fsync_path, sha256_file
 from deltatune.runtime import distributed
@@ -112,7 +113,8 @@ def run_state(step: int, config: dict, loop: dict, scheduler, optimizer: dict) -
 
 def write_run_files(tmp: Path, state: dict, metrics_path: Path | None) -> None:
     (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
-    if metrics_path is not None and metrics_path.is_file():  # the log as of this step: a resume restores exactly these lines
+    # The log as of this step: a resume restores exactly these lines.
+    if metrics_path is not None and metrics_path.is_file():
         shutil.copyfile(metrics_path, tmp / "metrics.jsonl")
 
 
@@ -214,6 +216,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 def _config_differences(saved: dict, cfg) -> list[str]:
     now = cfg.flat()
+    # A key since removed was stored by older runs; left off (falsy), it computed what runs without it compute.
+    saved = {k: v for k, v in saved.items() if not (k in REMOVED_KEYS and not v)}
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
             if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k)]
 

@@ -92,7 +92,8 @@ def save(out_dir: Path, step: int, config: dict, model, optimizer, scheduler, lo
                                keep=keep)
     rng = gathered_rng()
     # Each rank sums its own micro-batches' loss until the next log (which adds them up).
-    loop = {**loop, "window_loss_by_rank": [float(t) for t in _gather(torch.tensor(loop["window_loss"], dtype=torch.float64))]}
+    window = torch.tensor(loop["window_loss"], dtype=torch.float64)
+    loop = {**loop, "window_loss_by_rank": [float(t) for t in _gather(window)]}
     if sharded(model):
         return _save_sharded(out_dir, step, config, model, optimizer, scheduler, loop, best_state, metrics_path, rng,
                              keep)

@@ -125,7 +125,8 @@ class AdamWBf16Moments(torch.optim.Optimizer):
             v32.copy_(flat_v[start:end])
             # The fused kernel adds one to the step it is given before using it.
             adamw(
-                [flat_p[start:end]], [flat_g[start:end]], [m32], [v32], [], [torch.tensor(float(step), device=p.device)],
+                [flat_p[start:end]], [flat_g[start:end]], [m32], [v32], [],
+                [torch.tensor(float(step), device=p.device)],
                 fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
                 weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
             for which, (dst, src) in enumerate(((flat_m, m32), (flat_v, v32))):
@@ -151,7 +152,7 @@ def build_optimizer(model: torch.nn.Module, args, state_dtype: str, seed: int,
                     device: torch.device) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters (`args`: TrainArgs); `state_dtype` of its moments."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
             # Biases and norm gains are not weights to shrink towards zero.
             (no_decay if p.ndim < 2 else decay).append(p)
@@ -160,7 +161,7 @@ def build_optimizer(model: torch.nn.Module, args, state_dtype: str, seed: int,
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if state_dtype == "bfloat16":  # half the moments' memory, same update rule
         return AdamWBf16Moments(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8, seed=seed)
-    # Fused AdamW (one kernel per tensor, also on CPU): measured 5x faster than foreach on this
+    # Fused AdamW (one kernel per tensor, also on CPU): measured several times faster than foreach on this
     # 2-core CPU over SmolLM2-sized parameters, same update to float rounding.
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8,
