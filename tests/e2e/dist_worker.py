@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest
 from deltatune.config import build_config
 from deltatune.data.examples import build_sft_examples
 from deltatune.data.formats import Record
-from deltatune.train.metrics_log import NullLog
 from deltatune.evaluate.loss import mean_loss
 from deltatune.runtime import distributed
+from deltatune.train.metrics_log import NullLog
 
 from conftest import chat, make_tiny_llama, make_tokenizer, run_fit  # noqa: E402
 

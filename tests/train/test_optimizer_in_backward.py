@@ -123,9 +123,8 @@ def test_a_nonfinite_gradient_never_reaches_its_weight(tmp_path):
 def test_refused_with_clipping_and_with_several_processes(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="set max_grad_norm: 0 with it"):
         build_config(dict(train_file="t.jsonl", optimizer_in_backward=True), "run.yaml")
-    from deltatune.runtime import distributed
-
     from deltatune.pipeline import preflight
+    from deltatune.runtime import distributed
 
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     cfg = build_config(dict(train_file="t.jsonl", optimizer_in_backward=True, max_grad_norm=0.0,
