@@ -1,5 +1,5 @@
 # make demo: set up .venv (idempotent) and fine-tune the embedded model on the bundled task.
-# make test: set up .venv (idempotent) and run the whole test suite.
+# make test: set up .venv (idempotent), check style and layering, and run the whole test suite.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -23,6 +23,8 @@ demo: setup
 	$(BIN)/deltatune demo --overwrite
 
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python scripts/check_layers.py
 	$(BIN)/python -m pytest -q
 
 # make bench: install TRL (the `bench` extra) and run the side-by-side benchmark (benchmarks/RESULTS.md).
