@@ -163,27 +163,35 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from deltatune.data.examples import build_sft_examples
-    from deltatune.data.formats import CHAT_FORMATS, load_records
-    from deltatune.evaluate.evaluate import evaluate
-    from deltatune.runtime.precision import resolve_bf16
+def _file_settings(args, check=None):
+    from deltatune.evaluate.data_files import FileSettings
+    from deltatune.evaluate.metrics import Check
 
-    check = _check(args)
-    records, fmt = load_records(args.data, args.format)
-    if fmt not in CHAT_FORMATS:
-        raise UserError(f"{args.data}: format '{fmt}' has no conversations to evaluate")
-    model, tokenizer, device = _load_for_inference(args.model, args.allow_pickle, args.trust_remote_code)
-    examples, _ = build_sft_examples(records, tokenizer, max_seq_length=args.max_seq_length, name=args.data)
-    result = evaluate(model, tokenizer, loss_examples=examples, metric_records=records, metric=args.metric, check=check,
-                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=device,
-                      bf16=resolve_bf16("auto", device), keep_predictions=args.show)
+    return FileSettings(fmt=args.format, check=check or Check(), max_seq_length=args.max_seq_length,
+                        max_new_tokens=getattr(args, "max_new_tokens", default("max_new_tokens")),
+                        batch_size=args.batch_size, show=getattr(args, "show", 0), allow_pickle=args.allow_pickle,
+                        trust_remote_code=args.trust_remote_code)
+
+
+def cmd_eval(args) -> int:
+    from deltatune.tasks import evaluate_file
+
+    result = evaluate_file(args.model, args.data, _file_settings(args, _check(args)))
     result = {"model": args.model, "data": str(args.data), **result}
     text = json.dumps(result, indent=2)
     out = Path(args.out) if args.out else Path(f"eval_{Path(args.data).stem}.json")
     out.write_text(text + "\n", encoding="utf-8")
     print(text)
     print(f"written: {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from deltatune.tasks import predict_file
+
+    out = Path(args.out)
+    n = predict_file(args.model, args.data, out, _file_settings(args), overwrite=args.overwrite)
+    print(f"predicted {n} records: {out}")
     return 0
 
 
@@ -296,9 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value settings that override the demo's")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("eval", help="loss, perplexity and exact match of a model on a data file")
+    p = sub.add_parser("eval", help="score a model on a data file: loss, perplexity and the metric (causal LM); "
+                                    "loss, accuracy, macro-F1, per-class scores, confusion matrix (classifier)")
     p.add_argument("--model", required=True, help="model folder, .gguf file or embedded name")
-    p.add_argument("--data", required=True, help="JSONL/JSON/CSV conversations with reference answers")
+    p.add_argument("--data", required=True, help="JSONL/JSON/CSV conversations with reference answers, "
+                                                 "or {text, label} records for a classifier")
     p.add_argument("--format", default="auto", help="data format (default: detect)")
     _add_metric(p)
     p.add_argument("--max-seq-length", type=int, default=default("max_seq_length"))
@@ -306,8 +316,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=default("per_device_eval_batch_size"))
     p.add_argument("--show", type=int, default=5, help="include this many predictions in the output")
     p.add_argument("--out", help="JSON file to write (default eval_<data name>.json)")
+    p.add_argument("--json", action="store_true", help="stdout is the result as JSON (it always is; for scripts)")
     _add_model_safety(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="label a file's {text[, text_pair]} records with a classifier")
+    p.add_argument("--model", required=True, help="classifier folder (a classification run's final/)")
+    p.add_argument("--data", required=True, help="JSONL/JSON/CSV records with text (and text_pair); labels optional")
+    p.add_argument("--out", required=True, help="JSONL to write: each record with predicted and probabilities")
+    p.add_argument("--format", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--max-seq-length", type=int, default=default("max_seq_length"))
+    p.add_argument("--batch-size", type=int, default=default("per_device_eval_batch_size"))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _add_model_safety(p)
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("compare", help="delta report (task gain, forgetting, weight change) for any two models")
     p.add_argument("--base", required=True, help="base model: folder, .gguf file or embedded name")

@@ -155,6 +155,7 @@ def without_predictions(result: dict) -> dict:
 
 
 def run(cfg: RunConfig) -> RunResult:
+    """One training run, as `deltatune train` does it."""
     task = TASKS[cfg.task]
     checked = preflight(cfg)
     device, bf16, resume = checked.device, checked.bf16, checked.resume

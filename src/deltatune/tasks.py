@@ -23,11 +23,13 @@ from deltatune.delta.measures import CompareSettings, report_options
 from deltatune.delta.render import ReportKind
 from deltatune.delta.summary import classification_lines
 from deltatune.errors import UserError
+from deltatune.evaluate.data_files import FileSettings, evaluate_chats, evaluate_labelled, predict_labels
 from deltatune.evaluate.evaluate import evaluate, evaluate_classifier
 from deltatune.evaluate.loss import LossFn, causal_lm_loss, classification_loss
 from deltatune.evaluate.metrics import load_check
 from deltatune.model.load import load_causal_lm, load_classifier, save_labels_if_adapter, saved_task_type
 from deltatune.model.methods import quantization_config
+from deltatune.model.parts import accepts_token_types
 from deltatune.runtime.precision import resolve_bf16
 
 
@@ -69,6 +71,8 @@ class Task:
     new_head: bool = False  # the model gets a freshly initialised head, trained (and saved with an adapter)
     test_file_hint: str | None = None  # why it takes no test_file (None: it takes one)
     prepares: str | None = None  # what `deltatune prepare` makes of documents for it ("pairs", "labelled")
+    evaluate_file: Callable | None = None  # `deltatune eval`: (model, data file, FileSettings) -> result
+    predict_file: Callable | None = None  # `deltatune predict`: (model, data, out, FileSettings, overwrite) -> n
 
 
 def _load_opts(cfg: RunConfig) -> dict:
@@ -100,7 +104,8 @@ def _text_builder(cfg: RunConfig, tokenizer, model):
 
 def _classification_builder(cfg: RunConfig, tokenizer, model):
     return functools.partial(build_classification_examples, tokenizer=tokenizer,
-                             max_seq_length=cfg.data.max_seq_length, label2id=model.config.label2id)
+                             max_seq_length=cfg.data.max_seq_length, label2id=model.config.label2id,
+                             token_types=accepts_token_types(model))
 
 
 def _evaluate_causal(model, tokenizer, data: Datasets, cfg: RunConfig, device, bf16) -> dict:
@@ -140,7 +145,8 @@ def _classifier_report(cfg: RunConfig, model, tokenizer, data: Datasets, before,
 
 
 _CAUSAL = dict(peft_task_type="CAUSAL_LM", report=causal.KIND, loss=causal_lm_loss, load=_load_causal,
-               load_tuned=load_causal_lm, evaluate=_evaluate_causal, delta_report=_causal_report)
+               load_tuned=load_causal_lm, evaluate=_evaluate_causal, delta_report=_causal_report,
+               evaluate_file=evaluate_chats)
 TASKS: dict[str, Task] = {
     "sft": Task("sft", CHAT_FORMATS, example_builder=_sft_builder, prepares="pairs", **_CAUSAL),
     "text": Task("text", ("text",), example_builder=_text_builder,
@@ -150,7 +156,7 @@ TASKS: dict[str, Task] = {
         loss=classification_loss, load=_load_classifier, load_tuned=_load_tuned_classifier,
         example_builder=_classification_builder, evaluate=_evaluate_classifier, delta_report=_classifier_report,
         summary_lines=classification_lines, save_extras=save_labels_if_adapter, packs=False, new_head=True,
-        prepares="labelled"),
+        prepares="labelled", evaluate_file=evaluate_labelled, predict_file=predict_labels),
 }
 
 
@@ -186,3 +192,17 @@ def compare_models(base: str, tuned: str, data_file: str, out_dir: Path, fmt: st
         return task.report.compare(base, tuned, records, data_file, out_dir, settings,
                                    base_has_head=saved_task_type(base) == task.peft_task_type)
     return task.report.compare(base, tuned, records, data_file, out_dir, settings)
+
+
+def evaluate_file(model: str, data_file: str, settings: FileSettings) -> dict:
+    """`deltatune eval`: the tuned model scored on a data file the way its task scores it."""
+    return task_for_folder(model).evaluate_file(model, data_file, settings)
+
+
+def predict_file(model: str, data_file: str, out: Path, settings: FileSettings, overwrite: bool = False) -> int:
+    """`deltatune predict`: label a file's records with a classifier."""
+    task = task_for_folder(model)
+    if task.predict_file is None:
+        raise UserError(f"{model}: not a sequence classifier; predict labels text with a classifier "
+                        "(for a causal LM use deltatune generate or eval)")
+    return task.predict_file(model, data_file, out, settings, overwrite)

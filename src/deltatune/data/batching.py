@@ -150,17 +150,24 @@ def _cut_sorted(order: list[int], examples: list[Example], batch_size: int, max_
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding gets attention 0 and label IGNORE_INDEX."""
+    """Right-pad to the longest example; padding gets attention 0 and label IGNORE_INDEX (and
+    token type 0, where the examples carry token types)."""
     width = max(len(ex.input_ids) for ex in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((len(batch), width), dtype=torch.long)
+    types = torch.zeros((len(batch), width), dtype=torch.long)
     for row, ex in enumerate(batch):
         n = len(ex.input_ids)
         input_ids[row, :n] = torch.tensor(ex.input_ids)
         labels[row, :n] = torch.tensor(ex.labels)
         attention[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+        if ex.token_type_ids is not None:
+            types[row, :n] = torch.tensor(ex.token_type_ids)
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    if any(ex.token_type_ids is not None for ex in batch):
+        out["token_type_ids"] = types
+    return out
 
 
 def length_batches(examples: list[Example], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:

@@ -37,6 +37,9 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss is taken
     source: str = ""
+    # The segment of each token (0: text, 1: text_pair) where the model takes them (BERT-family
+    # encoders): a model served with `tokenizer(text, pair)` must have trained on the same ids.
+    token_type_ids: list[int] | None = None
 
 
 @dataclass
@@ -187,27 +190,60 @@ def label_names(records: list[Record]) -> list[str]:
     return sorted(names)
 
 
+def takes_pairs(tokenizer) -> bool:
+    """Whether the tokenizer marks where `text` ends and `text_pair` begins (a separator token or
+    segment ids); one without a pair template would run the two texts together."""
+    first, second = "the first text", "the second text"
+    pair = tokenizer(first, second)
+    glued = tokenizer(first)["input_ids"] + tokenizer(second, add_special_tokens=False)["input_ids"]
+    return pair["input_ids"] != glued or any(pair.get("token_type_ids") or [])
+
+
+def encode_text(tokenizer, text: str, pair: str | None, limit: int,
+                token_types: bool) -> tuple[list[int], list[int] | None, bool]:
+    """(input ids, token type ids or None, truncated) of one text or text pair, as
+    `tokenizer(text, pair)` gives them, cut to `limit` tokens the tokenizer's own way."""
+    enc = tokenizer(text, pair)
+    truncated = len(enc["input_ids"]) > limit
+    if truncated:
+        enc = tokenizer(text, pair, truncation=True, max_length=limit)
+    ids = list(enc["input_ids"])
+    types = list(enc["token_type_ids"]) if token_types and "token_type_ids" in enc else None
+    if len(ids) < 2:
+        # Position 0 is never a label position in the shared batching code; pad with eos/sep.
+        ids = ids + [tokenizer.sep_token_id or tokenizer.eos_token_id]
+        types = types + types[-1:] if types else types
+    return ids, types, truncated
+
+
 def build_classification_examples(records: list[Record], tokenizer, *, max_seq_length: int,
-                                  label2id: dict[str, int], name: str = "data") -> tuple[list[Example], DatasetStats]:
+                                  label2id: dict[str, int] | None, name: str = "data", token_types: bool = False,
+                                  labels_from: str = "the training data") -> tuple[list[Example], DatasetStats]:
+    """`label2id` None: records without labels (to predict) are allowed, and get no label position.
+    `token_types`: keep the tokenizer's segment ids (the model's forward takes `token_type_ids`)."""
     limit = min(max_seq_length, getattr(tokenizer, "model_max_length", max_seq_length) or max_seq_length)
     stats = DatasetStats()
     examples = []
+    pairs_ok: bool | None = None  # asked once, at the first pair
     for record in records:
-        if record.label is None:
+        if label2id is not None and record.label is None:
             raise UserError(f"{record.source}: record has no 'label'; task 'classification' needs "
                             "{\"text\": ..., \"label\": ...} records")
-        if record.label not in label2id:
-            raise UserError(f"{record.source}: label '{record.label}' does not occur in the training data "
+        if label2id is not None and record.label not in label2id:
+            raise UserError(f"{record.source}: label '{record.label}' does not occur in {labels_from} "
                             f"(known labels: {', '.join(label2id)})")
-        ids = tokenizer(record.text, record.text_pair)["input_ids"]
-        if len(ids) > limit:
-            stats.truncated += 1
-            ids = tokenizer(record.text, record.text_pair, truncation=True, max_length=limit)["input_ids"]
-        if len(ids) < 2:
-            # Position 0 is never a label position in the shared batching code; pad with eos/sep.
-            ids = ids + [tokenizer.sep_token_id or tokenizer.eos_token_id]
-        labels = [IGNORE_INDEX] * (len(ids) - 1) + [label2id[record.label]]
-        examples.append(Example(ids, labels, record.source))
+        if record.text_pair is not None and pairs_ok is None:
+            pairs_ok = takes_pairs(tokenizer)
+        if record.text_pair is not None and not pairs_ok:
+            raise UserError(f"{record.source}: field 'text_pair': the model's tokenizer has no template for text "
+                            "pairs, so text and text_pair would run together unmarked (join them into 'text', or "
+                            "use an encoder whose tokenizer takes pairs, such as minilm-l6)")
+        ids, types, truncated = encode_text(tokenizer, record.text, record.text_pair, limit, token_types)
+        stats.truncated += truncated
+        labels = [IGNORE_INDEX] * len(ids)
+        if label2id is not None:
+            labels[-1] = label2id[record.label]
+        examples.append(Example(ids, labels, record.source, types))
         stats.tokens += len(ids)
     stats.examples = stats.label_tokens = len(examples)
     if not examples:

@@ -53,9 +53,9 @@ from deltatune.delta.render import (
     weight_markdown,
 )
 from deltatune.errors import UserError
-from deltatune.evaluate.loss import class_targets
+from deltatune.evaluate.loss import class_targets, classifier_inputs
 from deltatune.model.load import load_classifier
-from deltatune.model.parts import head_module_names, without_adapters
+from deltatune.model.parts import accepts_token_types, head_module_names, without_adapters
 from deltatune.runtime.precision import autocast, pick_device
 
 REPRESENTATION_PASSAGES = 128  # general-text passages; the causal report's 16 come first
@@ -96,7 +96,7 @@ def classifier_outputs(model, examples: list[Example], batch_size: int, pad_id: 
     for idx in length_batches(examples, batch_size):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
         with autocast(device, bf16):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            logits = model(**classifier_inputs(batch)).logits.float()
         targets = class_targets(batch["labels"])
         predicted[idx] = logits.argmax(-1).cpu().numpy()
         losses[idx] = F.cross_entropy(logits, targets, reduction="none").double().cpu().numpy()
@@ -451,7 +451,9 @@ def compare(base_name: str, tuned_name: str, records: list[Record], data_file: s
     base.to(device).eval()
     tuned.to(device).eval()
     examples, _ = build_classification_examples(records, tokenizer, max_seq_length=settings.max_seq_length,
-                                                label2id=without_adapters(tuned).config.label2id, name=str(data_file))
+                                                label2id=without_adapters(tuned).config.label2id, name=str(data_file),
+                                                token_types=accepts_token_types(tuned),
+                                                labels_from=f"the labels of {tuned_name}")
     start = time.perf_counter()
     metrics_path = Path(tuned_name).parent / "metrics.jsonl"
     report = build(base, tuned, tokenizer, base_model=base_name, tuned_model=tuned_name,

@@ -15,7 +15,7 @@ from deltatune.data.batching import collate, length_batches
 from deltatune.data.examples import Example
 from deltatune.data.formats import Record
 from deltatune.evaluate.generate import generate
-from deltatune.evaluate.loss import class_targets, classification_loss, evaluation_mode, mean_loss
+from deltatune.evaluate.loss import class_targets, classification_loss, classifier_inputs, evaluation_mode, mean_loss
 from deltatune.evaluate.metrics import Check, classification_metrics
 from deltatune.runtime.precision import autocast
 
@@ -57,10 +57,28 @@ def predict(model, examples: list[Example], batch_size: int, pad_id: int, device
         for idx in length_batches(examples, batch_size):
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
             with autocast(device, bf16):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = model(**classifier_inputs(batch)).logits
             predicted += logits.argmax(-1).tolist()
             true += class_targets(batch["labels"]).tolist()
     return predicted, true
+
+
+@torch.no_grad()
+def class_probabilities(model, examples: list[Example], batch_size: int, pad_id: int, device, bf16: bool = False,
+                        progress=None) -> list[list[float]]:
+    """Softmax class probabilities of every example, in the examples' order; `progress(n)` is told
+    after each batch how many examples it held."""
+    out: list[list[float]] = [[] for _ in examples]
+    with evaluation_mode(model):
+        for idx in length_batches(examples, batch_size):
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+            with autocast(device, bf16):
+                logits = model(**classifier_inputs(batch)).logits.float()
+            for i, row in zip(idx, logits.softmax(-1).tolist()):
+                out[i] = row
+            if progress is not None:
+                progress(len(idx))
+    return out
 
 
 def evaluate_classifier(model, *, loss_examples: list[Example], metric_examples: list[Example], labels: list[str],

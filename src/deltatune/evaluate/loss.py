@@ -88,9 +88,17 @@ def class_targets(labels: torch.Tensor) -> torch.Tensor:
     return labels.max(dim=1).values
 
 
+CLASSIFIER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def classifier_inputs(batch: dict) -> dict:
+    """What a sequence classifier's forward takes from a batch (token types where the examples have them)."""
+    return {k: batch[k] for k in CLASSIFIER_INPUTS if k in batch}
+
+
 def classification_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy over the batch, number of examples)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logits = model(**classifier_inputs(batch)).logits.float()
     targets = class_targets(batch["labels"])
     return F.cross_entropy(logits, targets, reduction="sum"), torch.tensor(len(targets), device=logits.device)
 

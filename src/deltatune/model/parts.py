@@ -6,6 +6,8 @@ backbone), not by architecture names, so any family transformers loads is covere
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from deltatune.errors import UserError
@@ -42,3 +44,8 @@ def embedding_parameter_names(model: torch.nn.Module) -> set[str]:
 def without_adapters(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a peft wrapper (its LoRA layers stay in place); any other model as is."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def accepts_token_types(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes `token_type_ids` (BERT-family encoders; decoders do not)."""
+    return "token_type_ids" in inspect.signature(without_adapters(model).forward).parameters
