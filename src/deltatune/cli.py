@@ -2,6 +2,7 @@
 
     deltatune train CONFIG.yaml [key=value ...]
     deltatune eval --model DIR --data FILE [--metric exact_match]
+    deltatune predict --model CLASSIFIER --data FILE --out FILE.jsonl
     deltatune generate --model DIR "prompt"
     deltatune chat --model DIR
     deltatune demo
