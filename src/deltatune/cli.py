@@ -205,11 +205,18 @@ def _load_tokenizer(name: str, trust_remote_code: bool):
 
 def cmd_prepare(args) -> int:
     from deltatune.docs.prepare import check_output, prepare
+    from deltatune.files import lock_output_file
     from deltatune.tasks import TASKS
 
     out = Path(args.out)
-    check_output(out, args.overwrite)  # before any work: an existing file is never replaced silently
-    kind = TASKS[args.task].prepares  # question/answer pairs, or labelled text from class folders
+    with lock_output_file(out):  # one prepare per --out file at a time
+        check_output(out, args.overwrite)  # before any work: an existing file is never replaced silently
+        return _prepare(args, out, TASKS[args.task].prepares, prepare)
+
+
+def _prepare(args, out: Path, kind: str, prepare) -> int:
+    """`kind`: question/answer pairs (a local instruct model writes them with --strategy model), or
+    labelled text from class folders."""
     generate = None
     if args.strategy == "model" and kind == "pairs":
         from deltatune.evaluate.generate import generate as generate_text

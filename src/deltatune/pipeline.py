@@ -11,18 +11,21 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from deltatune.config import RunConfig, dump_config
+from deltatune.data.cache import cache_dir
 from deltatune.data.examples import Example, split_records
 from deltatune.data.formats import load_records
 from deltatune.delta.measures import check_inputs
 from deltatune.delta.summary import print_comparison, write_summary
 from deltatune.errors import UserError
 from deltatune.evaluate.metrics import load_check
+from deltatune.files import FolderLock, has_content, lock_folder, writing
 from deltatune.model.methods import apply_method, trainable_summary
 from deltatune.runtime import distributed
 from deltatune.runtime.precision import resolve_bf16
@@ -44,16 +47,62 @@ class RunResult:
 @dataclass(frozen=True)
 class Preflight:
     """What the checks before loading decided: this process's device, whether it computes in bf16,
-    and the checkpoint to resume (or None)."""
+    the checkpoint to resume (or None), and the output folder's lock, held until the run ends
+    (`with preflight(cfg) as checked:`)."""
     device: torch.device
     bf16: bool
     resume: Path | None
+    lock: FolderLock | None = None
+
+    def __enter__(self) -> "Preflight":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def preflight(cfg: RunConfig) -> Preflight:
-    """Every refusal that needs no model: what this machine and launch can run, the report's and
-    the metric's own files, and the resume; before any model is loaded or anything is written."""
+    """Every refusal that needs no model: another run in the same output folder, what this machine
+    and launch can run, the cache, the report's and the metric's own files, and the resume;
+    before any model is loaded or anything is written."""
     device = distributed.init(cfg.parallel.ddp_timeout)  # under torchrun: this rank's device
+    lock = lock_output_dir(cfg)
+    try:
+        return Preflight(device, *checks_before_loading(cfg, device), lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()  # nothing was written: the folder is left as it was found
+        raise
+
+
+def lock_output_dir(cfg: RunConfig) -> FolderLock | None:
+    """Rank 0 takes output_dir's lock for the whole run; every rank learns whether it could."""
+    lock, refused = None, None
+    if distributed.is_main():
+        try:
+            lock = lock_folder(Path(cfg.output.output_dir))
+        except UserError as err:
+            refused = err
+    if not distributed.all_true(refused is None):
+        raise refused or UserError("rank 0 could not take output_dir's lock (its error is printed above)")
+    return lock
+
+
+def check_cache_writable() -> None:
+    """Tokenised data and converted models are cached; an unwritable cache is one line, not a traceback later."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UserError(f"DELTATUNE_CACHE '{folder}': cannot write there ({err.strerror or err}); "
+                        "set DELTATUNE_CACHE to a writable folder") from None
+
+
+def checks_before_loading(cfg: RunConfig, device: torch.device) -> tuple[bool, Path | None]:
+    """(bf16, the checkpoint to resume or None), or the one-line refusal."""
     world = distributed.world_size()
     missing = []
     if cfg.model.method == "qlora" and device.type != "cuda":
@@ -70,11 +119,12 @@ def preflight(cfg: RunConfig) -> Preflight:
         raise UserError("fsdp_cpu_offload: true needs CUDA devices (on CPU the shards are in CPU memory already; "
                         "set it to false)")
     bf16 = resolve_bf16(cfg.memory.bf16, device)  # bf16: true where the device has no fast bf16 is refused
+    check_cache_writable()
     check_inputs(cfg.delta, cfg.seed)  # a bad probe or corpus file fails in seconds, not after training
     load_check(cfg.eval.metric, cfg.eval.metric_pattern, cfg.eval.metric_schema)  # a broken regex or schema
     resume = find_resume_checkpoint(cfg, world)  # None: start at step 0
     distributed.barrier()  # every rank has read output_dir before rank 0 rewrites config.yaml and tidies it
-    return Preflight(device, bf16, resume)
+    return bf16, resume
 
 
 def read_splits(cfg: RunConfig, task: Task) -> Splits:
@@ -115,11 +165,12 @@ def prepare_output_dir(cfg: RunConfig, resuming: bool = False) -> Path:
     out = Path(cfg.output.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir '{out}' is a file (choose a folder path)")
-    if out.is_dir() and any(out.iterdir()) and not cfg.output.overwrite_output_dir and not resuming:
+    if out.is_dir() and has_content(out) and not cfg.output.overwrite_output_dir and not resuming:
         raise UserError(f"output_dir '{out}' is not empty (choose a new folder, set overwrite_output_dir: true, "
                         "or pass --resume to continue the run that is there)")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    with writing("config.yaml", out):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     return out
 
 
@@ -157,33 +208,33 @@ def without_predictions(result: dict) -> dict:
 def run(cfg: RunConfig) -> RunResult:
     """One training run, as `deltatune train` does it."""
     task = TASKS[cfg.task]
-    checked = preflight(cfg)
-    device, bf16, resume = checked.device, checked.bf16, checked.resume
-    splits = read_splits(cfg, task)
-    model, tokenizer = task.load(cfg, splits)
-    data = tokenize_splits(splits, cfg, task, tokenizer, model)
-    torch.manual_seed(cfg.seed)  # new weights (LoRA, a classifier head) start the same on every rank
-    model = apply_method(model, cfg.model, task.peft_task_type, task.new_head)
-    trained = trainable_summary(model)
-    print(f"method: {cfg.model.method}", *trained.lines(), sep="\n", flush=True)
-    out, log = open_run(cfg, resume)
-    model = distributed.wrap_model(model, cfg.parallel.parallelism, device, cfg.parallel.fsdp_cpu_offload)
-    before = evaluate_model(task, model, tokenizer, data, cfg, device, bf16)
-    with contextlib.closing(log):
-        if resume is None:
-            log.write({"step": 0, "event": "method", "method": cfg.model.method, **trained.as_record()})
-            log.write({"step": 0, "event": "base_eval", **without_predictions(before)})
-        # Frozen weights in a lower dtype only while training: the base evaluation saw float32, and
-        # the float32 weights are back, bit for bit, before the tuned model is evaluated and saved.
-        with frozen_weights(model, cfg.memory.frozen_weights_dtype, lambda: task.load(cfg, splits)[0]):
-            result = fit(model, tokenizer, data.train, data.val, cfg.train, cfg.memory,
-                         fit_run(cfg, out, log, device, resume, task))
-        after = evaluate_model(task, model, tokenizer, data, cfg, device, bf16)
-        log.write({"step": result.steps, "event": "tuned_eval", **without_predictions(after)})
-    save_final(model, tokenizer, result, out)
-    if distributed.is_main():
-        report(cfg, task, distributed.unwrap(model), tokenizer, data, before, after, result, out, device, trained)
-    return RunResult(out, before, after, result)
+    with preflight(cfg) as checked:  # the output folder is this run's until the run ends
+        device, bf16, resume = checked.device, checked.bf16, checked.resume
+        splits = read_splits(cfg, task)
+        model, tokenizer = task.load(cfg, splits)
+        data = tokenize_splits(splits, cfg, task, tokenizer, model)
+        torch.manual_seed(cfg.seed)  # new weights (LoRA, a classifier head) start the same on every rank
+        model = apply_method(model, cfg.model, task.peft_task_type, task.new_head)
+        trained = trainable_summary(model)
+        print(f"method: {cfg.model.method}", *trained.lines(), sep="\n", flush=True)
+        out, log = open_run(cfg, resume)
+        model = distributed.wrap_model(model, cfg.parallel.parallelism, device, cfg.parallel.fsdp_cpu_offload)
+        before = evaluate_model(task, model, tokenizer, data, cfg, device, bf16)
+        with contextlib.closing(log):
+            if resume is None:
+                log.write({"step": 0, "event": "method", "method": cfg.model.method, **trained.as_record()})
+                log.write({"step": 0, "event": "base_eval", **without_predictions(before)})
+            # Frozen weights in a lower dtype only while training: the base evaluation saw float32, and
+            # the float32 weights are back, bit for bit, before the tuned model is evaluated and saved.
+            with frozen_weights(model, cfg.memory.frozen_weights_dtype, lambda: task.load(cfg, splits)[0]):
+                result = fit(model, tokenizer, data.train, data.val, cfg.train, cfg.memory,
+                             fit_run(cfg, out, log, device, resume, task))
+            after = evaluate_model(task, model, tokenizer, data, cfg, device, bf16)
+            log.write({"step": result.steps, "event": "tuned_eval", **without_predictions(after)})
+        save_final(model, tokenizer, result, out)
+        if distributed.is_main():
+            report(cfg, task, distributed.unwrap(model), tokenizer, data, before, after, result, out, device, trained)
+        return RunResult(out, before, after, result)
 
 
 def save_final(model, tokenizer, result: FitResult, out: Path) -> None:

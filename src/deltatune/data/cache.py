@@ -18,6 +18,7 @@ from pathlib import Path
 
 from deltatune.data.examples import DatasetStats, Example, build_sft_examples
 from deltatune.data.formats import Record
+from deltatune.files import inject_write_fault, is_no_space, no_space
 
 FORMAT_VERSION = 1  # bump when the tokenisation or masking logic changes
 
@@ -53,11 +54,16 @@ def cached_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int
     examples, stats = build_sft_examples(records, tokenizer, max_seq_length=max_seq_length,
                                          train_on_inputs=train_on_inputs, name=name)
     try:
+        inject_write_fault("cache")
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"examples": [dataclasses.asdict(e) for e in examples], "stats": dataclasses.asdict(stats)}, f)
         os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only costs the re-tokenisation
+    except OSError as err:
+        if is_no_space(err):  # the next run would fail the same way: say so now
+            raise no_space(f"the dataset cache {folder}", folder, None,
+                           "free some space, or set DELTATUNE_CACHE to another folder") from None
+        # An unwritable cache is refused before training (pipeline.preflight); elsewhere it only
+        # costs the re-tokenisation next time.
     return examples, stats

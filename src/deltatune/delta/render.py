@@ -65,6 +65,7 @@ from typing import Callable
 import numpy as np
 
 from deltatune.delta import measures
+from deltatune.files import inject_write_fault, writing
 
 SCHEMA = "deltatune.delta"
 
@@ -264,16 +265,19 @@ def files_text(paths: dict[str, Path]) -> str:
 def write(out_dir: Path, report: dict, render) -> dict[str, Path]:
     """report.md, report.html (self-contained) and delta.json in out_dir; `render`: report -> Markdown."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     report = clean(report)
     md = render(report)
     paths = {"md": out_dir / "report.md", "html": out_dir / "report.html", "json": out_dir / "delta.json"}
-    paths["md"].write_text(md, encoding="utf-8")
-    paths["html"].write_text(html_page("deltatune delta report", md, plots(report)), encoding="utf-8")
-    # delta.json last: its presence marks a finished run (sweeps skip such runs).
-    tmp = paths["json"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(paths["json"])
+    page = html_page("deltatune delta report", md, plots(report))
+    with writing("the delta report", out_dir):
+        inject_write_fault("report")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths["md"].write_text(md, encoding="utf-8")
+        paths["html"].write_text(page, encoding="utf-8")
+        # delta.json last: its presence marks a finished run (sweeps skip such runs).
+        tmp = paths["json"].with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(paths["json"])
     return paths
 
 

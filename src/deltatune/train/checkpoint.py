@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from deltatune.config import REMOVED_KEYS
 from deltatune.errors import UserError
-from deltatune.files import fsync_path, sha256_file
+from deltatune.files import check_space, fsync_path, has_content, inject_write_fault, sha256_file, writing
 from deltatune.runtime import distributed
 from deltatune.runtime.faults import crash_point
 
@@ -145,6 +145,7 @@ def write_and_seal(tmp: Path, target: Path, out_dir: Path, step: int, *, tensors
     """Write `tensors` ({file name: {name: tensor}}), the RNGs and the run files into `tmp`, seal it
     as `target`, then prune to `keep` checkpoints. `tmp` is gone afterwards, whatever happened."""
     try:
+        inject_write_fault("checkpoint")
         for name, content in tensors.items():
             save_file(content, tmp / name)
         save_file(rng, tmp / "rng.safetensors")
@@ -176,11 +177,22 @@ def save_checkpoint(out_dir: Path, step: int, config: dict, model, optimizer, sc
     opt_other = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items() if not torch.is_tensor(v)}
     state = run_state(step, config, loop, scheduler, {"param_groups": opt["param_groups"], "other": opt_other})
     target = out_dir / f"{PREFIX}{step}"
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{target.name}.tmp-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is as readable as the rest of the run
-    write_and_seal(tmp, target, out_dir, step, tensors=tensors, state=state,
-                   rng=rng if rng is not None else rng_tensors(), metrics_path=metrics_path, keep=keep)
+    size = sum(t.numel() * t.element_size() for content in tensors.values() for t in content.values())
+    hint = resume_hint(out_dir)
+    check_space(target.name, out_dir, size, hint)  # a write that cannot finish is not started
+    with writing(target.name, out_dir, size, hint):
+        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{target.name}.tmp-"))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is as readable as the rest of the run
+        write_and_seal(tmp, target, out_dir, step, tensors=tensors, state=state,
+                       rng=rng if rng is not None else rng_tensors(), metrics_path=metrics_path, keep=keep)
     return target
+
+
+def resume_hint(out_dir: Path) -> str:
+    """What to do after a checkpoint could not be written: the previous one is whole."""
+    last = checkpoints(out_dir)
+    kept = f"the last checkpoint, {last[-1].name}, is intact" if last else "no checkpoint was written yet"
+    return f"{kept}; free some space and continue with --resume"
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -232,7 +244,7 @@ def find_resume_checkpoint(cfg, world_size: int = 1) -> Path | None:
         return None
     out = Path(cfg.output.output_dir)
     own_config = out / "config.yaml"
-    if out.is_dir() and any(out.iterdir()) and not cfg.output.overwrite_output_dir:
+    if out.is_dir() and has_content(out) and not cfg.output.overwrite_output_dir:
         saved = yaml.safe_load(own_config.read_text(encoding="utf-8")) if own_config.is_file() else None
         if not isinstance(saved, dict) or _config_differences(saved, cfg):
             why = "; ".join(_config_differences(saved, cfg)[:3]) if isinstance(saved, dict) else "no config.yaml"

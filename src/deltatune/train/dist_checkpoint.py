@@ -33,11 +33,13 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from deltatune.errors import UserError
+from deltatune.files import writing
 from deltatune.runtime import distributed
 from deltatune.train.checkpoint import (
     PREFIX,
     load_checkpoint,
     restore_rng,
+    resume_hint,
     rng_tensors,
     run_state,
     save_checkpoint,
@@ -171,8 +173,9 @@ def _save_sharded(out_dir, step, config, model, optimizer, scheduler, loop, best
     if distributed.is_main():
         state = run_state(step, config, loop, scheduler, {"param_groups": optim_state["param_groups"]})
         state["has_best"] = best_state is not None
-        write_and_seal(tmp, target, out_dir, step, state=state, rng=rng, metrics_path=metrics_path, keep=keep,
-                       tensors={REPLICATED: {k: v.detach().contiguous().cpu() for k, v in plain.items()}})
+        with writing(target.name, out_dir, hint=resume_hint(out_dir)):
+            write_and_seal(tmp, target, out_dir, step, state=state, rng=rng, metrics_path=metrics_path, keep=keep,
+                           tensors={REPLICATED: {k: v.detach().contiguous().cpu() for k, v in plain.items()}})
     distributed.barrier()
     return target
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from deltatune.files import writing
+from deltatune.train.checkpoint import resume_hint
+
 
 class MetricsLog:
     """metrics.jsonl (one object per logged event) plus TensorBoard scalars."""
@@ -23,8 +26,9 @@ class MetricsLog:
         self._tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=purge_step)
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        with writing("metrics.jsonl", self.path.parent, hint=lambda: resume_hint(self.path.parent)):
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         step = record.get("step", 0)
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
