@@ -109,10 +109,11 @@ def writing(what: str, folder: Path, size: int | None = None, hint="free some sp
         raise
 
 
-def inject_write_fault(point: str) -> None:
-    """Tests set DELTATUNE_TEST_ENOSPC=POINT (checkpoint, final, report, cache, prepare) to fail that
-    write as a full disk does, where no small file system can be mounted."""
-    if os.environ.get("DELTATUNE_TEST_ENOSPC") == point:
+def inject_write_fault(point: str, step: int | None = None) -> None:
+    """Tests set DELTATUNE_TEST_ENOSPC=POINT[:STEP] (checkpoint, final, report, cache, prepare) to
+    fail that write as a full disk does, where no small file system can be mounted."""
+    want, _, at = os.environ.get("DELTATUNE_TEST_ENOSPC", "").partition(":")
+    if want == point and (not at or int(at) == step):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 

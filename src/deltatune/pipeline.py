@@ -179,9 +179,10 @@ def open_run(cfg: RunConfig, resume: Path | None):
     checkpoint had it) and opens the log; the other ranks write nothing."""
     if not distributed.is_main():
         return Path(cfg.output.output_dir), NullLog()
-    resuming = cfg.output.resume_from_checkpoint is not None
-    out = prepare_output_dir(cfg, resuming=resuming)
-    resumed_step = restore_run_files(out, resume) if resuming else 0
+    out = prepare_output_dir(cfg, resuming=cfg.output.resume_from_checkpoint is not None)
+    # A resume puts the folder back as its checkpoint had it; a fresh start (overwrite_output_dir)
+    # drops an earlier run's checkpoints and log, so nothing of two runs is interleaved.
+    resumed_step = restore_run_files(out, resume)
     # purge_step: on resume, TensorBoard hides what the killed run logged after the checkpoint.
     return out, MetricsLog(out, purge_step=resumed_step + 1 if resume else None)
 

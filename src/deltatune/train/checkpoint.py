@@ -145,7 +145,7 @@ def write_and_seal(tmp: Path, target: Path, out_dir: Path, step: int, *, tensors
     """Write `tensors` ({file name: {name: tensor}}), the RNGs and the run files into `tmp`, seal it
     as `target`, then prune to `keep` checkpoints. `tmp` is gone afterwards, whatever happened."""
     try:
-        inject_write_fault("checkpoint")
+        inject_write_fault("checkpoint", step)
         for name, content in tensors.items():
             save_file(content, tmp / name)
         save_file(rng, tmp / "rng.safetensors")
