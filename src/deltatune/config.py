@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deltatune.errors import UserError
 
@@ -234,6 +234,21 @@ class OutputArgs(BaseModel):
     resume_from_checkpoint: str | None = None
     """Continue a run: `latest` (the newest complete checkpoint in `output_dir`; starts at step 0 if there is none yet)
     or a checkpoint folder. `deltatune train CONFIG --resume` sets `latest`."""
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = ["tensorboard"]
+    """Trackers that get the config, every logged scalar, the closing numbers and the report files: any of
+    `tensorboard`, `mlflow`, `wandb`, `trackio` (a list or one name), or `none`. Each is its library's own client,
+    pointed where its environment variables say (MLFLOW_TRACKING_URI, WANDB_MODE, TRACKIO_DIR, ...)."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, value):
+        # The Hugging Face spellings: one name, a list, or "none" for no tracker at all.
+        names = [value] if isinstance(value, str) else value
+        if isinstance(names, list) and "none" in names:
+            if len(names) > 1:
+                raise ValueError("report_to: none goes alone (drop none, or the other trackers)")
+            return []
+        return names
 
 
 class DeltaArgs(BaseModel):
@@ -272,7 +287,7 @@ FLAT_ORDER = [
     "frozen_weights_dtype", "output_dir", "overwrite_output_dir", "logging_steps", "eval_steps", "save_steps",
     "save_total_limit", "resume_from_checkpoint", "max_nonfinite_steps", "metric", "metric_pattern",
     "metric_schema", "max_new_tokens", "delta_report", "general_text_file", "probe_files", "side_by_side_prompts",
-    "kl_samples", "allow_pickle", "trust_remote_code",
+    "kl_samples", "allow_pickle", "trust_remote_code", "report_to",
 ]
 assert sorted(FLAT_ORDER) == sorted(KEY_GROUP), "every key is dumped exactly once"
 

@@ -34,6 +34,8 @@ from deltatune.train.checkpoint import find_resume_checkpoint, restore_run_files
 from deltatune.train.frozen_weights import frozen_weights
 from deltatune.train.loop import FitResult, FitRun, fit
 from deltatune.train.metrics_log import MetricsLog, NullLog
+from deltatune.train.trackers import check_available as check_trackers
+from deltatune.train.trackers import open_trackers
 
 
 @dataclass
@@ -119,6 +121,7 @@ def checks_before_loading(cfg: RunConfig, device: torch.device) -> tuple[bool, P
         raise UserError("fsdp_cpu_offload: true needs CUDA devices (on CPU the shards are in CPU memory already; "
                         "set it to false)")
     bf16 = resolve_bf16(cfg.memory.bf16, device)  # bf16: true where the device has no fast bf16 is refused
+    check_trackers(cfg.output.report_to)
     check_cache_writable()
     check_inputs(cfg.delta, cfg.seed)  # a bad probe or corpus file fails in seconds, not after training
     load_check(cfg.eval.metric, cfg.eval.metric_pattern, cfg.eval.metric_schema)  # a broken regex or schema
@@ -184,7 +187,9 @@ def open_run(cfg: RunConfig, resume: Path | None):
     # drops an earlier run's checkpoints and log, so nothing of two runs is interleaved.
     resumed_step = restore_run_files(out, resume)
     # purge_step: on resume, TensorBoard hides what the killed run logged after the checkpoint.
-    return out, MetricsLog(out, purge_step=resumed_step + 1 if resume else None)
+    trackers = open_trackers(cfg.output.report_to, out, cfg.flat(), resuming=resume is not None,
+                             purge_step=resumed_step + 1 if resume else None)
+    return out, MetricsLog(out, trackers)
 
 
 def fit_run(cfg: RunConfig, out: Path, log, device: torch.device, resume: Path | None = None,
@@ -232,9 +237,12 @@ def run(cfg: RunConfig) -> RunResult:
                              fit_run(cfg, out, log, device, resume, task))
             after = evaluate_model(task, model, tokenizer, data, cfg, device, bf16)
             log.write({"step": result.steps, "event": "tuned_eval", **without_predictions(after)})
-        save_final(model, tokenizer, result, out)
-        if distributed.is_main():
-            report(cfg, task, distributed.unwrap(model), tokenizer, data, before, after, result, out, device, trained)
+            save_final(model, tokenizer, result, out)
+            if distributed.is_main():
+                delta = report(cfg, task, distributed.unwrap(model), tokenizer, data, before, after, result, out,
+                               device, trained)
+                log.summary(closing_numbers(before, after, delta), result.steps)  # to the trackers
+                log.artifacts([out / name for name in ARTIFACTS])
         return RunResult(out, before, after, result)
 
 
@@ -248,9 +256,31 @@ def save_final(model, tokenizer, result: FitResult, out: Path) -> None:
     distributed.save_model(model, tokenizer, out / "final")
 
 
+ARTIFACTS = ("summary.md", "report.md", "report.html", "delta.json", "config.yaml")
+
+
+def closing_numbers(before: dict, after: dict, delta: dict | None) -> dict[str, float]:
+    """The run's headline numbers for the trackers: `base/<metric>`, `tuned/<metric>`, and every number
+    of the delta report's task, forgetting and weight sections as `delta/<path>`."""
+    numbers = {f"{side}/{k}": float(v) for side, ev in (("base", before), ("tuned", after)) for k, v in ev.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}/{key}", value)
+        elif isinstance(node, (int, float)) and not isinstance(node, bool) and math.isfinite(node):
+            numbers[prefix] = float(node)
+    for section in ("task", "forgetting"):
+        walk(f"delta/{section}", (delta or {}).get(section))
+    if delta and isinstance(delta.get("weights"), dict):
+        walk("delta/weights/relative_norm", delta["weights"].get("relative_norm"))
+    return numbers
+
+
 def report(cfg: RunConfig, task: Task, model, tokenizer, data: Datasets, before: dict, after: dict,
-           result: FitResult, out: Path, device, trained) -> None:
-    """Rank 0: summary.md, the before/after table and the delta report."""
+           result: FitResult, out: Path, device, trained) -> dict | None:
+    """Rank 0: summary.md, the before/after table and the delta report (returned; None when off)."""
     task.save_extras(model, out / "final")
     write_summary(out, model=cfg.model.name, before=before, after=after, fit=result, data_stats=data.stats,
                   extra=["", "## Method", "", f"- method: {cfg.model.method}",
@@ -258,11 +288,11 @@ def report(cfg: RunConfig, task: Task, model, tokenizer, data: Datasets, before:
     print_comparison(before, after)
     print(f"tuned model: {out / 'final'}\nsummary: {out / 'summary.md'}")
     if not cfg.delta.delta_report:
-        return
+        return None
     if distributed.world_size() > 1:
         # The other ranks have left; rank 0 measures alone, on final/ loaded as a plain model
         # (FSDP's weights are shards, and no rank must wait on another for the report's length).
         model = task.load_tuned(str(out / "final"), allow_pickle=cfg.model.allow_pickle,
                                 trust_remote_code=cfg.model.trust_remote_code)[0]
         model.to(device).eval()
-    task.delta_report(cfg, model, tokenizer, data, before, after, result, out, device)
+    return task.delta_report(cfg, model, tokenizer, data, before, after, result, out, device)

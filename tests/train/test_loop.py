@@ -12,6 +12,7 @@ from deltatune.data.formats import Record
 from deltatune.evaluate.loss import causal_lm_loss, mean_loss
 from deltatune.train.loop import accumulate_gradients
 from deltatune.train.metrics_log import MetricsLog
+from deltatune.train.trackers import TensorBoard
 from deltatune.train.optim import lr_lambda
 
 from conftest import chat, make_tiny_llama, run_fit
@@ -35,7 +36,7 @@ def test_full_finetune_changes_every_parameter_and_loss_falls(tiny_tokenizer, tm
     model = make_tiny_llama(tiny_tokenizer)
     examples, _ = build_sft_examples(records(), tiny_tokenizer, max_seq_length=64)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    log = MetricsLog(tmp_path)
+    log = MetricsLog(tmp_path, [TensorBoard(tmp_path, None)])
     result = run_fit(model, tiny_tokenizer, examples, examples[:4], cfg(tmp_path, num_train_epochs=8), tmp_path,
                      log, CPU)
     log.close()

@@ -34,7 +34,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from deltatune.config import REMOVED_KEYS
+from deltatune.config import REMOVED_KEYS, default
 from deltatune.errors import UserError
 from deltatune.files import check_space, fsync_path, has_content, inject_write_fault, sha256_file, writing
 from deltatune.runtime import distributed
@@ -229,7 +229,9 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 def _config_differences(saved: dict, cfg) -> list[str]:
     now = cfg.flat()
     # A key since removed was stored by older runs; left off (falsy), it computed what runs without it compute.
+    # A key added since is missing from theirs; at its default, it computes what they computed.
     saved = {k: v for k, v in saved.items() if not (k in REMOVED_KEYS and not v)}
+    saved = {**{k: v for k, v in now.items() if k not in saved and v == default(k)}, **saved}
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
             if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k)]
 
