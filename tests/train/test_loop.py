@@ -12,8 +12,8 @@ from deltatune.data.formats import Record
 from deltatune.evaluate.loss import causal_lm_loss, mean_loss
 from deltatune.train.loop import accumulate_gradients
 from deltatune.train.metrics_log import MetricsLog
-from deltatune.train.trackers import TensorBoard
 from deltatune.train.optim import lr_lambda
+from deltatune.train.trackers import TensorBoard
 
 from conftest import chat, make_tiny_llama, run_fit
 
