@@ -4,8 +4,9 @@ Every tracker gets the same four things, under the same names: the resolved conf
 parameters (each key under its own name, flat as in YAML), every scalar of `metrics.jsonl`
 with its step (`loss`, `learning_rate`, `grad_norm`, `tokens_per_second`, `eval_loss`, ...),
 event records' numbers as `<event>/<name>` (`base_eval/loss`), the evaluation and
-delta-report summary numbers at the end (`base/<name>`, `tuned/<name>`, `delta/<name>`), and the report files as artifacts where the tracker stores files. A run is
-named after its `output_dir`. Only the config is sent: no environment variable, token or
+delta-report summary numbers at the end (`base/<name>`, `tuned/<name>`, `delta/<name>`), and
+the report files as artifacts where the tracker stores files. A run is named after its
+`output_dir`. Only the config is sent: no environment variable, token or
 secret is ever logged. Each tracker is the library's own client (optional extras:
 `pip install 'deltatune[mlflow]'` and so on), imported only when asked for; MLflow and W&B are
 pointed where their own environment variables say (`MLFLOW_TRACKING_URI`, `WANDB_MODE`, ...).
