@@ -30,6 +30,7 @@ RANKS: dict[str, float] = {
     "demo": -1.0,  # imports nothing of ours: every deltatune import from demo lands on a higher rank
     "errors": 0.0,
     "files": 0.1,
+    "progress": 0.1,  # stage lines and bars on stderr: every layer may report progress
     "config": 0.2,
     "data": 1.0,
     "model": 2.0,
@@ -46,7 +47,7 @@ RANKS: dict[str, float] = {
     "__main__": 10.0,
 }
 LEVELS: dict[str, str] = {
-    "demo": "demo", "errors": "0", "files": "0", "config": "0", "data": "1", "model": "2", "docs": "docs",
+    "demo": "demo", "errors": "0", "files": "0", "progress": "0", "config": "0", "data": "1", "model": "2", "docs": "docs",
     "runtime": "3", "evaluate": "4", "train": "5", "delta": "5", "tasks": "6", "pipeline": "7", "sweep": "8",
     "cli": "8", "": "top", "__main__": "top",
 }
@@ -54,13 +55,13 @@ ONLY_IMPORTED_BY: dict[str, set[str]] = {"docs": {"cli"}, "demo": {"cli"}}
 
 # The target layout, shown as information only (a module not there yet breaks no rule by itself).
 LAYOUT = {
-    "errors": [], "files": [], "config": [], "tasks": [], "pipeline": [], "sweep": [], "cli": [], "__main__": [],
+    "errors": [], "files": [], "progress": [], "config": [], "tasks": [], "pipeline": [], "sweep": [], "cli": [], "__main__": [],
     "data": ["formats", "examples", "batching", "cache", "dedupe", "lint"],
     "model": ["load", "parts", "methods", "export"],
     "runtime": ["distributed", "precision", "host_memory", "faults"],
-    "evaluate": ["loss", "generate", "metrics", "evaluate", "probes"],
-    "train": ["loop", "optim", "checkpoint", "dist_checkpoint", "frozen_weights", "metrics_log"],
-    "delta": ["measures", "causal", "classifier", "render", "summary"],
+    "evaluate": ["loss", "generate", "metrics", "evaluate", "probes", "data_files"],
+    "train": ["loop", "optim", "checkpoint", "dist_checkpoint", "frozen_weights", "metrics_log", "trackers"],
+    "delta": ["measures", "causal", "classifier", "render", "summary", "benchmarks"],
     "docs": ["documents", "prepare"],
     "demo": ["orders", "routing"],
 }

@@ -109,7 +109,12 @@ def cmd_compare(args) -> int:
     from deltatune.tasks import compare_models
 
     options = ReportOptions(general_text_file=args.general_text, probe_files=tuple(args.probe_file),
-                            side_by_side=args.side_by_side, kl_samples=args.kl_samples, batch_size=args.batch_size)
+                            side_by_side=args.side_by_side, kl_samples=args.kl_samples, batch_size=args.batch_size,
+                            benchmarks=tuple(b for b in (args.benchmarks or "").split(",") if b),
+                            benchmark_limit=args.benchmark_limit, benchmark_tasks_dir=args.benchmark_tasks_dir)
+    from deltatune.delta.benchmarks import check_available
+
+    check_available(options.benchmarks, options.benchmark_tasks_dir)  # before the models load
     settings = CompareSettings(options=options, check=_check(args), max_examples=args.max_examples,
                                max_seq_length=args.max_seq_length, max_new_tokens=args.max_new_tokens,
                                allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
@@ -359,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts shown side by side")
     p.add_argument("--kl-samples", type=int, default=default("kl_samples"),
                    help="base-model samples for the KL estimate")
+    p.add_argument("--benchmarks", metavar="TASK,TASK", help="lm-evaluation-harness tasks for the forgetting section")
+    p.add_argument("--benchmark-limit", type=int, default=default("benchmark_limit"), help="samples per benchmark task")
+    p.add_argument("--benchmark-tasks-dir", help="folder of your own lm-eval task YAML files")
     _add_model_safety(p)
     p.set_defaults(func=cmd_compare)
 

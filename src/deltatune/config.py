@@ -266,6 +266,14 @@ class DeltaArgs(BaseModel):
     side_by_side_prompts: int = Field(8, ge=0)
     """Held-out test prompts shown with base and tuned outputs side by side (classification: texts with the true label
     and both predictions)."""
+    forgetting_benchmarks: list[str] = Field(default_factory=list)
+    """lm-evaluation-harness tasks (`hellaswag`, `arc_easy`, ..., or your own under `benchmark_tasks_dir`) run on base
+    and tuned for the forgetting report (causal LMs; `pip install 'deltatune[benchmarks]'`)."""
+    benchmark_limit: int = Field(100, ge=1)
+    """Samples of each benchmark task (the first ones, as lm-eval's `limit` takes them)."""
+    benchmark_tasks_dir: str | None = None
+    """A folder of lm-eval task YAML files (for example over a local JSONL file), found by name like the built-in
+    ones."""
     kl_samples: int = Field(8, ge=0)
     """Continuations sampled from the base model for the Monte-Carlo KL(base‖tuned); 0 skips it."""
 
@@ -287,7 +295,8 @@ FLAT_ORDER = [
     "frozen_weights_dtype", "output_dir", "overwrite_output_dir", "logging_steps", "eval_steps", "save_steps",
     "save_total_limit", "resume_from_checkpoint", "max_nonfinite_steps", "metric", "metric_pattern",
     "metric_schema", "max_new_tokens", "delta_report", "general_text_file", "probe_files", "side_by_side_prompts",
-    "kl_samples", "allow_pickle", "trust_remote_code", "report_to",
+    "kl_samples", "allow_pickle", "trust_remote_code", "report_to", "forgetting_benchmarks", "benchmark_limit",
+    "benchmark_tasks_dir",
 ]
 assert sorted(FLAT_ORDER) == sorted(KEY_GROUP), "every key is dumped exactly once"
 
@@ -399,7 +408,7 @@ def _rebase_paths(raw: dict, base_dir: Path) -> dict:
     """Make relative file paths in a config file relative to that file, not to the cwd."""
     raw = dict(raw)
     for key in ("train_file", "validation_file", "test_file", "output_dir", "model", "resume_from_checkpoint",
-                "metric_schema"):
+                "metric_schema", "benchmark_tasks_dir"):
         value = raw.get(key)
         if key == "resume_from_checkpoint" and value == "latest":
             continue

@@ -21,12 +21,14 @@ from deltatune.config import RunConfig, dump_config
 from deltatune.data.cache import cache_dir
 from deltatune.data.examples import Example, split_records
 from deltatune.data.formats import load_records
+from deltatune.delta.benchmarks import check_available as check_benchmarks
 from deltatune.delta.measures import check_inputs
 from deltatune.delta.summary import print_comparison, write_summary
 from deltatune.errors import UserError
 from deltatune.evaluate.metrics import load_check
 from deltatune.files import FolderLock, has_content, lock_folder, writing
 from deltatune.model.methods import apply_method, trainable_summary
+from deltatune.progress import stage
 from deltatune.runtime import distributed
 from deltatune.runtime.precision import resolve_bf16
 from deltatune.tasks import TASKS, Datasets, Splits, Task
@@ -122,6 +124,7 @@ def checks_before_loading(cfg: RunConfig, device: torch.device) -> tuple[bool, P
                         "set it to false)")
     bf16 = resolve_bf16(cfg.memory.bf16, device)  # bf16: true where the device has no fast bf16 is refused
     check_trackers(cfg.output.report_to)
+    check_benchmarks(cfg.delta.forgetting_benchmarks, cfg.delta.benchmark_tasks_dir)
     check_cache_writable()
     check_inputs(cfg.delta, cfg.seed)  # a bad probe or corpus file fails in seconds, not after training
     load_check(cfg.eval.metric, cfg.eval.metric_pattern, cfg.eval.metric_schema)  # a broken regex or schema
@@ -132,7 +135,9 @@ def checks_before_loading(cfg: RunConfig, device: torch.device) -> tuple[bool, P
 
 def read_splits(cfg: RunConfig, task: Task) -> Splits:
     data = cfg.data
-    records, fmt = load_records(data.train_file, data.format)
+    with stage(f"reading {data.train_file}") as advance:
+        records, fmt = load_records(data.train_file, data.format)
+        advance(len(records))
     if fmt not in task.formats:
         raise UserError(f"{data.train_file}: format '{fmt}' does not fit task '{task.name}', which needs "
                         f"one of {', '.join(task.formats)} (set task: or format:)")
@@ -147,15 +152,19 @@ def read_splits(cfg: RunConfig, task: Task) -> Splits:
 
 
 def tokenize_splits(splits: Splits, cfg: RunConfig, task: Task, tokenizer, model=None) -> Datasets:
-    build = task.example_builder(cfg, tokenizer, model)
-    train, train_stats = build(splits.train, name=str(cfg.data.train_file))
+    builder = task.example_builder(cfg, tokenizer, model)
+
+    def build(records, name: str, split: str):
+        with stage(f"tokenising {split}", total=len(records)) as advance:
+            return builder(records, name=name, progress=advance)
+    train, train_stats = build(splits.train, str(cfg.data.train_file), "train")
     stats = {"train": train_stats}
     val: list[Example] = []
     if splits.val:
-        val, stats["validation"] = build(splits.val, name="validation data")
+        val, stats["validation"] = build(splits.val, "validation data", "validation")
     # Scored by the loss path as well (a classifier's test records are examples too); sft and text score
     # their test records by generation, so only tasks with a new head tokenise them.
-    test_examples = build(splits.test, name=str(cfg.data.test_file))[0] if task.new_head and splits.test else []
+    test_examples = build(splits.test, str(cfg.data.test_file), "test")[0] if task.new_head and splits.test else []
     for split, s in stats.items():
         if s.truncated or s.dropped_no_labels:
             print(f"{split}: {s.truncated} examples truncated at max_seq_length={cfg.data.max_seq_length}, "
@@ -201,10 +210,13 @@ def fit_run(cfg: RunConfig, out: Path, log, device: torch.device, resume: Path |
                   config=cfg.flat(), resume=resume)
 
 
-def evaluate_model(task: Task, model, tokenizer, data: Datasets, cfg: RunConfig, device, bf16) -> dict:
+def evaluate_model(task: Task, model, tokenizer, data: Datasets, cfg: RunConfig, device, bf16,
+                   which: str = "the model") -> dict:
     """The task's evaluation, on every rank (FSDP needs all of them for each forward)."""
-    with torch.no_grad():
-        return distributed.call(model, task.evaluate, tokenizer, data, cfg, device, bf16)
+    with torch.no_grad(), stage(f"evaluating {which}", unit="examples") as advance:
+        result = distributed.call(model, task.evaluate, tokenizer, data, cfg, device, bf16)
+        advance(len(data.val) + len(data.test))
+        return result
 
 
 def without_predictions(result: dict) -> dict:
@@ -225,7 +237,7 @@ def run(cfg: RunConfig) -> RunResult:
         print(f"method: {cfg.model.method}", *trained.lines(), sep="\n", flush=True)
         out, log = open_run(cfg, resume)
         model = distributed.wrap_model(model, cfg.parallel.parallelism, device, cfg.parallel.fsdp_cpu_offload)
-        before = evaluate_model(task, model, tokenizer, data, cfg, device, bf16)
+        before = evaluate_model(task, model, tokenizer, data, cfg, device, bf16, "the base")
         with contextlib.closing(log):
             if resume is None:
                 log.write({"step": 0, "event": "method", "method": cfg.model.method, **trained.as_record()})
@@ -235,7 +247,7 @@ def run(cfg: RunConfig) -> RunResult:
             with frozen_weights(model, cfg.memory.frozen_weights_dtype, lambda: task.load(cfg, splits)[0]):
                 result = fit(model, tokenizer, data.train, data.val, cfg.train, cfg.memory,
                              fit_run(cfg, out, log, device, resume, task))
-            after = evaluate_model(task, model, tokenizer, data, cfg, device, bf16)
+            after = evaluate_model(task, model, tokenizer, data, cfg, device, bf16, "the tuned model")
             log.write({"step": result.steps, "event": "tuned_eval", **without_predictions(after)})
             save_final(model, tokenizer, result, out)
             if distributed.is_main():

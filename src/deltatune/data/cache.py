@@ -40,7 +40,8 @@ def dataset_key(records: list[Record], tokenizer, **settings) -> str:
 
 
 def cached_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int, train_on_inputs: bool = False,
-                        name: str = "data", cache: Path | None = None) -> tuple[list[Example], DatasetStats]:
+                        name: str = "data", cache: Path | None = None, progress=None
+                        ) -> tuple[list[Example], DatasetStats]:
     """build_sft_examples, read from the cache when the same data was prepared before."""
     folder = (cache or cache_dir()) / "datasets"
     key = dataset_key(records, tokenizer, max_seq_length=max_seq_length, train_on_inputs=train_on_inputs)
@@ -48,11 +49,14 @@ def cached_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int
     if path.is_file():
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
-            return [Example(**e) for e in saved["examples"]], DatasetStats(**saved["stats"])
+            examples = [Example(**e) for e in saved["examples"]]
+            if progress is not None:
+                progress(len(records))
+            return examples, DatasetStats(**saved["stats"])
         except (ValueError, KeyError, TypeError):
             pass  # a damaged entry is rebuilt below
     examples, stats = build_sft_examples(records, tokenizer, max_seq_length=max_seq_length,
-                                         train_on_inputs=train_on_inputs, name=name)
+                                         train_on_inputs=train_on_inputs, name=name, progress=progress)
     try:
         inject_write_fault("cache")
         folder.mkdir(parents=True, exist_ok=True)

@@ -100,9 +100,10 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def build_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int,
-                       train_on_inputs: bool = False, name: str = "data") -> tuple[list[Example], DatasetStats]:
-    """Tokenise, mask, truncate; drop (and count) examples left with no trained token."""
+def build_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int, train_on_inputs: bool = False,
+                       name: str = "data", progress=None) -> tuple[list[Example], DatasetStats]:
+    """Tokenise, mask, truncate; drop (and count) examples left with no trained token.
+    `progress(n)`, when given, is told of every record done."""
     if tokenizer.chat_template is None:
         raise UserError("the tokenizer has no chat template (the model loader sets ChatML; this is a bug)")
     if not getattr(tokenizer, "is_fast", False):
@@ -111,6 +112,8 @@ def build_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int,
     stats = DatasetStats()
     examples = []
     for record in records:
+        if progress is not None:
+            progress(1)
         if not record.messages:
             raise UserError(f"{record.source}: record has no conversation; task 'sft' needs chat records "
                             "(messages, conversations, instruction/output or prompt/completion)")
@@ -155,7 +158,7 @@ def split_records(records: list[Record], fraction: float, seed: int) -> tuple[li
 # --- continued pre-training ------------------------------------------------------------------
 
 def build_text_blocks(records: list[Record], tokenizer, *, max_seq_length: int,
-                      name: str = "data") -> tuple[list[Example], DatasetStats]:
+                      name: str = "data", progress=None) -> tuple[list[Example], DatasetStats]:
     """Concatenate documents, each followed by the end-of-text token, and cut fixed-length blocks.
 
     Every token is trained (labels = input ids). The last, shorter block is kept rather than
@@ -166,6 +169,8 @@ def build_text_blocks(records: list[Record], tokenizer, *, max_seq_length: int,
         raise UserError("the tokenizer has no eos token to separate documents (set eos_token in tokenizer_config.json)")
     stream: list[int] = []
     for record in records:
+        if progress is not None:
+            progress(1)
         if record.text is None:
             raise UserError(f"{record.source}: record has no 'text' field; task 'text' needs {{\"text\": ...}} records")
         stream += tokenizer(record.text, add_special_tokens=False)["input_ids"] + [eos]
@@ -218,7 +223,8 @@ def encode_text(tokenizer, text: str, pair: str | None, limit: int,
 
 def build_classification_examples(records: list[Record], tokenizer, *, max_seq_length: int,
                                   label2id: dict[str, int] | None, name: str = "data", token_types: bool = False,
-                                  labels_from: str = "the training data") -> tuple[list[Example], DatasetStats]:
+                                  labels_from: str = "the training data", progress=None
+                                  ) -> tuple[list[Example], DatasetStats]:
     """`label2id` None: records without labels (to predict) are allowed, and get no label position.
     `token_types`: keep the tokenizer's segment ids (the model's forward takes `token_type_ids`)."""
     limit = min(max_seq_length, getattr(tokenizer, "model_max_length", max_seq_length) or max_seq_length)
@@ -226,6 +232,8 @@ def build_classification_examples(records: list[Record], tokenizer, *, max_seq_l
     examples = []
     pairs_ok: bool | None = None  # asked once, at the first pair
     for record in records:
+        if progress is not None:
+            progress(1)
         if label2id is not None and record.label is None:
             raise UserError(f"{record.source}: record has no 'label'; task 'classification' needs "
                             "{\"text\": ..., \"label\": ...} records")

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from deltatune.data.examples import build_sft_examples
 from deltatune.data.formats import Record
+from deltatune.delta import benchmarks
 from deltatune.delta import measures as delta
-from deltatune.delta.measures import CompareSettings, ReportOptions, load_probe_sets
+from deltatune.delta.measures import CompareSettings, ReportOptions, load_probe_sets, timed
 from deltatune.delta.render import (
     SCHEMA,
     SCHEMA_VERSION,
@@ -67,14 +68,12 @@ def measure(base, tuned, tokenizer, *, val_examples, base_predictions: Predictio
             probe_set=None) -> dict:
     """Every base-vs-tuned number of the report (training excepted), as the delta.json dict."""
     seconds = {}
-    t = time.perf_counter()
-    report: dict = {"task": task_measures(base, tuned, tokenizer, val_examples, base_predictions,
-                                          tuned_predictions, metric, options, device)}
-    seconds["task"] = time.perf_counter() - t
+    with timed(seconds, "task"):
+        report: dict = {"task": task_measures(base, tuned, tokenizer, val_examples, base_predictions,
+                                              tuned_predictions, metric, options, device)}
     report["forgetting"] = forgetting_measures(base, tuned, tokenizer, options, device, seconds, probe_set)
-    t = time.perf_counter()
-    report["weights"] = delta.weight_delta(base, tuned)
-    seconds["weights"] = time.perf_counter() - t
+    with timed(seconds, "weights"):
+        report["weights"] = delta.weight_delta(base, tuned)
     report["side_by_side"] = []
     if base_predictions and tuned_predictions:
         report["side_by_side"] = [{"prompt": p, "reference": r, "base": b, "tuned": o} for p, r, b, o in zip(
@@ -109,36 +108,41 @@ def forgetting_measures(base, tuned, tokenizer, options: ReportOptions, device, 
     measure's time goes into `seconds`."""
     pad = tokenizer.pad_token_id
     forgetting: dict = {}
-    t = time.perf_counter()
-    texts, source = delta.general_texts(options.general_text_file, seed=options.seed)
-    stats = delta.paired_pass(base, tuned, delta.text_examples(tokenizer, texts), pad, device, options.batch_size)
-    s = stats.summary()
-    forgetting["general_text"] = {
-        "source": source, "passages": s["sequences"], "tokens": s["tokens"],
-        "base_perplexity": s["base_perplexity"], "tuned_perplexity": s["tuned_perplexity"],
-        "perplexity_change": s["tuned_perplexity"] / s["base_perplexity"] - 1.0, "kl_per_token": s["kl_per_token"]}
-    seconds["general_text"] = time.perf_counter() - t
+    with timed(seconds, "general_text"):
+        texts, source = delta.general_texts(options.general_text_file, seed=options.seed)
+        stats = delta.paired_pass(base, tuned, delta.text_examples(tokenizer, texts), pad, device, options.batch_size)
+        s = stats.summary()
+        forgetting["general_text"] = {
+            "source": source, "passages": s["sequences"], "tokens": s["tokens"],
+            "base_perplexity": s["base_perplexity"], "tuned_perplexity": s["tuned_perplexity"],
+            "perplexity_change": s["tuned_perplexity"] / s["base_perplexity"] - 1.0, "kl_per_token": s["kl_per_token"]}
 
-    t = time.perf_counter()
-    forgetting["base_samples"] = None
-    if options.kl_samples:
-        samples = delta.sample_from_base(base, tokenizer, options.kl_samples, seed=options.seed, device=device)
-        stats = delta.paired_pass(base, tuned, samples, pad, device, options.batch_size)
-        forgetting["base_samples"] = {"samples": len(samples), "tokens": int(stats.kl_tokens.sum()),
-                                      "kl_per_token": stats.summary()["kl_per_token"]}
-    seconds["base_samples"] = time.perf_counter() - t
+    with timed(seconds, "base_samples"):
+        forgetting["base_samples"] = None
+        if options.kl_samples:
+            samples = delta.sample_from_base(base, tokenizer, options.kl_samples, seed=options.seed, device=device)
+            stats = delta.paired_pass(base, tuned, samples, pad, device, options.batch_size)
+            forgetting["base_samples"] = {"samples": len(samples), "tokens": int(stats.kl_tokens.sum()),
+                                          "kl_per_token": stats.summary()["kl_per_token"]}
 
-    t = time.perf_counter()
-    items, sources = probe_set or load_probe_sets(options.probe_files)
-    base_ok, base_out = probes.score(base, tokenizer, items, device)
-    tuned_ok, tuned_out = probes.score(tuned, tokenizer, items, device)
-    forgetting["fact_recall"] = {
-        "items": len(items), "base_correct": sum(base_ok), "tuned_correct": sum(tuned_ok),
-        "base_accuracy": sum(base_ok) / len(items), "tuned_accuracy": sum(tuned_ok) / len(items),
-        "retention": probes.retention(base_ok, tuned_ok), "sources": sources,
-        "lost": [{"prompt": p.prompt, "answer": p.answer, "base": b, "tuned": o}
-                 for p, ok_b, ok_t, b, o in zip(items, base_ok, tuned_ok, base_out, tuned_out) if ok_b and not ok_t]}
-    seconds["fact_recall"] = time.perf_counter() - t
+    with timed(seconds, "fact_recall"):
+        items, sources = probe_set or load_probe_sets(options.probe_files)
+        base_ok, base_out = probes.score(base, tokenizer, items, device)
+        tuned_ok, tuned_out = probes.score(tuned, tokenizer, items, device)
+        forgetting["fact_recall"] = {
+            "items": len(items), "base_correct": sum(base_ok), "tuned_correct": sum(tuned_ok),
+            "base_accuracy": sum(base_ok) / len(items), "tuned_accuracy": sum(tuned_ok) / len(items),
+            "retention": probes.retention(base_ok, tuned_ok), "sources": sources,
+            "lost": [{"prompt": p.prompt, "answer": p.answer, "base": b, "tuned": o}
+                     for p, ok_b, ok_t, b, o in zip(items, base_ok, tuned_ok, base_out, tuned_out)
+                     if ok_b and not ok_t]}
+
+    if options.benchmarks:  # standard benchmarks through lm-evaluation-harness, base and tuned alike
+        with timed(seconds, "benchmarks"):
+            runs = [benchmarks.score(m, tokenizer, options.benchmarks, limit=options.benchmark_limit,
+                                     tasks_dir=options.benchmark_tasks_dir, seed=options.seed,
+                                     batch_size=options.batch_size) for m in (base, tuned)]
+            forgetting["benchmarks"] = benchmarks.section(*runs, seed=options.seed)
     return forgetting
 
 
@@ -182,6 +186,7 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
     fr = report["forgetting"]["fact_recall"]
     rows.append((f"fact recall ({fr['items']} probes)", pct(fr["base_accuracy"]), pct(fr["tuned_accuracy"]),
                  f"retention {pct(fr['retention'])}"))
+    rows += benchmark_rows(report["forgetting"].get("benchmarks") or {})
     w = report["weights"]
     top = w["top"][0] if w["top"] else "-"
     rows.append(("weights ‖ΔW‖/‖W‖ (all matrices)", "", "", f"{fmt(w['relative_norm'])}; most changed: {top}"))
@@ -192,6 +197,18 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
 
 
 
+
+
+def _points(m: dict) -> str:
+    sig = "significant" if m["significant"] else "not significant"
+    return f"{100 * m['gain']:+.1f} pt [{100 * m['gain_ci'][0]:+.1f}, {100 * m['gain_ci'][1]:+.1f}] {sig}"
+
+
+def benchmark_rows(bench: dict) -> list[tuple[str, str, str, str]]:
+    """Summary rows: each benchmark's metric base → tuned (a skipped one says so)."""
+    return [(f"{task} (lm-eval, skipped)", "", "", b["skipped"][:60]) if "skipped" in b else
+            (f"{task} {b['name']} (lm-eval, n={b['examples']})", pct(b["base"]), pct(b["tuned"]), _points(b))
+            for task, b in bench.items()]
 
 
 def markdown(report: dict) -> str:
@@ -214,6 +231,13 @@ def markdown(report: dict) -> str:
         lines += ["", "Facts the tuned model lost:", ""]
         lines += md_table(["prompt", "expected", "base", "tuned"],
                            [[x["prompt"], x["answer"], x["base"].strip(), x["tuned"].strip()] for x in fr["lost"][:10]])
+    bench = report["forgetting"].get("benchmarks") or {}
+    if bench:
+        lines += ["", "Benchmarks (lm-evaluation-harness, the same samples scored on base and tuned):", ""]
+        lines += md_table(["task", "metric", "base", "tuned", "change [95% CI]", "samples"],
+                          [[task, "skipped", "-", "-", b["skipped"], "-"] if "skipped" in b else
+                           [task, b["name"], pct(b["base"]), pct(b["tuned"]), _points(b), b["examples"]]
+                           for task, b in bench.items()])
     lines += weight_markdown(report["weights"])
     if report["side_by_side"]:
         lines += ["", "## Side by side (held-out prompts, greedy)", ""]

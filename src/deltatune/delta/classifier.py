@@ -38,7 +38,7 @@ from deltatune.data.batching import collate, length_batches
 from deltatune.data.examples import IGNORE_INDEX, Example, build_classification_examples
 from deltatune.data.formats import Record
 from deltatune.delta import measures as delta
-from deltatune.delta.measures import CompareSettings, ReportOptions
+from deltatune.delta.measures import CompareSettings, ReportOptions, timed
 from deltatune.delta.render import (
     SCHEMA,
     SCHEMA_VERSION,
@@ -261,44 +261,42 @@ def measure(base, tuned, tokenizer, *, val_examples: list[Example], metric_examp
                   "metric": None, "validation": None, "base_matches_training_start": None}
     report: dict = {"task_type": "classification", "base_definition": BASE_DEFINITION, "task": task}
 
-    t = time.perf_counter()
-    side = []
-    runs: dict = {}
+    with timed(seconds, "task"):
+        side = []
+        runs: dict = {}
 
-    def outputs(model, examples):  # one pass per model and example list (often metric = validation)
-        key = (id(model), id(examples))
-        if key not in runs:
-            runs[key] = classifier_outputs(model, examples, options.batch_size, pad, device, bf16)
-        return runs[key]
+        def outputs(model, examples):  # one pass per model and example list (often metric = validation)
+            key = (id(model), id(examples))
+            if key not in runs:
+                runs[key] = classifier_outputs(model, examples, options.batch_size, pad, device, bf16)
+            return runs[key]
 
-    if metric_examples:
-        pred_b, _, true = outputs(base, metric_examples)
-        pred_t, _, _ = outputs(tuned, metric_examples)
-        task["accuracy"] = {"name": "accuracy", **delta.paired_gain((pred_b == true).astype(float),
-                                                                    (pred_t == true).astype(float), seed=options.seed)}
-        task["macro_f1"] = {"name": "macro_f1", **delta.paired_statistic_gain(
-            macro_f1_statistic(true, len(labels)), pred_b, pred_t, seed=options.seed)}
-        task["metric"] = task["accuracy"]
-        side = [{"text": text, "label": labels[y], "base": labels[b], "tuned": labels[p]}
-                for text, y, b, p in zip(metric_texts, true, pred_b, pred_t)][: options.side_by_side]
-    if val_examples:
-        _, loss_b, _ = outputs(base, val_examples)
-        _, loss_t, _ = outputs(tuned, val_examples)
-        task["validation"] = {"loss": delta.paired_gain(loss_b, loss_t, higher_is_better=False, seed=options.seed),
-                              "examples": len(val_examples), "evaluated_on": loss_on}
-    seconds["task"] = time.perf_counter() - t
+        if metric_examples:
+            pred_b, _, true = outputs(base, metric_examples)
+            pred_t, _, _ = outputs(tuned, metric_examples)
+            hits_b, hits_t = (pred_b == true).astype(float), (pred_t == true).astype(float)
+            task["accuracy"] = {"name": "accuracy", **delta.paired_gain(hits_b, hits_t, seed=options.seed)}
+            task["macro_f1"] = {"name": "macro_f1", **delta.paired_statistic_gain(
+                macro_f1_statistic(true, len(labels)), pred_b, pred_t, seed=options.seed)}
+            task["metric"] = task["accuracy"]
+            side = [{"text": text, "label": labels[y], "base": labels[b], "tuned": labels[p]}
+                    for text, y, b, p in zip(metric_texts, true, pred_b, pred_t)][: options.side_by_side]
+        if val_examples:
+            _, loss_b, _ = outputs(base, val_examples)
+            _, loss_t, _ = outputs(tuned, val_examples)
+            loss = delta.paired_gain(loss_b, loss_t, higher_is_better=False, seed=options.seed)
+            task["validation"] = {"loss": loss, "examples": len(val_examples), "evaluated_on": loss_on}
 
-    t = time.perf_counter()
-    sentences, source, passages = general_sentences(options.general_text_file, seed=options.seed)
-    drift = representation_drift(base, tuned, sentence_examples(tokenizer, sentences), pad, device, options.batch_size)
-    report["forgetting"] = {"representation": {"source": source, "passages": passages, "pooling": POOLING, **drift}}
-    seconds["representation"] = time.perf_counter() - t
+    with timed(seconds, "representation"):
+        sentences, source, passages = general_sentences(options.general_text_file, seed=options.seed)
+        examples = sentence_examples(tokenizer, sentences)
+        drift = representation_drift(base, tuned, examples, pad, device, options.batch_size)
+        report["forgetting"] = {"representation": {"source": source, "passages": passages, "pooling": POOLING, **drift}}
 
-    t = time.perf_counter()
-    prefixes = head_prefixes(base)
-    report["weights"] = delta.weight_delta(base, tuned, exclude=prefixes)
-    report["weights"]["new"] = new_parameters(base, tuned, prefixes)
-    seconds["weights"] = time.perf_counter() - t
+    with timed(seconds, "weights"):
+        prefixes = head_prefixes(base)
+        report["weights"] = delta.weight_delta(base, tuned, exclude=prefixes)
+        report["weights"]["new"] = new_parameters(base, tuned, prefixes)
     report["side_by_side"] = side
     report["seconds"] = seconds
     return report

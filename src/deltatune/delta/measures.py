@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import random
 import re
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +30,7 @@ from deltatune.data.examples import IGNORE_INDEX, Example
 from deltatune.errors import UserError
 from deltatune.evaluate import probes
 from deltatune.evaluate.metrics import Check
+from deltatune.progress import stage
 
 HEAD_CHUNK = 256          # positions projected onto the vocabulary at once
 GENERAL_CHUNKS = 16       # general-text passages in the fixed sample
@@ -390,6 +393,9 @@ class ReportOptions:
     kl_samples: int = 8
     batch_size: int = 8
     seed: int = 0
+    benchmarks: tuple[str, ...] = ()  # lm-eval tasks for the forgetting section
+    benchmark_limit: int = 100
+    benchmark_tasks_dir: str | None = None
 
 
 def load_probe_sets(files) -> tuple[list[probes.Probe], list[str]]:
@@ -412,7 +418,9 @@ def report_options(delta_args, eval_batch_size: int, seed: int) -> ReportOptions
     """A training run's report options: its DeltaArgs, evaluation batch size and seed."""
     return ReportOptions(general_text_file=delta_args.general_text_file, probe_files=tuple(delta_args.probe_files),
                          side_by_side=delta_args.side_by_side_prompts, kl_samples=delta_args.kl_samples,
-                         batch_size=eval_batch_size, seed=seed)
+                         batch_size=eval_batch_size, seed=seed, benchmarks=tuple(delta_args.forgetting_benchmarks),
+                         benchmark_limit=delta_args.benchmark_limit,
+                         benchmark_tasks_dir=delta_args.benchmark_tasks_dir)
 
 
 @dataclass(frozen=True)
@@ -439,3 +447,12 @@ def gain_point(headline: dict | None, measure: str, validation: dict | None) -> 
         return {"gain": loss["gain"], "gain_ci": loss["gain_ci"], "significant": loss["significant"],
                 "gain_measure": "validation loss decrease"}
     return {"gain": None, "gain_ci": None, "significant": False, "gain_measure": "none"}
+
+
+@contextmanager
+def timed(seconds: dict, key: str):
+    """One measure of a report: its time goes into `seconds[key]`, and its line (or bar) to stderr."""
+    with stage(f"delta report: {key.replace('_', ' ')}"):
+        start = time.perf_counter()
+        yield
+        seconds[key] = time.perf_counter() - start

@@ -22,6 +22,8 @@ float/int, NaN is written as null. Version 2 added `task_type` and has two varia
         continuations sampled from the base model
     forgetting.fact_recall: {items, base_correct, tuned_correct, base_accuracy, tuned_accuracy,
         retention, lost: [{prompt, answer, base, tuned}], sources}
+    forgetting.benchmarks (with `forgetting_benchmarks`): {task: {name (the metric), base, base_ci,
+        tuned, tuned_ci, gain, gain_ci, significant, examples} or {skipped: why}}
     weights: {relative_norm, changed_matrices, matrices: [{name, layer, module_type, shape,
         delta_norm, base_norm, relative_norm, effective_rank, intruders, lora}],
         by_layer: [...], by_module_type: [...], top: [names]}
