@@ -30,6 +30,11 @@ def test_train_end_to_end(tmp_path, tiny_model_dir, sft_file):
     summary = (out / "summary.md").read_text()
     assert "validation loss" in summary and "exact match" in summary
     assert "validation_split: 0.25" in (out / "config.yaml").read_text()
+    # Not on a terminal: one plain progress line per stage, on stderr; stdout keeps the results.
+    for stage in ("reading", "tokenising train: 18 records in", "tokenising validation: 6 records in",
+                  "evaluating the base:", "evaluating the tuned model:", "delta report: general text:",
+                  "delta report: fact recall:", "delta report: weights:"):
+        assert stage in proc.stderr and stage not in proc.stdout, stage
 
     # The tuned folder works with eval and generate.
     proc = run_cli("eval", "--model", str(out / "final"), "--data", str(test), "--out", str(tmp_path / "e.json"),
