@@ -135,18 +135,16 @@ class FolderLock:
         self.path, self.fd, self.created_folder, self.sibling = path, fd, created_folder, sibling
 
     def release(self) -> None:
-        """Unlock; a lock file beside an output file goes, and a folder that holds nothing but its
-        lock file is left as it was found."""
+        """Remove the lock file (still holding the lock) and unlock; a folder created for the lock
+        alone goes too. A process that opened the old file meanwhile finds it gone and retries."""
         if self.fd is None:
             return
-        folder = self.path.parent
         try:
-            if self.sibling or not has_content(folder):
-                self.path.unlink(missing_ok=True)
-                if self.created_folder:
-                    folder.rmdir()  # refused (and left) when the run wrote something there
+            self.path.unlink(missing_ok=True)
+            if self.created_folder and not has_content(self.path.parent):
+                self.path.parent.rmdir()
         except OSError:
-            pass  # another run came meanwhile, or the folder is gone: nothing of ours to tidy
+            pass  # the folder is gone, or another run has just created its own lock file there
         os.close(self.fd)
         self.fd = None
 
@@ -182,6 +180,8 @@ def _acquire(lock_path: Path, what: str, subject: str) -> int | None:
         if os.path.exists(lock_path) and os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
             break
         os.close(fd)
+    else:
+        raise UserError(f"{what} '{subject}': its lock file keeps being replaced by another process; try again")
     holder = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}
     os.ftruncate(fd, 0)

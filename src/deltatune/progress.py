@@ -1,11 +1,14 @@
 """Progress for every stage that takes more than a moment, on stderr (stdout stays the results).
 
 On a terminal, a bar with the rate and the time left; elsewhere (CI logs, pipes) one plain line
-when the stage ends, so logs stay readable: `tokenising train: 240 records in 1.3 s (185/s)`.
+when the stage ends, so logs stay readable: `tokenising train: 240 records in 1.3 s (185/s)`. A
+stage that fails prints nothing (its error is the line that matters). DELTATUNE_PROGRESS=0
+silences all of it, for scripts that want stderr to hold errors only.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -16,6 +19,9 @@ def stage(name: str, total: int | None = None, unit: str = "records"):
     """Yields advance(n=1); the stage's line (or bar) says how many `unit` it did, how fast."""
     done = [0]
     start = time.perf_counter()
+    if os.environ.get("DELTATUNE_PROGRESS", "1") == "0":
+        yield lambda n=1: None
+        return
     if sys.stderr.isatty():
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -14,7 +14,7 @@ def test_train_end_to_end(tmp_path, tiny_model_dir, sft_file):
     config.write_text(f"model: {tiny_model_dir}\ntrain_file: train.jsonl\ntest_file: test.jsonl\n"
                       "output_dir: out\nlearning_rate: 5e-3\nnum_train_epochs: 3\nper_device_train_batch_size: 4\n"
                       "logging_steps: 2\nmax_new_tokens: 8\nbf16: false\n")
-    proc = run_cli("train", str(config), "validation_split=0.25")
+    proc = run_cli("train", str(config), "validation_split=0.25", env={"DELTATUNE_PROGRESS": "1"})
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
     assert {"final", "config.yaml", "metrics.jsonl", "summary.md", "tensorboard"} <= {p.name for p in out.iterdir()}
