@@ -19,6 +19,7 @@ import torch
 
 from deltatune.errors import UserError
 from deltatune.model.load import load_causal_lm
+from deltatune.progress import stage
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -135,20 +136,23 @@ def _write_tensors(writer, model, model_name: str, dtype: str) -> None:
     import gguf
 
     config = model.config
-    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    # state_dict keeps a tied lm_head under its own name; GGUF leaves output.weight out instead.
-    for hf_name, tensor in model.state_dict().items():
-        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise UserError(f"{model_name}: tensor '{hf_name}' has no GGUF name (unsupported architecture variant)")
-        data = tensor.detach().to(torch.float32).cpu().numpy()
-        if name.endswith("attn_q.weight"):
-            data = _permute_rotary(data, n_head)
-        elif name.endswith("attn_k.weight"):
-            data = _permute_rotary(data, n_kv)
-        array, raw_type = _tensor(data, dtype)
-        # Quantised arrays come back as bytes; the writer derives their element shape from raw_dtype.
-        writer.add_tensor(name, array, raw_dtype=raw_type if array.dtype == np.uint8 else None)
+    state = model.state_dict()
+    with stage(f"export {dtype}", total=len(state), unit="tensors") as advance:
+        for hf_name, tensor in state.items():
+            advance(1)
+            # state_dict keeps a tied lm_head under its own name; GGUF leaves output.weight out instead.
+            if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise UserError(f"{model_name}: tensor '{hf_name}' has no GGUF name (unsupported architecture "
+                                "variant)")
+            data = tensor.detach().to(torch.float32).cpu().numpy()
+            if name.endswith("attn_q.weight"):
+                data = _permute_rotary(data, config.num_attention_heads)
+            elif name.endswith("attn_k.weight"):
+                data = _permute_rotary(data, config.num_key_value_heads)
+            array, raw_type = _tensor(data, dtype)
+            # Quantised arrays come back as bytes; the writer derives their element shape from raw_dtype.
+            writer.add_tensor(name, array, raw_dtype=raw_type if array.dtype == np.uint8 else None)
