@@ -87,8 +87,13 @@ def test_a_second_run_on_a_busy_folder_stops_before_loading_and_a_killed_holder_
         while not (out / "metrics.jsonl").is_file() or '"step": 1' not in (out / "metrics.jsonl").read_text():
             assert holder.poll() is None and time.monotonic() < deadline, holder.communicate()
             time.sleep(0.2)
+        def snapshot():  # TensorBoard's writer thread flushes on its own clock: its files are left out
+            return {f.relative_to(out): f.read_bytes() for f in sorted(out.rglob("*"))
+                    if f.is_file() and "tensorboard" not in f.parts}
+        before = snapshot()  # the holder hangs at step 2: its folder stays as it is
         second = cli("train", str(config))
         stdout, stderr = second.communicate(timeout=120)
+        assert snapshot() == before  # the loser wrote nothing
         assert second.returncode == 2 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
         assert f"output_dir '{out}' is in use by another deltatune run (pid {holder.pid} on" in stderr
         assert "method:" not in stdout  # refused before any model was loaded
