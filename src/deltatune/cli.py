@@ -173,7 +173,7 @@ def _file_settings(args, check=None):
     from deltatune.evaluate.data_files import FileSettings
     from deltatune.evaluate.metrics import Check
 
-    return FileSettings(fmt=args.format, check=check or Check(), max_seq_length=args.max_seq_length,
+    return FileSettings(fmt=getattr(args, "format", "auto"), check=check or Check(), max_seq_length=args.max_seq_length,
                         max_new_tokens=getattr(args, "max_new_tokens", default("max_new_tokens")),
                         batch_size=args.batch_size, show=getattr(args, "show", 0), allow_pickle=args.allow_pickle,
                         trust_remote_code=args.trust_remote_code)
@@ -337,7 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="classifier folder (a classification run's final/)")
     p.add_argument("--data", required=True, help="JSONL/JSON/CSV records with text (and text_pair); labels optional")
     p.add_argument("--out", required=True, help="JSONL to write: each record with predicted and probabilities")
-    p.add_argument("--format", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--max-seq-length", type=int, default=default("max_seq_length"))
     p.add_argument("--batch-size", type=int, default=default("per_device_eval_batch_size"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")

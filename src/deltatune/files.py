@@ -47,8 +47,8 @@ NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+    for unit in ("B", "KB", "MB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"
@@ -131,8 +131,8 @@ class FolderLock:
     """An exclusive lock for a process's whole life. The kernel drops it when the process ends,
     however it ends: a killed run leaves no stale lock."""
 
-    def __init__(self, path: Path, fd: int | None, created_folder: bool = False, sibling: bool = False):
-        self.path, self.fd, self.created_folder, self.sibling = path, fd, created_folder, sibling
+    def __init__(self, path: Path, fd: int | None, created_folder: bool = False):
+        self.path, self.fd, self.created_folder = path, fd, created_folder
 
     def release(self) -> None:
         """Remove the lock file (still holding the lock) and unlock; a folder created for the lock
@@ -208,7 +208,7 @@ def lock_output_file(out: Path, what: str = "--out") -> FolderLock:
     with _as_lines(what, out.parent):
         out.parent.mkdir(parents=True, exist_ok=True)
         fd = _acquire(out.with_name(f".{out.name}.lock"), what, str(out))
-    return FolderLock(out.with_name(f".{out.name}.lock"), fd, created_folder=created, sibling=True)
+    return FolderLock(out.with_name(f".{out.name}.lock"), fd, created_folder=created)
 
 
 @contextmanager

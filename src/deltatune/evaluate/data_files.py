@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from deltatune.evaluate.evaluate import class_probabilities, evaluate, evaluate_
 from deltatune.evaluate.metrics import Check
 from deltatune.model.load import load_causal_lm, load_classifier
 from deltatune.model.parts import accepts_token_types, without_adapters
+from deltatune.progress import stage
 from deltatune.runtime.precision import pick_device, resolve_bf16
 
 
@@ -119,7 +119,7 @@ def predict_labels(model_name: str, data_file: str, out: Path, settings: FileSet
     examples, _ = build_classification_examples(records, tokenizer, max_seq_length=settings.max_seq_length,
                                                 label2id=None, name=data_file, token_types=accepts_token_types(model))
     model, device = _on_device(model)
-    with _progress(len(examples)) as advance:
+    with stage("predict", total=len(examples)) as advance:
         probabilities = class_probabilities(model, examples, settings.batch_size, tokenizer.pad_token_id, device,
                                              resolve_bf16("auto", device), progress=advance)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -134,23 +134,3 @@ def predict_labels(model_name: str, data_file: str, out: Path, settings: FileSet
     finally:
         tmp.unlink(missing_ok=True)
     return len(raws)
-
-
-class _progress:
-    """A progress bar on a terminal's stderr (records/s, time left); nothing elsewhere."""
-
-    def __init__(self, total: int):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            console=Console(stderr=True), disable=not sys.stderr.isatty(), transient=True)
-        self.total = total
-
-    def __enter__(self):
-        self.bar.__enter__()
-        task = self.bar.add_task("predict", total=self.total)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
