@@ -8,7 +8,7 @@ STAMP := $(VENV)/.deltatune-installed
 # TORCH_SPEC="" to keep a torch that is already in the venv (a CUDA build on a GPU machine).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-dpo clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ bench: setup
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/peak_flops.py
 	$(BIN)/python benchmarks/vs_trl.py $(BENCH_ARGS)
+
+# make bench-dpo: TRL's DPOTrainer against task: preference on the same DPO job (benchmarks/RESULTS.md).
+bench-dpo: setup
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python benchmarks/vs_trl_dpo.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

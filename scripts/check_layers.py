@@ -61,11 +61,11 @@ LAYOUT = {
     "data": ["formats", "examples", "batching", "cache", "dedupe", "lint"],
     "model": ["load", "parts", "methods", "export"],
     "runtime": ["distributed", "precision", "host_memory", "faults"],
-    "evaluate": ["loss", "generate", "metrics", "evaluate", "probes", "data_files"],
+    "evaluate": ["loss", "generate", "metrics", "evaluate", "probes", "data_files", "preference"],
     "train": ["loop", "optim", "checkpoint", "dist_checkpoint", "frozen_weights", "metrics_log", "trackers"],
-    "delta": ["measures", "causal", "classifier", "render", "summary", "benchmarks"],
+    "delta": ["measures", "causal", "classifier", "preference", "render", "summary", "benchmarks"],
     "docs": ["documents", "prepare"],
-    "demo": ["orders", "routing"],
+    "demo": ["orders", "routing", "preferences"],
 }
 OPTIONAL_MODULES = {"files"}
 

@@ -24,12 +24,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from deltatune.errors import UserError
 
-Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "classification"]
-Task = Literal["sft", "text", "classification"]
+Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "classification",
+                 "preference"]
+Task = Literal["sft", "text", "classification", "preference"]
 GROUP = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, populate_by_name=True)
 # The base model's default depends on the objective: an encoder for classification.
-DEFAULT_MODEL = {"sft": "smollm2-135m-instruct", "text": "smollm2-135m-instruct", "classification": "minilm-l6"}
+DEFAULT_MODEL = {"sft": "smollm2-135m-instruct", "text": "smollm2-135m-instruct", "classification": "minilm-l6",
+                 "preference": "smollm2-135m-instruct"}
 # Keys that once existed: naming one is an error that says what became of it.
+LOSS_KEYS = {"simpo_gamma": ("simpo",), "orpo_lambda": ("orpo",), "beta": ("dpo", "ipo", "simpo")}  # key: its losses
 REMOVED_KEYS = {
     "cpu_heap_trim": "it was removed (a glibc heap knob that slowed training by about 30%); delete the line",
 }
@@ -40,8 +43,7 @@ class ModelArgs(BaseModel):
     model_config = GROUP
 
     name: str = Field("smollm2-135m-instruct", alias="model")
-    """Base model: an embedded name (`smollm2-135m-instruct`, `minilm-l6`), a local Hugging Face folder, a `.gguf` file,
-    or a hub id."""
+    """Base model: an embedded name (`smollm2-135m-instruct`, `minilm-l6`), a local folder, a `.gguf` file, a hub id."""
     method: Literal["full", "lora", "dora", "qlora", "head_only", "freeze"] = "full"
     """Which parameters train: `full` every weight; `lora`/`dora` low-rank adapters (peft); `qlora` LoRA on a 4-bit base
     (CUDA + bitsandbytes); `head_only` the output or classification head; `freeze` all but
@@ -57,8 +59,7 @@ class ModelArgs(BaseModel):
     freeze_layers: int | None = Field(None, ge=0)
     """method freeze: the bottom N transformer blocks (and the embeddings) stay frozen."""
     trainable_modules: list[str] | None = None
-    """method freeze: regexes (re.search on parameter names); only matching parameters train. Embeddings train only if
-    named."""
+    """method freeze: regexes (re.search on parameter names); only matching parameters train (embeddings if named)."""
     allow_pickle: bool = False
     """Allow loading pickle checkpoints (.bin/.pt), which can run arbitrary code."""
     trust_remote_code: bool = False
@@ -107,8 +108,7 @@ class DataArgs(BaseModel):
 
 
 class TrainArgs(BaseModel):
-    """The optimisation: AdamW, its schedule, and when the loop logs, evaluates and saves (Hugging Face
-    TrainingArguments names)."""
+    """The optimisation: AdamW, its schedule, and when the loop logs, evaluates and saves (TrainingArguments names)."""
 
     model_config = GROUP
 
@@ -135,8 +135,7 @@ class TrainArgs(BaseModel):
     early_stopping_patience: int | None = Field(None, ge=1)
     """Stop after this many evaluations without a lower validation loss, and keep the best weights."""
     max_nonfinite_steps: int = Field(3, ge=1)
-    """Stop when this many optimizer steps in a row have a non-finite loss or gradient norm (each is skipped, not
-    applied)."""
+    """Stop when this many optimizer steps in a row have a non-finite loss or gradient norm (each one is skipped)."""
     logging_steps: int = Field(10, ge=1)
     """Log training loss every this many optimizer steps."""
     eval_steps: int | None = Field(None, ge=1)
@@ -153,8 +152,7 @@ class MemoryArgs(BaseModel):
     bf16: Literal["auto"] | bool = "auto"
     """bfloat16 autocast with float32 master weights; `auto` uses it where the hardware runs it natively."""
     packing: bool = True
-    """Pack each optimizer step's examples into rows (block-diagonal mask, per-example positions): no padding, same
-    steps."""
+    """Pack each step's examples into rows (block-diagonal mask, per-example positions): no padding, same steps."""
     max_tokens_per_batch: int | None = Field(16384, ge=1)
     """Cap on padded tokens (examples x longest) in an evaluation batch or an unpacked training micro-batch: long
     examples go in smaller batches, so memory is bounded by tokens. null = examples only."""
@@ -167,15 +165,36 @@ class MemoryArgs(BaseModel):
     whole model never exist at once (saves 4 bytes a trainable parameter). Same update as the ordinary step; needs
     max_grad_norm: 0 (no global norm exists before the update) and one process."""
     optimizer_state_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Store AdamW's two moments in this dtype. bfloat16 halves the optimizer's memory (4 bytes a trainable parameter
-    instead of 8; for full fine-tuning that is as much as the weights themselves). Each step still computes in
-    float32 with PyTorch's fused AdamW; the moments are written back with stochastic rounding, exact in expectation
-    (round-to-nearest would stall the second moment). Clipping works as usual. Not with parallelism: fsdp."""
+    """Store AdamW's two moments in this dtype: bfloat16 halves the optimizer's memory (4 bytes a trainable parameter,
+    not 8). Each step computes in float32 (fused AdamW); the moments are written back with stochastic rounding, exact
+    in expectation (round-to-nearest would stall the second moment). Not with parallelism: fsdp."""
     frozen_weights_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """method lora/dora: keep the frozen base weights of the blocks' linear layers in this dtype while training (half
-    the memory of float32); only their storage changes, every matmul still computes in the activation dtype. Costs
-    rounding (float16 keeps 11 significant bits, bfloat16 8) during training only: the float32 weights are restored,
-    bit for bit, before the tuned model is evaluated and saved."""
+    """method lora/dora: store the frozen weights of the blocks' linear layers in this dtype while training (half the
+    memory of float32; matmuls still compute in the activation dtype). Rounding during training only: the float32
+    weights are restored, bit for bit, before the tuned model is evaluated and saved."""
+
+
+class PreferenceArgs(BaseModel):
+    """task preference: which objective turns chosen/rejected pairs into a loss, and its constants."""
+
+    model_config = GROUP
+
+    loss_type: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"
+    """`dpo` (sigmoid of the reward margin against the reference), `ipo` (squared distance of that margin from 1/(2τ)),
+    `simpo` (reference-free, length-normalised, with a margin), `orpo` (reference-free: SFT loss plus odds ratio)."""
+    beta: float = Field(0.1, gt=0.0)
+    """DPO's and SimPO's β (how sharply the margin is scored); IPO's τ (the margin aimed at is 1/(2τ))."""
+    simpo_gamma: float = Field(0.5, ge=0.0)
+    """loss_type simpo: the target reward margin γ."""
+    orpo_lambda: float = Field(0.1, gt=0.0)
+    """loss_type orpo: the weight λ of the odds-ratio term beside the SFT loss."""
+
+    @model_validator(mode="after")
+    def _check_loss_keys(self) -> "PreferenceArgs":
+        for key, losses in LOSS_KEYS.items():
+            if getattr(self, key) != type(self).model_fields[key].default and self.loss_type not in losses:
+                raise ValueError(f"{key} applies to loss_type {' or '.join(losses)} (loss_type is '{self.loss_type}')")
+        return self
 
 
 class ParallelArgs(BaseModel):
@@ -257,29 +276,26 @@ class DeltaArgs(BaseModel):
     model_config = GROUP
 
     delta_report: bool = True
-    """End the run with report.md/report.html/delta.json comparing base and tuned (task gain, forgetting, weight
-    change)."""
+    """End the run with report.md/.html and delta.json comparing base and tuned (task gain, forgetting, weights)."""
     general_text_file: str | None = None
     """UTF-8 text file (passages separated by blank lines) for forgetting; default: CPython's pydoc topics."""
     probe_files: list[str] = Field(default_factory=list)
     """Extra fact-recall probe sets (JSONL/JSON/CSV with `prompt` and `answer`), scored with the built-in set."""
     side_by_side_prompts: int = Field(8, ge=0)
-    """Held-out test prompts shown with base and tuned outputs side by side (classification: texts with the true label
-    and both predictions)."""
+    """Held-out prompts shown with base and tuned outputs side by side (classifiers: texts, label, both predictions)."""
     forgetting_benchmarks: list[str] = Field(default_factory=list)
     """lm-evaluation-harness tasks (`hellaswag`, `arc_easy`, ..., or your own under `benchmark_tasks_dir`) run on base
     and tuned for the forgetting report (causal LMs; `pip install 'deltatune[benchmarks]'`)."""
     benchmark_limit: int = Field(100, ge=1)
     """Samples of each benchmark task (the first ones, as lm-eval's `limit` takes them)."""
     benchmark_tasks_dir: str | None = None
-    """A folder of lm-eval task YAML files (for example over a local JSONL file), found by name like the built-in
-    ones."""
+    """A folder of lm-eval task YAML files (say over a local JSONL file), found by name like the built-in ones."""
     kl_samples: int = Field(8, ge=0)
     """Continuations sampled from the base model for the Monte-Carlo KL(base‖tuned); 0 skips it."""
 
 
 GROUPS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs, "memory": MemoryArgs, "parallel": ParallelArgs,
-          "eval": EvalArgs, "output": OutputArgs, "delta": DeltaArgs}
+          "eval": EvalArgs, "output": OutputArgs, "delta": DeltaArgs, "preference": PreferenceArgs}
 # Flat YAML key -> the group that holds it (None: a top-level field of RunConfig).
 KEY_GROUP: dict[str, str | None] = {"task": None, "seed": None} | {
     (info.alias or name): group for group, cls in GROUPS.items() for name, info in cls.model_fields.items()}
@@ -296,7 +312,7 @@ FLAT_ORDER = [
     "save_total_limit", "resume_from_checkpoint", "max_nonfinite_steps", "metric", "metric_pattern",
     "metric_schema", "max_new_tokens", "delta_report", "general_text_file", "probe_files", "side_by_side_prompts",
     "kl_samples", "allow_pickle", "trust_remote_code", "report_to", "forgetting_benchmarks", "benchmark_limit",
-    "benchmark_tasks_dir",
+    "benchmark_tasks_dir", "loss_type", "beta", "simpo_gamma", "orpo_lambda",
 ]
 assert sorted(FLAT_ORDER) == sorted(KEY_GROUP), "every key is dumped exactly once"
 
@@ -308,7 +324,8 @@ class RunConfig(BaseModel):
 
     task: Task = "sft"
     """Objective: `sft` trains a causal LM on the assistant turns of conversations; `text` continues pre-training on raw
-    text packed into blocks; `classification` trains a sequence classifier on text/label records."""
+    text packed into blocks; `classification` trains a sequence classifier on text/label records; `preference` tunes a
+    causal LM on chosen/rejected response pairs (DPO, IPO, SimPO, ORPO: `loss_type`)."""
     seed: int = 42
     """Seeds the data split, shuffling and initialisation."""
     model: ModelArgs = ModelArgs()
@@ -319,6 +336,7 @@ class RunConfig(BaseModel):
     eval: EvalArgs = EvalArgs()
     output: OutputArgs = OutputArgs()
     delta: DeltaArgs = DeltaArgs()
+    preference: PreferenceArgs = PreferenceArgs()
 
     @model_validator(mode="after")
     def _check_across_groups(self) -> "RunConfig":
@@ -376,9 +394,7 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "config"
     msg = first["msg"]
-    if first["type"] == "literal_error":
-        msg = f"got {first['input']!r}; {msg[0].lower()}{msg[1:]}"
-    elif "input" in first and first["type"] not in ("missing", "value_error"):
+    if "input" in first and first["type"] not in ("missing", "value_error"):  # literal_error among them
         msg = f"got {first['input']!r}; {msg[0].lower()}{msg[1:]}"
     if first["type"] == "value_error":
         msg = msg.removeprefix("Value error, ")
@@ -408,7 +424,7 @@ def _rebase_paths(raw: dict, base_dir: Path) -> dict:
     """Make relative file paths in a config file relative to that file, not to the cwd."""
     raw = dict(raw)
     for key in ("train_file", "validation_file", "test_file", "output_dir", "model", "resume_from_checkpoint",
-                "metric_schema", "benchmark_tasks_dir"):
+                "metric_schema", "benchmark_tasks_dir", "general_text_file"):
         value = raw.get(key)
         if key == "resume_from_checkpoint" and value == "latest":
             continue
@@ -417,8 +433,6 @@ def _rebase_paths(raw: dict, base_dir: Path) -> dict:
             # `model` may be a name or hub id: only rebase it when it names a local path.
             if key != "model" or candidate.exists():
                 raw[key] = str(candidate)
-    if isinstance(raw.get("general_text_file"), str) and not Path(raw["general_text_file"]).is_absolute():
-        raw["general_text_file"] = str(base_dir / raw["general_text_file"])
     if isinstance(raw.get("probe_files"), list):
         raw["probe_files"] = [str(base_dir / f) if isinstance(f, str) and not Path(f).is_absolute() else f
                               for f in raw["probe_files"]]

@@ -31,7 +31,7 @@ from deltatune.model.methods import apply_method, trainable_summary
 from deltatune.progress import stage
 from deltatune.runtime import distributed
 from deltatune.runtime.precision import resolve_bf16
-from deltatune.tasks import TASKS, Datasets, Splits, Task
+from deltatune.tasks import TASKS, Datasets, Splits, Task, check_task_settings
 from deltatune.train.checkpoint import find_resume_checkpoint, restore_run_files
 from deltatune.train.frozen_weights import frozen_weights
 from deltatune.train.loop import FitResult, FitRun, fit
@@ -108,6 +108,7 @@ def check_cache_writable() -> None:
 def checks_before_loading(cfg: RunConfig, device: torch.device) -> tuple[bool, Path | None]:
     """(bf16, the checkpoint to resume or None), or the one-line refusal."""
     world = distributed.world_size()
+    check_task_settings(cfg)
     missing = []
     if cfg.model.method == "qlora" and device.type != "cuda":
         missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
@@ -205,7 +206,8 @@ def fit_run(cfg: RunConfig, out: Path, log, device: torch.device, resume: Path |
             task: Task | None = None) -> FitRun:
     """What `fit` needs of this run besides TrainArgs and MemoryArgs."""
     task = task or TASKS[cfg.task]
-    return FitRun(out_dir=out, log=log, device=device, seed=cfg.seed, loss_fn=task.loss, packs=task.packs,
+    return FitRun(out_dir=out, log=log, device=device, seed=cfg.seed, loss_fn=task.loss(cfg), units=task.units,
+                  packs=task.packs,
                   eval_batch_size=cfg.eval.per_device_eval_batch_size, keep_checkpoints=cfg.output.save_total_limit,
                   config=cfg.flat(), resume=resume)
 
@@ -237,6 +239,7 @@ def run(cfg: RunConfig) -> RunResult:
         print(f"method: {cfg.model.method}", *trained.lines(), sep="\n", flush=True)
         out, log = open_run(cfg, resume)
         model = distributed.wrap_model(model, cfg.parallel.parallelism, device, cfg.parallel.fsdp_cpu_offload)
+        task.before_training(cfg, model, tokenizer, data, out, resume, device, bf16)  # preference: the reference
         before = evaluate_model(task, model, tokenizer, data, cfg, device, bf16, "the base")
         with contextlib.closing(log):
             if resume is None:

@@ -1,9 +1,10 @@
 """What differs between the objectives, in one registry of plain functions.
 
-`TASKS[cfg.task]` says, for `sft`, `text` and `classification`: which record formats the task
-reads, how records become examples, which model class loads, the loss, how base and tuned
-are evaluated, which delta report ends the run, peft's task type, and whether examples may
-share a packed row. The pipeline, the CLI and the sweep ask the registry and never compare
+`TASKS[cfg.task]` says, for `sft`, `text`, `classification` and `preference`: which record
+formats the task reads, how records become examples, which model class loads, the loss and
+what it is a sum over, what must be computed before training, how base and tuned are
+evaluated, which delta report ends the run, peft's task type, and whether examples may share
+a packed row. The pipeline, the CLI and the sweep ask the registry and never compare
 task names themselves. Each entry is a `Task` of plain functions: no subclasses.
 """
 
@@ -16,21 +17,30 @@ from typing import Callable
 
 from deltatune.config import RunConfig
 from deltatune.data.cache import cached_sft_examples
-from deltatune.data.examples import DatasetStats, Example, build_classification_examples, build_text_blocks, label_names
+from deltatune.data.examples import (
+    DatasetStats,
+    Example,
+    build_classification_examples,
+    build_preference_examples,
+    build_text_blocks,
+    label_names,
+)
 from deltatune.data.formats import CHAT_FORMATS, Record, load_records
-from deltatune.delta import causal, classifier
+from deltatune.delta import causal, classifier, preference
 from deltatune.delta.measures import CompareSettings, report_options
 from deltatune.delta.render import ReportKind
 from deltatune.delta.summary import classification_lines
 from deltatune.errors import UserError
 from deltatune.evaluate.data_files import FileSettings, evaluate_chats, evaluate_labelled, predict_labels
 from deltatune.evaluate.evaluate import evaluate, evaluate_classifier
-from deltatune.evaluate.loss import LossFn, causal_lm_loss, classification_loss
+from deltatune.evaluate.loss import LossFn, causal_lm_loss, classification_loss, label_tokens
 from deltatune.evaluate.metrics import load_check
+from deltatune.evaluate.preference import attach_reference, evaluate_pairs, loss_function, objective_of, pairs_in
 from deltatune.model.load import load_causal_lm, load_classifier, save_labels_if_adapter, saved_task_type
 from deltatune.model.methods import quantization_config
 from deltatune.model.parts import accepts_token_types
 from deltatune.runtime.precision import resolve_bf16
+from deltatune.train.checkpoint import data_fingerprint
 
 
 @dataclass
@@ -59,14 +69,19 @@ class Task:
     formats: tuple[str, ...]  # record formats it trains on
     peft_task_type: str  # peft's name: CAUSAL_LM, SEQ_CLS
     report: ReportKind  # the delta report kind a run of it writes
-    loss: LossFn
+    loss: Callable[[RunConfig], LossFn]  # the run's loss function
     load: Callable[[RunConfig, Splits], tuple]  # (model, tokenizer) to train
     load_tuned: Callable[..., tuple]  # (folder, allow_pickle=, trust_remote_code=) -> (model, tokenizer)
     example_builder: Callable  # (cfg, tokenizer, model) -> build(records, name=) -> (examples, stats)
     evaluate: Callable  # (model, tokenizer, Datasets, cfg, device, bf16) -> metrics dict
     delta_report: Callable  # (cfg, model, tokenizer, Datasets, before, after, fit, out_dir, device) -> report
+    units: Callable[[dict], int] = label_tokens  # what the loss sums over, counted in a batch (tokens, pairs)
+    # (cfg, model, tokenizer, Datasets, out_dir, resume, device, bf16): what must exist before the base is evaluated
+    before_training: Callable[..., None] = lambda cfg, model, tokenizer, data, out, resume, device, bf16: None
     summary_lines: Callable[[dict, dict], list[str]] = lambda before, after: []  # extra summary.md lines
     save_extras: Callable[[object, Path], None] = lambda model, folder: None  # files beside final/
+    own_settings: str | None = None  # a config group no other task reads ("preference")
+    compares: bool = True  # `deltatune compare` can score two models on its records
     packs: bool = True  # its examples may share a packed row
     new_head: bool = False  # the model gets a freshly initialised head, trained (and saved with an adapter)
     test_file_hint: str | None = None  # why it takes no test_file (None: it takes one)
@@ -144,20 +159,71 @@ def _classifier_report(cfg: RunConfig, model, tokenizer, data: Datasets, before,
         out_dir=out_dir, device=device)
 
 
-_CAUSAL = dict(peft_task_type="CAUSAL_LM", report=causal.KIND, loss=causal_lm_loss, load=_load_causal,
+def _preference_builder(cfg: RunConfig, tokenizer, model):
+    return functools.partial(build_preference_examples, tokenizer=tokenizer, max_seq_length=cfg.data.max_seq_length)
+
+
+def _objective(cfg: RunConfig):
+    return objective_of(cfg.preference, cfg.model.method)
+
+
+def _reference_before_training(cfg: RunConfig, model, tokenizer, data: Datasets, out: Path, resume, device,
+                               bf16) -> None:
+    """Full fine-tuning (and every method without adapters to switch off): the base's log-probabilities
+    of every pair, computed now, while the model is still the base."""
+    splits = {"train": data.train, "validation": data.val} if data.val else {"train": data.train}
+    attach_reference(model, splits, _objective(cfg), fingerprint=data_fingerprint(data.train), out_dir=out,
+                     reuse=resume is not None, batch_size=cfg.eval.per_device_eval_batch_size,
+                     pad_id=tokenizer.pad_token_id, device=device, bf16=bf16,
+                     max_tokens=cfg.memory.max_tokens_per_batch)
+
+
+def _evaluate_preference(model, tokenizer, data: Datasets, cfg: RunConfig, device, bf16) -> dict:
+    """Held-out pairs: preference and reward accuracy, margins, the loss; greedy answers to the first prompts."""
+    return evaluate_pairs(model, tokenizer, data.val, data.val_records, _objective(cfg),
+                          batch_size=cfg.eval.per_device_eval_batch_size, device=device, bf16=bf16,
+                          max_tokens=cfg.memory.max_tokens_per_batch, generate_for=cfg.delta.side_by_side_prompts,
+                          max_new_tokens=cfg.eval.max_new_tokens)
+
+
+def _preference_report(cfg: RunConfig, model, tokenizer, data: Datasets, before, after, fit, out_dir, device) -> dict:
+    """Preference accuracy gain, KL(reference‖tuned) on held-out responses, forgetting, weight change."""
+    return preference.after_training(cfg.model, _options(cfg), _objective(cfg), model, tokenizer, data.val, before,
+                                     after, fit, out_dir, device)
+
+
+_CAUSAL = dict(peft_task_type="CAUSAL_LM", report=causal.KIND, loss=lambda cfg: causal_lm_loss, load=_load_causal,
                load_tuned=load_causal_lm, evaluate=_evaluate_causal, delta_report=_causal_report,
                evaluate_file=evaluate_chats)
 TASKS: dict[str, Task] = {
     "sft": Task("sft", CHAT_FORMATS, example_builder=_sft_builder, prepares="pairs", **_CAUSAL),
-    "text": Task("text", ("text",), example_builder=_text_builder,
+    "text": Task("text", ("text",), example_builder=_text_builder, compares=False,
                  test_file_hint="task 'text' is scored by validation loss and perplexity", **_CAUSAL),
     "classification": Task(
         "classification", ("classification",), peft_task_type="SEQ_CLS", report=classifier.KIND,
-        loss=classification_loss, load=_load_classifier, load_tuned=_load_tuned_classifier,
+        loss=lambda cfg: classification_loss, load=_load_classifier, load_tuned=_load_tuned_classifier,
         example_builder=_classification_builder, evaluate=_evaluate_classifier, delta_report=_classifier_report,
         summary_lines=classification_lines, save_extras=save_labels_if_adapter, packs=False, new_head=True,
         prepares="labelled", evaluate_file=evaluate_labelled, predict_file=predict_labels),
+    "preference": Task(
+        "preference", ("preference",), peft_task_type="CAUSAL_LM", report=preference.KIND,
+        loss=lambda cfg: loss_function(_objective(cfg)), load=_load_causal, load_tuned=load_causal_lm,
+        example_builder=_preference_builder, evaluate=_evaluate_preference, delta_report=_preference_report,
+        units=pairs_in, before_training=_reference_before_training, own_settings="preference", packs=False,
+        test_file_hint="task 'preference' is scored on held-out pairs"),
 }
+
+
+def check_task_settings(cfg: RunConfig) -> None:
+    """A key of a group that only another task reads is a mistake, not a setting to ignore silently."""
+    for task in TASKS.values():
+        if task.own_settings is None or task is TASKS[cfg.task]:
+            continue
+        group = getattr(cfg, task.own_settings)
+        changed = [k for k, v in group.model_dump().items() if v != type(group).model_fields[k].default]
+        if changed:
+            raise UserError(f"{', '.join(changed)}: only task '{task.name}' reads this (task is '{cfg.task}'; "
+                            f"delete the line or set task: {task.name})")
 
 
 def report_kind(task_type: str) -> ReportKind:
@@ -183,7 +249,7 @@ def compare_models(base: str, tuned: str, data_file: str, out_dir: Path, fmt: st
     """`deltatune compare`: the delta report of the data's task for any pair of models."""
     records, fmt = load_records(data_file, fmt)
     task = task_for_format(fmt)
-    if task.test_file_hint is not None:  # raw text: no prompts to answer, nothing to score
+    if not task.compares:  # raw text: no prompts to answer, nothing to score
         raise UserError(f"{data_file}: format '{fmt}' has no conversations to compare the models on")
     if task.new_head:  # two classifiers, or a base encoder and a tuned classifier
         if saved_task_type(tuned) != task.peft_task_type:

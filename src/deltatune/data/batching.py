@@ -35,6 +35,21 @@ from deltatune.errors import UserError
 ROW_TOKENS = 512
 
 
+def rows_of(ex: Example) -> list[Example]:
+    """The rows an example fills in a batch: a preference pair fills two, chosen then rejected."""
+    return [ex] if ex.rejected is None else [ex, ex.rejected]
+
+
+def longest_row(ex: Example) -> int:
+    """The example's longest row."""
+    return max(len(row.input_ids) for row in rows_of(ex))
+
+
+def real_tokens(ex: Example) -> int:
+    """Tokens the example feeds forward (padding excluded)."""
+    return sum(len(row.input_ids) for row in rows_of(ex))
+
+
 def pack_rows(indices: list[int], examples: list[Example], capacity: int) -> list[list[int]]:
     """First-fit decreasing: each row's examples fit in `capacity` tokens."""
     rows: list[list[int]] = []
@@ -129,18 +144,19 @@ def step_groups(n_examples: int, examples_per_step: int, seed: int, epoch: int) 
 def micro_batches(indices: list[int], examples: list[Example], batch_size: int,
                   max_tokens: int | None = None) -> list[list[int]]:
     """Split a step's examples into micro-batches of similar length (less padding, same step)."""
-    return _cut_sorted(sorted(indices, key=lambda i: len(examples[i].input_ids)), examples, batch_size, max_tokens)
+    return _cut_sorted(sorted(indices, key=lambda i: longest_row(examples[i])), examples, batch_size, max_tokens)
 
 
 def _cut_sorted(order: list[int], examples: list[Example], batch_size: int, max_tokens: int | None) -> list[list[int]]:
     """Cut indices sorted by length into batches of at most batch_size examples and, when
-    max_tokens is set, at most max_tokens padded tokens (examples x longest): long examples
+    max_tokens is set, at most max_tokens padded tokens (rows x longest): long examples
     then travel in smaller batches, so peak memory is bounded by tokens, not by example count."""
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
-        longest = len(examples[i].input_ids)  # ascending order: the newcomer is the longest
-        if current and (len(current) == batch_size or (max_tokens and (len(current) + 1) * longest > max_tokens)):
+        longest = longest_row(examples[i])  # ascending order: the newcomer is the longest
+        slots = (len(current) + 1) * len(rows_of(examples[i])) * longest
+        if current and (len(current) == batch_size or (max_tokens and slots > max_tokens)):
             batches.append(current)
             current = []
         current.append(i)
@@ -149,9 +165,12 @@ def _cut_sorted(order: list[int], examples: list[Example], batch_size: int, max_
     return batches
 
 
-def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding gets attention 0 and label IGNORE_INDEX (and
-    token type 0, where the examples carry token types)."""
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row; padding gets attention 0 and label IGNORE_INDEX (and token type
+    0, where the examples carry token types). A preference pair fills two rows side by side, chosen
+    then rejected (so row 2i is pair i's chosen side and row 2i+1 its rejected side), with
+    `reference_logps` per row where the examples carry them."""
+    batch = [row for ex in examples for row in rows_of(ex)]
     width = max(len(ex.input_ids) for ex in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -167,10 +186,12 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
     if any(ex.token_type_ids is not None for ex in batch):
         out["token_type_ids"] = types
+    if batch[0].reference_logp is not None:
+        out["reference_logps"] = torch.tensor([ex.reference_logp for ex in batch], dtype=torch.float64)
     return out
 
 
 def length_batches(examples: list[Example], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
     """Evaluation batches of similar lengths (order does not matter for a summed loss)."""
-    return _cut_sorted(sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids)),
-                       examples, batch_size, max_tokens)
+    order = sorted(range(len(examples)), key=lambda i: longest_row(examples[i]))
+    return _cut_sorted(order, examples, batch_size, max_tokens)

@@ -8,6 +8,9 @@ up to that turn and the same prefix rendered with the generation prompt. No mark
 are searched for, so the mask is right for any template that renders prefixes consistently,
 and a template that does not is reported instead of silently mis-masked.
 
+A preference pair renders each side (the shared prompt plus one response) the same way and
+trains each side's response only; the chosen side's Example carries the rejected one.
+
 Continued pre-training cuts concatenated documents into blocks where every token trains. A
 classification example puts its class id at the *last* token's label position (everything
 else IGNORE_INDEX), so the training loop's count of label positions per step counts examples.
@@ -40,6 +43,11 @@ class Example:
     # The segment of each token (0: text, 1: text_pair) where the model takes them (BERT-family
     # encoders): a model served with `tokenizer(text, pair)` must have trained on the same ids.
     token_type_ids: list[int] | None = None
+    # A preference pair: this example is the chosen side, `rejected` the other; the two travel together.
+    rejected: "Example | None" = None
+    # The reference model's summed log-probability of this side's labels, where it is computed before
+    # training (a preference run that has no adapters to switch off).
+    reference_logp: float | None = None
 
 
 @dataclass
@@ -56,16 +64,18 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def assistant_char_spans(tokenizer, messages: list[dict], source: str = "") -> tuple[str, list[tuple[int, int]]]:
+def assistant_char_spans(tokenizer, messages: list[dict], source: str = "",
+                         first: int = 0) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation; return the text and the [start, end) character spans the loss covers.
 
     Each span is the text an assistant turn adds (its content and end-of-turn token), with the
-    template's trailing whitespace after the end-of-turn token left out.
+    template's trailing whitespace after the end-of-turn token left out. Only turns from index
+    `first` on are spans (a preference pair trains its response, not the prompt's earlier answers).
     """
     full = render(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < first:
             continue
         before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
         upto = render(tokenizer, messages[: i + 1])
@@ -79,9 +89,10 @@ def assistant_char_spans(tokenizer, messages: list[dict], source: str = "") -> t
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], *, train_on_inputs: bool = False,
-                          source: str = "") -> Example:
-    """Token ids and labels for one conversation (not yet truncated)."""
-    text, spans = assistant_char_spans(tokenizer, messages, source)
+                          source: str = "", first: int = 0) -> Example:
+    """Token ids and labels for one conversation (not yet truncated); assistant turns before index
+    `first` are not trained."""
+    text, spans = assistant_char_spans(tokenizer, messages, source, first)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     if train_on_inputs:
@@ -100,15 +111,20 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def build_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int, train_on_inputs: bool = False,
-                       name: str = "data", progress=None) -> tuple[list[Example], DatasetStats]:
-    """Tokenise, mask, truncate; drop (and count) examples left with no trained token.
-    `progress(n)`, when given, is told of every record done."""
+def check_chat_tokenizer(tokenizer) -> None:
+    """Masking by rendering needs a chat template and token offsets."""
     if tokenizer.chat_template is None:
         raise UserError("the tokenizer has no chat template (the model loader sets ChatML; this is a bug)")
     if not getattr(tokenizer, "is_fast", False):
         raise UserError("the tokenizer is not a fast (Rust) tokenizer, so token offsets are unavailable "
                         "(provide tokenizer.json with the model)")
+
+
+def build_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int, train_on_inputs: bool = False,
+                       name: str = "data", progress=None) -> tuple[list[Example], DatasetStats]:
+    """Tokenise, mask, truncate; drop (and count) examples left with no trained token.
+    `progress(n)`, when given, is told of every record done."""
+    check_chat_tokenizer(tokenizer)
     stats = DatasetStats()
     examples = []
     for record in records:
@@ -146,13 +162,71 @@ def split_records(records: list[Record], fraction: float, seed: int) -> tuple[li
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
+# --- preference pairs ------------------------------------------------------------------------
+
+def tokenize_pair(tokenizer, record: Record) -> Example:
+    """Both sides of a pair rendered with the chat template, each trained on its response only (the
+    same span rule as SFT); the chosen side's Example carries the rejected one."""
+    first = len(record.messages)
+    chosen, rejected = (tokenize_conversation(tokenizer, record.messages + side, source=record.source, first=first)
+                        for side in (record.chosen, record.rejected))
+    chosen.rejected = rejected
+    return chosen
 
 
+def truncate_pair(pair: Example, max_seq_length: int) -> tuple[Example, bool, bool]:
+    """(the pair within max_seq_length, prompt tokens dropped, responses cut).
+
+    The rule: a pair longer than max_seq_length first loses prompt tokens from the left (the
+    start of a long conversation matters least to the answer), keeping at least one, which the
+    first response token is predicted from; if it is still too long, both responses are cut at
+    the same length. Both sides lose the same prompt tokens, so they still answer the same prompt.
+    """
+    sides = [pair, pair.rejected]
+    longest = max(len(s.input_ids) for s in sides)
+    if longest <= max_seq_length:
+        return pair, False, False
+    prompt = min(next((i for i, x in enumerate(s.labels) if x != IGNORE_INDEX), len(s.labels)) for s in sides)
+    drop = min(longest - max_seq_length, prompt - 1)
+    cut = [Example(s.input_ids[drop:][:max_seq_length], s.labels[drop:][:max_seq_length], s.source) for s in sides]
+    cut[0].rejected = cut[1]
+    return cut[0], drop > 0, longest - drop > max_seq_length
 
 
-
-
-
+def build_preference_examples(records: list[Record], tokenizer, *, max_seq_length: int, name: str = "data",
+                              progress=None) -> tuple[list[Example], DatasetStats]:
+    """One Example per pair (chosen side, carrying the rejected side); truncated by `truncate_pair`'s rule,
+    and pairs left with an untrained side dropped and counted."""
+    check_chat_tokenizer(tokenizer)
+    stats = DatasetStats()
+    examples = []
+    prompt_cut = response_cut = 0
+    for record in records:
+        if progress is not None:
+            progress(1)
+        if record.chosen is None:
+            raise UserError(f"{record.source}: record is not a preference pair; task 'preference' needs "
+                            "{\"prompt\", \"chosen\", \"rejected\"} records")
+        pair, lost_prompt, lost_response = truncate_pair(tokenize_pair(tokenizer, record), max_seq_length)
+        stats.truncated += lost_prompt or lost_response
+        prompt_cut += lost_prompt
+        response_cut += lost_response
+        sides = (pair, pair.rejected)
+        n_labels = [sum(1 for x in s.labels[1:] if x != IGNORE_INDEX) for s in sides]
+        if min(n_labels) == 0:
+            stats.dropped_no_labels += 1
+            continue
+        stats.label_tokens += sum(n_labels)
+        stats.tokens += sum(len(s.input_ids) for s in sides)
+        examples.append(pair)
+    stats.examples = len(examples)
+    if stats.truncated:
+        stats.notes.append(f"{prompt_cut} pairs lost prompt tokens from the left and {response_cut} had both "
+                           f"responses cut, to fit max_seq_length={max_seq_length}")
+    if not examples:
+        raise UserError(f"{name}: every pair lost a response to truncation at max_seq_length={max_seq_length} "
+                        "(raise max_seq_length or shorten the prompts)")
+    return examples, stats
 
 
 # --- continued pre-training ------------------------------------------------------------------

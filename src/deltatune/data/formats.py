@@ -1,8 +1,11 @@
 """Read training files and turn every supported format into one canonical record type.
 
 Supported: OpenAI `messages`, ShareGPT `conversations` (from/value), Alpaca
-(instruction/input/output), `prompt`/`completion`, raw `text`, and `text`/`label`
-(+ optional `text_pair`) for classification. Files: JSONL, JSON (an array) and CSV.
+(instruction/input/output), `prompt`/`completion`, raw `text`, `text`/`label`
+(+ optional `text_pair`) for classification, and preference pairs: `prompt`/`chosen`/`rejected`
+(strings, or a message list and two assistant message lists) or `chosen`/`rejected` alone
+(two whole conversations that differ in their last assistant turn only). Files: JSONL, JSON
+(an array) and CSV.
 
 Every problem is reported as `FILE:LINE: what is wrong (how to fix)`.
 """
@@ -20,7 +23,7 @@ from deltatune.errors import UserError, where
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "model": "assistant", "chatgpt": "assistant", "bing": "assistant"}
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "classification")
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "classification", "preference")
 CHAT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
 
 
@@ -33,6 +36,9 @@ class Record:
     text_pair: str | None = None
     label: str | None = None
     source: str = ""  # FILE:LINE, for messages about this record
+    # A preference pair: `messages` is the prompt, these the two responses (assistant turns) to it.
+    chosen: list[dict] | None = None
+    rejected: list[dict] | None = None
 
 
 # --- reading files: each yields (line number, raw object) --------------------------------
@@ -138,6 +144,8 @@ def read_raw(path: str | Path, errors: list[str] | None = None):
 
 def detect_format(obj: dict) -> str | None:
     keys = set(obj)
+    if "chosen" in keys and "rejected" in keys:
+        return "preference"
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:
@@ -236,6 +244,78 @@ def _prompt_completion(obj: dict, loc: str) -> list[dict]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
 
 
+def _turns(value, loc: str, name: str) -> list[dict]:
+    """A message list of {role, content} objects, checked turn by turn (the prompt or one side of a pair)."""
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{loc}: field '{name}' must be a string or a non-empty list of {{role, content}} objects")
+    turns = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            raise UserError(f"{loc}: field '{name}[{i}]' must be an object with 'role' and 'content'")
+        role = _need_str(turn, "role", loc, label=f"{name}[{i}].role")
+        if role not in ROLES:
+            raise UserError(f"{loc}: field '{name}[{i}].role' is '{role}'; expected one of {', '.join(ROLES)}")
+        turns.append({"role": role, "content": _need_str(turn, "content", loc, label=f"{name}[{i}].content")})
+    return turns
+
+
+def _response(obj: dict, key: str, loc: str) -> list[dict]:
+    """One side of a pair given with its prompt: a string, or a list of assistant turns."""
+    if key not in obj:
+        raise UserError(f"{loc}: missing field '{key}'")
+    value = obj[key]
+    turns = [{"role": "assistant", "content": value}] if isinstance(value, str) else _turns(value, loc, key)
+    for i, turn in enumerate(turns):
+        if turn["role"] != "assistant":
+            raise UserError(f"{loc}: field '{key}[{i}].role' is '{turn['role']}'; a response holds assistant turns "
+                            "only (move the other turns into 'prompt')")
+        if not turn["content"].strip():
+            where_ = key if isinstance(value, str) else f"{key}[{i}].content"
+            raise UserError(f"{loc}: field '{where_}' is an empty response (write it or remove the record)")
+    return turns
+
+
+def _preference(obj: dict, loc: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt, chosen, rejected) of a pair, in either of its forms."""
+    if "prompt" in obj:
+        prompt = obj["prompt"]
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise UserError(f"{loc}: field 'prompt' is empty (write the prompt the responses answer)")
+            prompt = [{"role": "user", "content": prompt}]
+        else:
+            prompt = _turns(prompt, loc, "prompt")
+        chosen, rejected = _response(obj, "chosen", loc), _response(obj, "rejected", loc)
+    else:  # two whole conversations: the prompt is what they share, the responses their last assistant turns
+        whole = {key: _turns(obj[key], loc, key) for key in ("chosen", "rejected")}
+        for key, turns in whole.items():
+            if turns[-1]["role"] != "assistant":
+                raise UserError(f"{loc}: field '{key}' does not end with an assistant turn (end each side with the "
+                                "response being compared)")
+        prompt = whole["chosen"][:-1]
+        if whole["rejected"][:-1] != prompt:
+            n = min(len(whole["rejected"]), len(whole["chosen"])) - 1
+            i = next((i for i in range(n) if whole["rejected"][i] != prompt[i]), n)
+            raise UserError(f"{loc}: field 'rejected[{i}]': the prompt differs between chosen and rejected (both "
+                            "must hold the same turns before their last assistant turn; give a shared 'prompt' "
+                            "instead)")
+        chosen, rejected = whole["chosen"][-1:], whole["rejected"][-1:]
+        for key, turns in (("chosen", chosen), ("rejected", rejected)):
+            if not turns[0]["content"].strip():
+                raise UserError(f"{loc}: field '{key}[{len(whole[key]) - 1}].content' is an empty response "
+                                "(write it or remove the record)")
+    if not prompt or prompt[-1]["role"] != "user":
+        raise UserError(f"{loc}: field 'prompt' must end with a user turn (the responses answer it)")
+    for i, m in enumerate(prompt):
+        if m["role"] == "system" and i != 0:
+            raise UserError(f"{loc}: field 'prompt[{i}]' is a system turn after the start (move it to the first "
+                            "position)")
+    if chosen == rejected:
+        raise UserError(f"{loc}: fields 'chosen' and 'rejected' are identical (a pair needs two different responses; "
+                        "remove the record)")
+    return prompt, chosen, rejected
+
+
 def to_record(obj: dict, fmt: str, loc: str) -> Record:
     """Validate one raw object in format `fmt` and return the canonical Record."""
     if fmt == "messages":
@@ -261,6 +341,12 @@ def to_record(obj: dict, fmt: str, loc: str) -> Record:
         if label is None or isinstance(label, (dict, list)) or isinstance(label, float):
             raise UserError(f"{loc}: field 'label' must be a string or an integer class name")
         return Record(text=text, text_pair=pair, label=str(label), source=loc)
+    if fmt == "preference":
+        for key in ("chosen", "rejected"):
+            if key not in obj:
+                raise UserError(f"{loc}: missing field '{key}' (format is 'preference')")
+        prompt, chosen, rejected = _preference(obj, loc)
+        return Record(messages=prompt, chosen=chosen, rejected=rejected, source=loc)
     raise UserError(f"{loc}: unknown format '{fmt}' (use one of {', '.join(FORMATS)})")
 
 
@@ -279,7 +365,8 @@ def load_records(path: str | Path, fmt: str = "auto",
                 if not detected:
                     raise UserError(f"{loc}: cannot tell the format from fields {sorted(obj)} "
                                     "(expected 'messages', 'conversations', 'instruction'+'output', "
-                                    "'prompt'+'completion', 'text' or 'text'+'label'; or set format:)")
+                                    "'prompt'+'completion', 'text', 'text'+'label' or 'chosen'+'rejected'; "
+                                    "or set format:)")
                 fmt = detected
             records.append(to_record(obj, fmt, loc))
         except UserError as err:

@@ -17,7 +17,13 @@ from collections import Counter
 from pathlib import Path
 
 from deltatune.data.dedupe import NEAR_DUPLICATE_THRESHOLD, find_duplicates, overlaps
-from deltatune.data.examples import IGNORE_INDEX, assistant_char_spans, tokenize_conversation
+from deltatune.data.examples import (
+    IGNORE_INDEX,
+    assistant_char_spans,
+    tokenize_conversation,
+    tokenize_pair,
+    truncate_pair,
+)
 from deltatune.data.formats import CHAT_FORMATS, Record, detect_format, load_records, read_raw
 from deltatune.errors import UserError
 
@@ -42,7 +48,9 @@ def percentiles(values: list[int]) -> dict:
 def record_text(record: Record) -> str:
     """One string per record for duplicate checks: every turn with its role, or text and label."""
     if record.messages:
-        return "\n".join(f"{m['role']}: {m['content']}" for m in record.messages)
+        sides = [("chosen", record.chosen), ("rejected", record.rejected)] if record.chosen else []
+        return "\n".join([f"{m['role']}: {m['content']}" for m in record.messages]
+                         + [f"{name}: {m['content']}" for name, turns in sides for m in turns])
     return f"{record.text}\n{record.text_pair or ''}\n{record.label or ''}"
 
 
@@ -58,11 +66,13 @@ def _read(path: str, fmt: str, errors: list[str]) -> tuple[list[Record], str, Co
     return records, fmt, formats
 
 
-def rendered_example(tokenizer, record: Record, max_seq_length: int, train_on_inputs: bool = False) -> dict:
-    """The record as the model sees it, trained characters wrapped in [[ ]] and the truncation point marked."""
-    text, _ = assistant_char_spans(tokenizer, record.messages, record.source)
+def rendered_example(tokenizer, record: Record, max_seq_length: int, train_on_inputs: bool = False,
+                     first: int = 0) -> dict:
+    """The record as the model sees it, trained characters wrapped in [[ ]] and the truncation point marked
+    (`first`: assistant turns before it are not trained, as in a preference pair's prompt)."""
+    text, _ = assistant_char_spans(tokenizer, record.messages, record.source, first)
     example = tokenize_conversation(tokenizer, record.messages, train_on_inputs=train_on_inputs,
-                                    source=record.source)
+                                    source=record.source, first=first)
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     trained: list[list[int]] = []
     for t, (start, end) in enumerate(offsets[:max_seq_length]):
@@ -92,6 +102,8 @@ def lint(data: str, tokenizer, *, max_seq_length: int = 1024, validation: str | 
     report["roles"] = dict(roles)
     if fmt in CHAT_FORMATS:
         _lint_chats(data, records, tokenizer, max_seq_length, train_on_inputs, report, errors, warnings)
+    elif records and records[0].chosen is not None:
+        _lint_pairs(data, records, tokenizer, max_seq_length, report, errors, warnings)
     else:
         _lint_texts(records, fmt, tokenizer, max_seq_length, report, warnings)
     texts = [record_text(r) for r in records]
@@ -152,6 +164,48 @@ def _lint_chats(data, records: list[Record], tokenizer, max_seq_length: int, tra
             pass  # already reported as an error above
 
 
+def _lint_pairs(data, records: list[Record], tokenizer, max_seq_length: int, report: dict, errors: list[str],
+                warnings: list[str]) -> None:
+    """Preference pairs: prompt and response lengths, truncation by training's rule, both sides of one pair shown."""
+    lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": [], "longer side": []}
+    truncated, lost = [], []
+    for record in records:
+        try:
+            pair = tokenize_pair(tokenizer, record)
+        except UserError as err:
+            errors.append(str(err))
+            continue
+        trained = [sum(1 for x in s.labels if x != IGNORE_INDEX) for s in (pair, pair.rejected)]
+        lengths["prompt"].append(len(pair.input_ids) - trained[0])
+        lengths["chosen"].append(trained[0])
+        lengths["rejected"].append(trained[1])
+        lengths["longer side"].append(max(len(pair.input_ids), len(pair.rejected.input_ids)))
+        cut, lost_prompt, lost_response = truncate_pair(pair, max_seq_length)
+        if lost_prompt or lost_response:
+            truncated.append(record.source)
+        if any(not any(x != IGNORE_INDEX for x in s.labels[1:]) for s in (cut, cut.rejected)):
+            lost.append(record.source)
+    n = len(lengths["prompt"])
+    report["tokens"] = {k: percentiles(v) for k, v in lengths.items()}
+    report["truncated"] = {"count": len(truncated), "share": _share(len(truncated), n), "records": truncated[:SHOWN],
+                           "rule": "prompt tokens go first, from the left; then both responses are cut alike"}
+    report["no_trainable_tokens"] = {"count": len(lost), "share": _share(len(lost), n), "records": lost[:SHOWN]}
+    if truncated:
+        warnings.append(f"{len(truncated)} of {n} pairs are longer than max_seq_length={max_seq_length} and will "
+                        "be truncated (prompt tokens from the left first, then both responses alike)")
+    if lost and len(lost) == n:
+        errors.append(f"{data}: every pair loses a response at max_seq_length={max_seq_length} (raise "
+                      "max_seq_length or shorten the prompts)")
+    elif lost:
+        warnings.append(f"{len(lost)} pairs keep no trained token on one side after truncation and will be dropped")
+    example = next((r for r in records if r.source not in set(lost)), None)
+    if example is not None and n:
+        first = len(example.messages)
+        for key, side in (("example", example.chosen), ("example_rejected", example.rejected)):
+            report[key] = rendered_example(tokenizer, Record(messages=example.messages + side, source=example.source),
+                                           max_seq_length, first=first)
+
+
 def _lint_texts(records: list[Record], fmt: str, tokenizer, max_seq_length: int, report: dict,
                 warnings: list[str]) -> None:
     """Raw or labelled text: token lengths, truncation, the label counts."""
@@ -204,7 +258,6 @@ def _fmt_percentiles(stats: dict) -> str:
 def print_report(report: dict, console=None) -> None:
     """Human-readable report; trained text highlighted on a terminal, in [[ ]] otherwise."""
     from rich.console import Console
-    from rich.text import Text
 
     console = console or Console(highlight=False)
 
@@ -217,10 +270,12 @@ def print_report(report: dict, console=None) -> None:
     for name, stats in report.get("tokens", {}).items():
         out(f"{name} tokens: {_fmt_percentiles(stats)}")
     t = report.get("truncated", {})
-    out(f"truncated at max_seq_length={report['max_seq_length']}: {t.get('count', 0)} ({t.get('share', 0):.1%})")
+    out(f"truncated at max_seq_length={report['max_seq_length']}: {t.get('count', 0)} ({t.get('share', 0):.1%})"
+        + (f"; {t['rule']}" if "rule" in t else ""))
     if "no_trainable_tokens" in report:
         z = report["no_trainable_tokens"]
         out(f"no trained token left: {z['count']} ({z['share']:.1%})")
+    if "short_responses" in report:
         s = report["short_responses"]
         out(f"responses under {s['fewer_words_than']} words: {s['count']} ({s['share']:.1%})"
             + (f" e.g. {', '.join(s['records'])}" if s["records"] else ""))
@@ -236,22 +291,28 @@ def print_report(report: dict, console=None) -> None:
             "near repeats of training records")
         for p in v["pairs"]:
             out(f"  {p['record']} repeats {p['repeats']} ({p['kind']}, {p['similarity']})")
-    example = report.get("example")
-    if example:
-        out(f"\nexample {example['source']} as the model sees it (trained tokens "
-            + ("highlighted" if console.is_terminal else f"in {MARK_OPEN} {MARK_CLOSE}") + "):")
-        if console.is_terminal:
-            text = Text(example["text"][: example["truncated_at"]] if example["truncated_at"] is not None
-                        else example["text"])
-            for start, end in example["trained_spans"]:
-                text.stylize("bold black on green", start, end)
-            out(text)
-            if example["truncated_at"] is not None:
-                out(f"✂ truncated here at max_seq_length={report['max_seq_length']}")
-        else:
-            out(example["plain"])
+    for key, side in (("example", ""), ("example_rejected", "the rejected side of ")):
+        if report.get(key):
+            _print_example(out, console, report[key], side, report["max_seq_length"])
     for w in report["warnings"]:
         out(f"warning: {w}")
     for e in report["errors"]:
         out(f"error: {e}")
     out(f"{len(report['errors'])} errors, {len(report['warnings'])} warnings")
+
+
+def _print_example(out, console, example: dict, side: str, max_seq_length: int) -> None:
+    from rich.text import Text
+
+    out(f"\n{side}example {example['source']} as the model sees it (trained tokens "
+        + ("highlighted" if console.is_terminal else f"in {MARK_OPEN} {MARK_CLOSE}") + "):")
+    if console.is_terminal:
+        text = Text(example["text"][: example["truncated_at"]] if example["truncated_at"] is not None
+                    else example["text"])
+        for start, end in example["trained_spans"]:
+            text.stylize("bold black on green", start, end)
+        out(text)
+        if example["truncated_at"] is not None:
+            out(f"✂ truncated here at max_seq_length={max_seq_length}")
+    else:
+        out(example["plain"])

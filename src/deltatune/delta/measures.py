@@ -139,8 +139,10 @@ def _head(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def paired_pass(base, tuned, examples: list[Example], pad_id: int, device, batch_size: int = 8) -> PairedStats:
-    """Next-token loss of both models on labelled positions, KL(base ‖ tuned) on all positions."""
+def paired_pass(base, tuned, examples: list[Example], pad_id: int, device, batch_size: int = 8,
+                kl_on_labels: bool = False) -> PairedStats:
+    """Next-token loss of both models on labelled positions, KL(base ‖ tuned) on all positions (on the
+    labelled ones only with `kl_on_labels`: a preference pair's responses)."""
     n = len(examples)
     sums = {k: np.zeros(n) for k in ("nll_base", "nll_tuned", "label_tokens", "kl", "kl_tokens")}
     for model in (base, tuned):
@@ -162,9 +164,10 @@ def paired_pass(base, tuned, examples: list[Example], pad_id: int, device, batch
             nll_b = -lp_base.gather(1, targets[sl, None])[:, 0]
             nll_t = -lp_tuned.gather(1, targets[sl, None])[:, 0]
             lab = labelled[sl].double()
+            counted = lab if kl_on_labels else torch.ones_like(lab)
             r = rows[sl].cpu().numpy()
-            np.add.at(sums["kl"], [idx[i] for i in r], kl.double().cpu().numpy())
-            np.add.at(sums["kl_tokens"], [idx[i] for i in r], 1.0)
+            np.add.at(sums["kl"], [idx[i] for i in r], (kl.double() * counted).cpu().numpy())
+            np.add.at(sums["kl_tokens"], [idx[i] for i in r], counted.cpu().numpy())
             np.add.at(sums["nll_base"], [idx[i] for i in r], (nll_b.double() * lab).cpu().numpy())
             np.add.at(sums["nll_tuned"], [idx[i] for i in r], (nll_t.double() * lab).cpu().numpy())
             np.add.at(sums["label_tokens"], [idx[i] for i in r], lab.cpu().numpy())

@@ -1,6 +1,6 @@
 """Writing a delta report: report.md, report.html (self-contained, plots inline) and delta.json.
 
-Both report kinds (causal LM, classifier) measure their own numbers and hand them here as one
+Each report kind (causal LM, classifier, preference) measures its own numbers and hands them here as one
 dict; this module formats numbers (`fmt`, `pct`, `ci`), tables, plots and pages, and writes
 the three files. delta.json is written last, atomically: its presence marks a finished run.
 
@@ -50,6 +50,8 @@ float/int, NaN is written as null. Version 2 added `task_type` and has two varia
         for a zero-initialised bias)}]
     side_by_side: [{text, label, base, tuned}]
     training, seconds: as in causal reports
+
+`task_type: "preference"` (a preference run, or `compare` on pairs) is documented in delta/preference.py.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ from deltatune.delta.render import fmt
 METRIC_ROWS = (("loss", "validation loss"), ("perplexity", "validation perplexity"),
                ("exact_match", "exact match (test)"),
                ("contains", "contains reference (test)"), ("regex", "matches metric_pattern (test)"),
-               ("json_schema", "valid under metric_schema (test)"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
+               ("json_schema", "valid under metric_schema (test)"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"),
+               ("preference_accuracy", "preference accuracy (held-out pairs)"),
+               ("reward_accuracy", "reward accuracy (held-out pairs)"), ("reward_margin", "reward margin"))
 
 
 def _fmt(value) -> str:
@@ -59,9 +61,9 @@ def write_summary(out_dir: Path, *, model: str, before: dict, after: dict, fit, 
     for split, stats in data_stats.items():
         lines.append(f"- {split}: {stats.examples} examples, {stats.truncated} truncated, "
                      f"{stats.dropped_no_labels} dropped (no trained tokens left)")
-    samples = (after.get("predictions") or [])[:8]
+    samples = [p for p in after.get("predictions") or [] if "output" in p][:8]
     if samples:
-        base_out = {p["prompt"]: p["output"] for p in before.get("predictions", [])}
+        base_out = {p["prompt"]: p["output"] for p in before.get("predictions", []) if "output" in p}
         lines += ["", "## Side by side (test prompts)", ""]
         for p in samples:
             lines += [f"**Prompt:** {p['prompt']}", "", f"- reference: `{p['reference']}`",

@@ -1,8 +1,10 @@
 """The losses: summed cross-entropy and its label count, for training and evaluation alike.
 
-Every loss function returns (summed loss, number of label positions), so a caller can
-normalise by the tokens of a whole optimizer step (training) or of a whole dataset
-(evaluation) instead of averaging averages.
+Every loss function returns (summed loss, number of units it is a sum over: label tokens,
+examples or pairs), so a caller can normalise by the units of a whole optimizer step
+(training) or of a whole dataset (evaluation) instead of averaging averages. A loss may add a
+third element: a dict of further sums over the same units (a preference loss's reward
+accuracy and margins), which the training log reports as means.
 
 Output head + cross-entropy in chunks, without ever holding [tokens x vocabulary] logits:
 the loss is a scalar at the end of the graph, so its gradients with respect to the hidden
@@ -27,7 +29,7 @@ from deltatune.runtime import distributed
 from deltatune.runtime.precision import autocast
 
 MAX_CHUNK_ELEMENTS = 1 << 24  # 64 MB of float32 logits per chunk
-LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[[torch.nn.Module, dict], tuple]  # (summed loss, units[, {name: summed statistic}])
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -104,6 +106,11 @@ def classification_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
 
 
 
+def label_tokens(batch: dict) -> int:
+    """The units of a causal LM or classification batch: its label positions (the first is never predicted)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy, number of label tokens) of next-token prediction.
 
@@ -141,7 +148,7 @@ def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int, devi
         for idx in length_batches(examples, batch_size, max_tokens):
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
             with autocast(device, bf16):
-                loss_sum, n = distributed.call(model, loss_fn, batch)
+                loss_sum, n, *_ = distributed.call(model, loss_fn, batch)
             total += loss_sum.double()
             count += n
     n_tokens = int(count.item())

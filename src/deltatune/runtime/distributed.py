@@ -229,7 +229,8 @@ def local_share(batches: list[dict]) -> list[dict]:
     mine = batches[rank()::world]
     per_process = -(-len(batches) // world)
     if len(mine) < per_process:
-        blank = {k: v[:1] for k, v in batches[-1].items()}
+        # Two rows: a preference batch keeps a pair's chosen and rejected sides together.
+        blank = {k: v[:2] for k, v in batches[-1].items()}
         blank["labels"] = torch.full_like(blank["labels"], IGNORE_INDEX)
         mine = mine + [blank] * (per_process - len(mine))
     return mine

@@ -86,8 +86,11 @@ def checkpoints(out_dir: Path) -> list[Path]:
 def data_fingerprint(examples) -> str:
     """Hash of the tokenised training data: resuming on different data would not continue the run."""
     digest = hashlib.sha256()
-    for ex in examples:  # token types only where there are some: other examples hash as they always did
+    for ex in examples:  # token types and rejected sides only where there are some: others hash as they always did
         digest.update(array("q", [len(ex.input_ids), *ex.input_ids, *ex.labels, *(ex.token_type_ids or [])]).tobytes())
+        if ex.rejected is not None:
+            digest.update(array("q", [len(ex.rejected.input_ids), *ex.rejected.input_ids,
+                                      *ex.rejected.labels]).tobytes())
     return digest.hexdigest()
 
 

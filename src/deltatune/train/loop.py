@@ -24,10 +24,17 @@ from typing import Callable
 
 import torch
 
-from deltatune.data.batching import collate, collate_packed, micro_batches, packed_micro_batches, step_groups
-from deltatune.data.examples import IGNORE_INDEX, Example
+from deltatune.data.batching import (
+    collate,
+    collate_packed,
+    micro_batches,
+    packed_micro_batches,
+    real_tokens,
+    step_groups,
+)
+from deltatune.data.examples import Example
 from deltatune.errors import UserError
-from deltatune.evaluate.loss import LossFn, causal_lm_loss, mean_loss
+from deltatune.evaluate.loss import LossFn, causal_lm_loss, label_tokens, mean_loss
 from deltatune.runtime import distributed
 from deltatune.runtime.faults import crash_point, inject_fault
 from deltatune.runtime.precision import autocast, resolve_bf16
@@ -44,7 +51,7 @@ class FitResult:
     best_eval_loss: float | None = None
     stopped_early: bool = False
     wall_seconds: float = 0.0
-    trained_tokens: int = 0  # label tokens the loss was taken on
+    trained_tokens: int = 0  # units the loss was taken on: label tokens (pairs, for a preference loss)
     seen_tokens: int = 0  # real (non-padding) tokens fed forward
     tokens_per_second: float = 0.0  # seen tokens per second of the whole fit
     history: list[dict] = field(default_factory=list)
@@ -60,6 +67,7 @@ class FitRun:
     device: torch.device
     seed: int
     loss_fn: LossFn = causal_lm_loss
+    units: Callable[[dict], int] = label_tokens  # what the loss is a sum over, counted in a batch: tokens, pairs
     packs: bool = True  # the task's examples may share a row (a classifier pools one token per row: no)
     eval_batch_size: int = 8
     keep_checkpoints: int | None = None  # save_total_limit
@@ -87,18 +95,30 @@ class Schedule:
 
 
 class Window:
-    """The logging window: loss and label tokens summed on the device (no host sync per step),
-    real tokens fed forward counted on the host, and when the window opened."""
+    """The logging window: loss, its units (label tokens, pairs) and the loss's own statistics
+    summed on the device (no host sync per step), real tokens fed forward counted on the host,
+    and when the window opened."""
 
-    def __init__(self, device: torch.device, loss: float = 0.0, tokens: int = 0, seen: int = 0):
+    def __init__(self, device: torch.device, loss: float = 0.0, tokens: int = 0, seen: int = 0,
+                 stats: dict[str, float] | None = None):
+        self.device = device
         self.loss = torch.full((), loss, dtype=torch.float64, device=device)
         self.tokens = torch.full((), tokens, dtype=torch.long, device=device)
+        self.stats = {k: torch.full((), v, dtype=torch.float64, device=device) for k, v in (stats or {}).items()}
         self.seen = seen
         self.opened = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, tokens: int, stats: dict[str, torch.Tensor]) -> None:
+        self.loss += loss
+        self.tokens += tokens
+        for name, value in stats.items():
+            self.stats.setdefault(name, torch.zeros((), dtype=torch.float64, device=self.device)).add_(value)
 
     def reset(self, now: float) -> None:
         self.loss.zero_()
         self.tokens.zero_()
+        for value in self.stats.values():
+            value.zero_()
         self.seen, self.opened = 0, now
 
 
@@ -129,11 +149,13 @@ class LoopState:
         return {"step": self.step, "epoch": self.epoch, "groups": self.groups, "bad_evals": self.bad_evals,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "window_loss": self.window.loss.item(),
                 "window_tokens": int(self.window.tokens), "window_seen": self.window.seen,
+                "window_stats": {k: v.item() for k, v in self.window.stats.items()},
                 "data": fingerprint, "result": asdict(self.result)}
 
     @classmethod
     def from_dict(cls, state: dict, best: dict | None, device: torch.device) -> "LoopState":
-        window = Window(device, state["window_loss"], state["window_tokens"], state["window_seen"])
+        window = Window(device, state["window_loss"], state["window_tokens"], state["window_seen"],
+                        state.get("window_stats"))
         return cls(window, state["step"], state["epoch"], state["groups"], state["bad_evals"],
                    state["nonfinite_in_a_row"], FitResult(**state["result"]), best)
 
@@ -158,33 +180,37 @@ def step_batches(group: list[int], examples: list[Example], batch_size: int, max
 
 
 def accumulate_gradients(model, batches: list[dict], loss_fn: LossFn, device: torch.device,
-                         bf16: bool, before_last_backward: Callable[[bool], None] | None = None
-                         ) -> tuple[torch.Tensor, int]:
-    """Backward over a step's micro-batches; returns (this process's summed loss, label tokens of
-    the step across all processes).
+                         bf16: bool, before_last_backward: Callable[[bool], None] | None = None,
+                         units: Callable[[dict], int] = label_tokens) -> tuple[torch.Tensor, int, dict]:
+    """Backward over a step's micro-batches; returns (this process's summed loss, the step's units
+    across all processes, this process's sums of the loss's own statistics).
 
-    Each micro-batch's summed loss is divided by the label tokens of the *whole step*, not its
-    own: a micro-batch with few response tokens must not weigh as much as one with many, and
-    the gradient is then the same however the step is split, over micro-batches or processes.
-    `before_last_backward(finite)` is told, before the step's last backward, whether the step's
-    loss is finite (optimizer_in_backward updates during that backward, or not at all).
+    Each micro-batch's summed loss is divided by the units (label tokens; pairs for a preference
+    loss) of the *whole step*, not its own: a micro-batch with few response tokens must not weigh
+    as much as one with many, and the gradient is then the same however the step is split, over
+    micro-batches or processes. `before_last_backward(finite)` is told, before the step's last
+    backward, whether the step's loss is finite (optimizer_in_backward updates during that
+    backward, or not at all).
     """
-    step_tokens = distributed.all_reduce_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))
+    step_tokens = distributed.all_reduce_sum(sum(units(b) for b in batches))
     # DDP and FSDP *average* gradients over processes; we want their *sum* (each process holds
     # part of one step's tokens), so each process scales its loss by the world size. Exact for
     # a power-of-two world; on one process it is a multiplication by 1.
     world = distributed.world_size()
     total = torch.zeros((), dtype=torch.float64, device=device)
+    stats: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with distributed.gradient_sync(model, enabled=i == len(batches) - 1):  # sync once per step
             with autocast(device, bf16):
-                loss_sum, _ = distributed.call(model, loss_fn, batch)
+                loss_sum, _, *extra = distributed.call(model, loss_fn, batch)
             total += loss_sum.detach().double()
+            for name, value in (extra[0] if extra else {}).items():
+                stats[name] = stats.get(name, 0.0) + value.detach().double()
             if before_last_backward is not None and i == len(batches) - 1:
                 before_last_backward(bool(torch.isfinite(total)))
             (loss_sum * world / max(step_tokens, 1)).backward()
-    return total, step_tokens
+    return total, step_tokens, stats
 
 
 def apply_update(optimizer, params: list, max_grad_norm: float, in_backward, step_loss) -> tuple[torch.Tensor, bool]:
@@ -223,8 +249,10 @@ def count_nonfinite(state: LoopState, args, run: FitRun, partly_applied: bool) -
 def log_window(state: LoopState, schedule: Schedule, lr: float, grad_norm, started: float, run: FitRun, show) -> None:
     """Write the window's mean loss (over every process's label tokens) and start a new window."""
     window, now = state.window, time.perf_counter()
-    loss = (distributed.all_reduce_sum(window.loss) / window.tokens.clamp(min=1)).item()
-    record = {"step": state.step, "epoch": state.epoch_progress(schedule), "loss": loss, "learning_rate": lr,
+    units = window.tokens.clamp(min=1)
+    loss = (distributed.all_reduce_sum(window.loss) / units).item()
+    means = {name: (distributed.all_reduce_sum(total) / units).item() for name, total in sorted(window.stats.items())}
+    record = {"step": state.step, "epoch": state.epoch_progress(schedule), "loss": loss, **means, "learning_rate": lr,
               "grad_norm": distributed.scalar(grad_norm),
               "tokens_per_second": window.seen / max(now - window.opened, 1e-9), "elapsed_seconds": now - started}
     run.log.write(record)
@@ -318,16 +346,16 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], args, memory
             inject_fault(step)
             batches = step_batches(group, train, args.per_device_train_batch_size, memory.max_tokens_per_batch,
                                    memory.packing and run.packs, pad_id)
-            step_loss, step_tokens = accumulate_gradients(model, distributed.local_share(batches), run.loss_fn,
-                                                          run.device, bf16, in_backward.arm if in_backward else None)
-            seen = sum(len(train[i].input_ids) for i in group)  # the whole step's, counted on the host: no sync
+            step_loss, step_tokens, step_stats = accumulate_gradients(
+                model, distributed.local_share(batches), run.loss_fn, run.device, bf16,
+                in_backward.arm if in_backward else None, run.units)
+            seen = sum(real_tokens(train[i]) for i in group)  # the whole step's, counted on the host: no sync
             state.window.seen += seen
             result.seen_tokens += seen
             grad_norm, applied = apply_update(optimizer, params, args.max_grad_norm, in_backward, step_loss)
             state.step = result.steps = step
             if applied:
-                state.window.loss += step_loss
-                state.window.tokens += step_tokens
+                state.window.add(step_loss, step_tokens, step_stats)
                 result.trained_tokens += step_tokens
                 state.nonfinite_in_a_row = 0
             else:  # skip the update: one bad batch must not turn every weight into NaN
