@@ -119,7 +119,8 @@ def deltatune_config(args, data: Path, out: Path) -> dict:
             "max_seq_length": args.max_length, "learning_rate": args.learning_rate, "max_steps": args.steps,
             "per_device_train_batch_size": args.batch_size, "warmup_ratio": 0, "lr_scheduler_type": "linear",
             "logging_steps": 1, "seed": args.seed, "delta_report": False, "report_to": "none", "bf16": False,
-            "side_by_side_prompts": 0}  # TRL's evaluate() generates nothing either
+            "side_by_side_prompts": 0,  # TRL's evaluate() generates nothing either
+            **{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.deltatune_set)}}
 
 
 def read_deltatune(out: Path) -> dict:
@@ -191,6 +192,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--validation-pairs", type=int, default=32, help="held-out pairs to score (fewer = faster)")
     parser.add_argument("--trl-no-checkpointing", action="store_true", help="turn TRL's gradient checkpointing off")
+    parser.add_argument("--deltatune-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a deltatune config key for its side (e.g. max_tokens_per_batch=512); repeatable")
     parser.add_argument("--json", help="also write every run's numbers here")
     # worker mode (the TRL side, one process)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

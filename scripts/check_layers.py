@@ -58,7 +58,7 @@ ONLY_IMPORTED_BY: dict[str, set[str]] = {"docs": {"cli"}, "demo": {"cli"}}
 LAYOUT = {
     "errors": [], "files": [], "progress": [], "config": [], "tasks": [], "pipeline": [], "sweep": [], "cli": [],
     "__main__": [],
-    "data": ["formats", "examples", "batching", "cache", "dedupe", "lint"],
+    "data": ["formats", "tools", "examples", "templates", "batching", "cache", "dedupe", "lint"],
     "model": ["load", "parts", "methods", "export"],
     "runtime": ["distributed", "precision", "host_memory", "faults"],
     "evaluate": ["loss", "generate", "metrics", "evaluate", "probes", "data_files", "preference"],

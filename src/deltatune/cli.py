@@ -241,8 +241,10 @@ def _prepare(args, out: Path, kind: str, prepare) -> int:
 
 def cmd_lint(args) -> int:
     from deltatune.data.lint import lint, print_report
+    from deltatune.data.templates import use_template
 
     tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
+    use_template(tokenizer, args.chat_template)
     report = lint(args.data, tokenizer, max_seq_length=args.max_seq_length, validation=args.validation,
                   fmt=args.format, train_on_inputs=args.train_on_inputs)
     if args.json:
@@ -420,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation", help="validation file to check for overlap with DATA")
     p.add_argument("--format", default="auto", help="data format (default: detect)")
     p.add_argument("--train-on-inputs", action="store_true", help="count every token as trained, as training would")
+    p.add_argument("--chat-template", help="a built-in template name or a Jinja file, as the chat_template key")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
     p.set_defaults(func=cmd_lint)

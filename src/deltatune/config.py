@@ -45,9 +45,8 @@ class ModelArgs(BaseModel):
     name: str = Field("smollm2-135m-instruct", alias="model")
     """Base model: an embedded name (`smollm2-135m-instruct`, `minilm-l6`), a local folder, a `.gguf` file, a hub id."""
     method: Literal["full", "lora", "dora", "qlora", "head_only", "freeze"] = "full"
-    """Which parameters train: `full` every weight; `lora`/`dora` low-rank adapters (peft); `qlora` LoRA on a 4-bit base
-    (CUDA + bitsandbytes); `head_only` the output or classification head; `freeze` all but
-    `freeze_layers`/`trainable_modules`."""
+    """Which parameters train: `full` every weight; `lora`/`dora` adapters (peft); `qlora` LoRA on a 4-bit base (CUDA,
+    bitsandbytes); `head_only` the output/classifier head; `freeze` all but `freeze_layers`/`trainable_modules`."""
     lora_r: int = Field(16, ge=1)
     """LoRA rank (lora, dora, qlora)."""
     lora_alpha: float | None = Field(None, gt=0.0)
@@ -64,15 +63,17 @@ class ModelArgs(BaseModel):
     """Allow loading pickle checkpoints (.bin/.pt), which can run arbitrary code."""
     trust_remote_code: bool = False
     """Allow a model folder's own Python code to run."""
+    chat_template: str | None = None
+    """Render conversations with this template instead of the model's own (saved with final/): a Jinja file, or one of
+    `chatml`, `llama3`, `gemma`, `mistral`, `phi3`, `qwen3`."""
 
     @model_validator(mode="after")
     def _check_method_keys(self) -> "ModelArgs":
         # Compared with the defaults, not "was it set": a dumped config.yaml lists every key.
-        lora_keys = [k for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
-                     if getattr(self, k) != type(self).model_fields[k].default]
-        if lora_keys and self.method not in ("lora", "dora", "qlora"):
-            raise ValueError(f"{', '.join(lora_keys)} only apply to method lora, dora or qlora "
-                             f"(method is '{self.method}')")
+        lora = [k for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+                if getattr(self, k) != type(self).model_fields[k].default]
+        if lora and self.method not in ("lora", "dora", "qlora"):
+            raise ValueError(f"{', '.join(lora)} only apply to method lora, dora or qlora (method is '{self.method}')")
         freeze_keys = [k for k in ("freeze_layers", "trainable_modules") if getattr(self, k) is not None]
         if freeze_keys and self.method != "freeze":
             raise ValueError(f"{', '.join(freeze_keys)} only apply to method freeze (method is '{self.method}')")
@@ -206,8 +207,7 @@ class ParallelArgs(BaseModel):
     """How processes share the work under torchrun: `ddp` keeps a full model per process, `fsdp` shards weights,
     gradients and optimizer state (FSDP2, per transformer block). Ignored on one process."""
     fsdp_cpu_offload: bool = False
-    """With `parallelism: fsdp`, keep the shards and optimizer state in CPU memory (slower; for models that do not fit
-    the GPUs)."""
+    """With `parallelism: fsdp`, keep shards and optimizer state in CPU memory (slower; for models too big for GPUs)."""
     ddp_timeout: int = Field(1800, ge=1)
     """Seconds a process waits for the others in a collective before the job fails (a crashed or hung rank ends the run
     instead of hanging it)."""
@@ -312,7 +312,7 @@ FLAT_ORDER = [
     "save_total_limit", "resume_from_checkpoint", "max_nonfinite_steps", "metric", "metric_pattern",
     "metric_schema", "max_new_tokens", "delta_report", "general_text_file", "probe_files", "side_by_side_prompts",
     "kl_samples", "allow_pickle", "trust_remote_code", "report_to", "forgetting_benchmarks", "benchmark_limit",
-    "benchmark_tasks_dir", "loss_type", "beta", "simpo_gamma", "orpo_lambda",
+    "benchmark_tasks_dir", "loss_type", "beta", "simpo_gamma", "orpo_lambda", "chat_template",
 ]
 assert sorted(FLAT_ORDER) == sorted(KEY_GROUP), "every key is dumped exactly once"
 
@@ -424,14 +424,14 @@ def _rebase_paths(raw: dict, base_dir: Path) -> dict:
     """Make relative file paths in a config file relative to that file, not to the cwd."""
     raw = dict(raw)
     for key in ("train_file", "validation_file", "test_file", "output_dir", "model", "resume_from_checkpoint",
-                "metric_schema", "benchmark_tasks_dir", "general_text_file"):
+                "metric_schema", "benchmark_tasks_dir", "general_text_file", "chat_template"):
         value = raw.get(key)
         if key == "resume_from_checkpoint" and value == "latest":
             continue
         if isinstance(value, str) and value and not Path(value).is_absolute():
             candidate = base_dir / value
-            # `model` may be a name or hub id: only rebase it when it names a local path.
-            if key != "model" or candidate.exists():
+            # `model` and `chat_template` may be names: only rebase them when they name a local path.
+            if key not in ("model", "chat_template") or candidate.exists():
                 raw[key] = str(candidate)
     if isinstance(raw.get("probe_files"), list):
         raw["probe_files"] = [str(base_dir / f) if isinstance(f, str) and not Path(f).is_absolute() else f

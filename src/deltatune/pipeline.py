@@ -21,6 +21,7 @@ from deltatune.config import RunConfig, dump_config
 from deltatune.data.cache import cache_dir
 from deltatune.data.examples import Example, split_records
 from deltatune.data.formats import load_records
+from deltatune.data.templates import read_template
 from deltatune.delta.benchmarks import check_available as check_benchmarks
 from deltatune.delta.measures import check_inputs
 from deltatune.delta.summary import print_comparison, write_summary
@@ -109,6 +110,8 @@ def checks_before_loading(cfg: RunConfig, device: torch.device) -> tuple[bool, P
     """(bf16, the checkpoint to resume or None), or the one-line refusal."""
     world = distributed.world_size()
     check_task_settings(cfg)
+    if cfg.model.chat_template:
+        read_template(cfg.model.chat_template)  # a missing or unreadable template file, before anything loads
     missing = []
     if cfg.model.method == "qlora" and device.type != "cuda":
         missing.append("a CUDA GPU (torch.cuda.is_available() is False)")

@@ -26,6 +26,7 @@ from deltatune.data.examples import (
     label_names,
 )
 from deltatune.data.formats import CHAT_FORMATS, Record, load_records
+from deltatune.data.templates import use_template
 from deltatune.delta import causal, classifier, preference
 from deltatune.delta.measures import CompareSettings, report_options
 from deltatune.delta.render import ReportKind
@@ -36,7 +37,13 @@ from deltatune.evaluate.evaluate import evaluate, evaluate_classifier
 from deltatune.evaluate.loss import LossFn, causal_lm_loss, classification_loss, label_tokens
 from deltatune.evaluate.metrics import load_check
 from deltatune.evaluate.preference import attach_reference, evaluate_pairs, loss_function, objective_of, pairs_in
-from deltatune.model.load import load_causal_lm, load_classifier, save_labels_if_adapter, saved_task_type
+from deltatune.model.load import (
+    load_causal_lm,
+    load_classifier,
+    save_labels_if_adapter,
+    saved_task_type,
+    stop_at_end_of_turn,
+)
 from deltatune.model.methods import quantization_config
 from deltatune.model.parts import accepts_token_types
 from deltatune.runtime.precision import resolve_bf16
@@ -96,7 +103,10 @@ def _load_opts(cfg: RunConfig) -> dict:
 
 
 def _load_causal(cfg: RunConfig, splits: Splits):
-    return load_causal_lm(cfg.model.name, **_load_opts(cfg))
+    model, tokenizer = load_causal_lm(cfg.model.name, **_load_opts(cfg))
+    use_template(tokenizer, cfg.model.chat_template)
+    stop_at_end_of_turn(model, tokenizer)
+    return model, tokenizer
 
 
 def _load_classifier(cfg: RunConfig, splits: Splits):

@@ -46,7 +46,7 @@ def test_embedded_smollm2_loads_from_cache_and_masks_its_template():
     assert tok.pad_token_id == tok.eos_token_id  # SmolLM2 pads with its end-of-turn token
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! 👋"},
                 {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]
-    ex = tokenize_conversation(tok, messages)
+    (ex,) = tokenize_conversation(tok, messages)
     trained = [t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE_INDEX]
     assert tok.decode(trained) == "Hello! 👋<|im_end|>Goodbye.<|im_end|>"
     assert "You are a helpful AI assistant" in tok.decode(ex.input_ids)  # template's default system prompt, untrained

@@ -5,8 +5,10 @@ including each turn's end-of-turn token (or the tuned model never learns to stop
 the trained spans by *rendering* the conversation with the tokenizer's own chat template:
 the text added by each assistant turn is the difference between the conversation rendered
 up to that turn and the same prefix rendered with the generation prompt. No marker strings
-are searched for, so the mask is right for any template that renders prefixes consistently,
-and a template that does not is reported instead of silently mis-masked.
+are searched for. Text a template appends after the last message (Phi-3's end-of-text) is
+found by rendering too and never trained; a template that rewrites earlier turns as the
+conversation grows (Qwen3's dropped reasoning) is trained turn by turn, each assistant turn as
+the model sees it when generating it (`trained_renderings`).
 
 A preference pair renders each side (the shared prompt plus one response) the same way and
 trains each side's response only; the chosen side's Example carries the rejected one.
@@ -22,6 +24,7 @@ import random
 from dataclasses import dataclass, field
 
 from deltatune.data.formats import Record
+from deltatune.data.tools import without_calls
 from deltatune.errors import UserError
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
@@ -60,48 +63,105 @@ class DatasetStats:
     notes: list[str] = field(default_factory=list)
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
+           tools: list[dict] | None = None) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
 
 
-def assistant_char_spans(tokenizer, messages: list[dict], source: str = "",
-                         first: int = 0) -> tuple[str, list[tuple[int, int]]]:
-    """Render a conversation; return the text and the [start, end) character spans the loss covers.
+# A two-turn conversation rendered to learn what the template appends after the last message.
+PROBE = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+
+
+def trailing_text(tokenizer) -> str:
+    """What the chat template appends after the last message when no generation prompt is asked for
+    (Phi-3's end-of-text token; nothing for most templates), found by rendering: the tokens where a
+    conversation and the same conversation continued by one more user turn part ways."""
+    try:
+        alone = render(tokenizer, PROBE)
+        continued = render(tokenizer, PROBE + [{"role": "user", "content": "c"}])
+    except Exception:  # a template that refuses the probe (a required system turn...): assume nothing trails
+        return ""
+    enc = tokenizer(alone, add_special_tokens=False, return_offsets_mapping=True)
+    ids, more = enc["input_ids"], tokenizer(continued, add_special_tokens=False)["input_ids"]
+    same = next((k for k, (a, b) in enumerate(zip(ids, more)) if a != b), min(len(ids), len(more)))
+    return alone[enc["offset_mapping"][same][0]:] if same < len(ids) else ""
+
+
+def trained_renderings(tokenizer, messages: list[dict], source: str = "", first: int = 0, trailer: str = "",
+                       tools: list[dict] | None = None) -> list[tuple[str, list[tuple[int, int]]]]:
+    """[(text, the [start, end) character spans the loss covers)] of a conversation.
 
     Each span is the text an assistant turn adds (its content and end-of-turn token), with the
-    template's trailing whitespace after the end-of-turn token left out. Only turns from index
-    `first` on are spans (a preference pair trains its response, not the prompt's earlier answers).
+    template's trailing whitespace left out; text the template appends after the last message
+    (`trailer`, from `trailing_text`) stays in the text but is never trained. Only turns from index
+    `first` on are trained (a preference pair trains its response, not the prompt's earlier answers).
+
+    A template that renders every prefix of the conversation as a prefix of the whole gives one
+    text with a span per assistant turn. One that rewrites the history as the conversation grows
+    (Qwen3 and DeepSeek-R1 drop the reasoning of turns before the last user message) gives one
+    text per assistant turn instead: the turn as the model sees it when it generates it, its prompt
+    the history rendered for generation, its target the turn with its reasoning and end-of-turn token.
+    `tools`: the function definitions the conversation may call, rendered by the template; an
+    assistant turn that calls tools is trained like any other, a tool result never is.
     """
-    full = render(tokenizer, messages)
-    spans = []
+    def rendered(prefix: list[dict]) -> str:
+        text = render(tokenizer, prefix, tools=tools)
+        return text[: len(text) - len(trailer)] if trailer and text.endswith(trailer) else text
+
+    full = render(tokenizer, messages, tools=tools)
+    if any(m.get("tool_calls") for m in messages) and render(tokenizer, without_calls(messages), tools=tools) == full:
+        raise UserError(f"{source}: the model's chat template does not render tool calls (the conversation renders "
+                        "the same without them); use a template with tool support (chat_template: qwen3, or your "
+                        "own Jinja file)")
+    turns = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or i < first:
             continue
-        before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        upto = render(tokenizer, messages[: i + 1])
-        if not full.startswith(upto) or not upto.startswith(before):
+        before = render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools) if i else ""
+        upto = rendered(messages[: i + 1])
+        if not upto.startswith(before):
             raise UserError(
-                f"{source}: the model's chat template renders this conversation differently turn by turn, "
-                "so the assistant tokens cannot be located (use a template that renders prefixes "
-                "consistently, or set train_on_inputs: true)")
-        spans.append((len(before), len(upto.rstrip())))
-    return full, spans
+                f"{source}: the model's chat template does not render assistant turn {i} after its own generation "
+                "prompt, so the turn's tokens cannot be located (use another chat_template, or set "
+                "train_on_inputs: true)")
+        turns.append((len(before), len(upto.rstrip()), render(tokenizer, messages[: i + 1], tools=tools)))
+    if all(full.startswith(text[:end]) for _, end, text in turns):
+        return [(full, [(start, end) for start, end, _ in turns])]
+    return [(text, [(start, end)]) for start, end, text in turns]
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], *, train_on_inputs: bool = False,
-                          source: str = "", first: int = 0) -> Example:
-    """Token ids and labels for one conversation (not yet truncated); assistant turns before index
+def tokenize_conversation(tokenizer, messages: list[dict], *, train_on_inputs: bool = False, source: str = "",
+                          first: int = 0, trailer: str = "", tools: list[dict] | None = None) -> list[Example]:
+    """Token ids and labels of a conversation (not yet truncated): one Example, or one per assistant turn
+    where the template rewrites the history (`trained_renderings`); assistant turns before index
     `first` are not trained."""
-    text, spans = assistant_char_spans(tokenizer, messages, source, first)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    if train_on_inputs:
-        return Example(ids, list(ids), source)
-    labels = [IGNORE_INDEX] * len(ids)
-    for t, (start, _end) in enumerate(enc["offset_mapping"]):
-        if any(s <= start < e for s, e in spans):
-            labels[t] = ids[t]
-    return Example(ids, labels, source)
+    examples = []
+    for text, spans in trained_renderings(tokenizer, messages, source, first, trailer, tools):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        if train_on_inputs:
+            examples.append(Example(ids, list(ids), source))
+            continue
+        labels = [IGNORE_INDEX] * len(ids)
+        for t, (start, _end) in enumerate(enc["offset_mapping"]):
+            if any(s <= start < e for s, e in spans):
+                labels[t] = ids[t]
+        examples.append(Example(ids, labels, source))
+    return examples
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token that closes an assistant turn in the chat template (`<|im_end|>`, `<|eot_id|>`,
+    `<end_of_turn>`, ...): the last trained token of a rendered probe conversation. None when the
+    template ends a turn with ordinary text, or cannot render the probe."""
+    try:
+        examples = tokenize_conversation(tokenizer, PROBE, trailer=trailing_text(tokenizer))
+    except Exception:  # a template that refuses the probe: there is nothing to learn from it
+        return None
+    trained = [t for t, label in zip(examples[-1].input_ids, examples[-1].labels) if label != IGNORE_INDEX]
+    added = tokenizer.added_tokens_decoder
+    return trained[-1] if trained and trained[-1] in added and added[trained[-1]].special else None
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -125,26 +185,34 @@ def build_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int,
     """Tokenise, mask, truncate; drop (and count) examples left with no trained token.
     `progress(n)`, when given, is told of every record done."""
     check_chat_tokenizer(tokenizer)
+    trailer = trailing_text(tokenizer)
     stats = DatasetStats()
     examples = []
+    split = 0  # conversations trained turn by turn (a template that rewrites the history)
     for record in records:
         if progress is not None:
             progress(1)
         if not record.messages:
             raise UserError(f"{record.source}: record has no conversation; task 'sft' needs chat records "
                             "(messages, conversations, instruction/output or prompt/completion)")
-        ex = tokenize_conversation(tokenizer, record.messages, train_on_inputs=train_on_inputs, source=record.source)
-        if len(ex.input_ids) > max_seq_length:
-            stats.truncated += 1
-            ex = Example(ex.input_ids[:max_seq_length], ex.labels[:max_seq_length], ex.source)
-        n_labels = sum(1 for x in ex.labels[1:] if x != IGNORE_INDEX)  # position 0 is never predicted
-        if n_labels == 0:
-            stats.dropped_no_labels += 1
-            continue
-        stats.label_tokens += n_labels
-        stats.tokens += len(ex.input_ids)
-        examples.append(ex)
+        turns = tokenize_conversation(tokenizer, record.messages, train_on_inputs=train_on_inputs,
+                                      source=record.source, trailer=trailer, tools=record.tools)
+        split += len(turns) > 1
+        for ex in turns:
+            if len(ex.input_ids) > max_seq_length:
+                stats.truncated += 1
+                ex = Example(ex.input_ids[:max_seq_length], ex.labels[:max_seq_length], ex.source)
+            n_labels = sum(1 for x in ex.labels[1:] if x != IGNORE_INDEX)  # position 0 is never predicted
+            if n_labels == 0:
+                stats.dropped_no_labels += 1
+                continue
+            stats.label_tokens += n_labels
+            stats.tokens += len(ex.input_ids)
+            examples.append(ex)
     stats.examples = len(examples)
+    if split:
+        stats.notes.append(f"{split} conversations were trained turn by turn, one example per assistant turn "
+                           "(the chat template rewrites earlier turns as the conversation grows)")
     if not examples:
         raise UserError(f"{name}: every example lost all its trained tokens to truncation at "
                         f"max_seq_length={max_seq_length} (raise max_seq_length or shorten the prompts)")
@@ -164,12 +232,17 @@ def split_records(records: list[Record], fraction: float, seed: int) -> tuple[li
 
 # --- preference pairs ------------------------------------------------------------------------
 
-def tokenize_pair(tokenizer, record: Record) -> Example:
+def tokenize_pair(tokenizer, record: Record, trailer: str = "") -> Example:
     """Both sides of a pair rendered with the chat template, each trained on its response only (the
     same span rule as SFT); the chosen side's Example carries the rejected one."""
     first = len(record.messages)
-    chosen, rejected = (tokenize_conversation(tokenizer, record.messages + side, source=record.source, first=first)
-                        for side in (record.chosen, record.rejected))
+    sides = [tokenize_conversation(tokenizer, record.messages + side, source=record.source, first=first,
+                                   trailer=trailer) for side in (record.chosen, record.rejected)]
+    if any(len(side) > 1 for side in sides):
+        raise UserError(f"{record.source}: a response of several assistant turns, with a chat template that "
+                        "rewrites earlier turns, has no single rendering to compare (give one assistant turn "
+                        "per response)")
+    (chosen,), (rejected,) = sides
     chosen.rejected = rejected
     return chosen
 
@@ -198,6 +271,7 @@ def build_preference_examples(records: list[Record], tokenizer, *, max_seq_lengt
     """One Example per pair (chosen side, carrying the rejected side); truncated by `truncate_pair`'s rule,
     and pairs left with an untrained side dropped and counted."""
     check_chat_tokenizer(tokenizer)
+    trailer = trailing_text(tokenizer)
     stats = DatasetStats()
     examples = []
     prompt_cut = response_cut = 0
@@ -207,7 +281,7 @@ def build_preference_examples(records: list[Record], tokenizer, *, max_seq_lengt
         if record.chosen is None:
             raise UserError(f"{record.source}: record is not a preference pair; task 'preference' needs "
                             "{\"prompt\", \"chosen\", \"rejected\"} records")
-        pair, lost_prompt, lost_response = truncate_pair(tokenize_pair(tokenizer, record), max_seq_length)
+        pair, lost_prompt, lost_response = truncate_pair(tokenize_pair(tokenizer, record, trailer), max_seq_length)
         stats.truncated += lost_prompt or lost_response
         prompt_cut += lost_prompt
         response_cut += lost_response

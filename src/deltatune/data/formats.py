@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deltatune.data.tools import check_tool_results, read_tool_calls, read_tools
 from deltatune.errors import UserError, where
 
 ROLES = ("system", "user", "assistant")
@@ -39,6 +40,7 @@ class Record:
     # A preference pair: `messages` is the prompt, these the two responses (assistant turns) to it.
     chosen: list[dict] | None = None
     rejected: list[dict] | None = None
+    tools: list[dict] | None = None  # function definitions the conversation's assistant may call
 
 
 # --- reading files: each yields (line number, raw object) --------------------------------
@@ -182,7 +184,7 @@ def _check_conversation(messages: list[dict], loc: str, field_name: str) -> None
         raise UserError(f"{loc}: field '{field_name}' does not end with an assistant turn "
                         "(end with the response to train on, or drop the trailing turn)")
     for i, m in enumerate(messages):
-        if m["role"] == "assistant" and not m["content"].strip():
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
             raise UserError(f"{loc}: field '{field_name}[{i}].content' is an empty assistant response "
                             "(write the response or remove the record)")
         if m["role"] == "system" and i != 0:
@@ -190,20 +192,36 @@ def _check_conversation(messages: list[dict], loc: str, field_name: str) -> None
                             "(move it to the first position)")
 
 
-def _messages(obj: dict, loc: str) -> list[dict]:
+def _messages(obj: dict, loc: str, tools: list[dict] | None = None) -> list[dict]:
     turns = obj["messages"]
     if not isinstance(turns, list):
         raise UserError(f"{loc}: field 'messages' must be a list of {{role, content}} objects")
+    names = {t["function"]["name"] for t in tools or []}
     out = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise UserError(f"{loc}: field 'messages[{i}]' must be an object with 'role' and 'content'")
         role = _need_str(turn, "role", loc, label=f"messages[{i}].role")
-        if role not in ROLES:
-            raise UserError(f"{loc}: field 'messages[{i}].role' is '{role}'; expected one of {', '.join(ROLES)}")
+        if role not in (*ROLES, "tool"):
+            raise UserError(f"{loc}: field 'messages[{i}].role' is '{role}'; expected one of {', '.join(ROLES)}, tool")
+        calls = turn.get("tool_calls") if role == "assistant" else None
+        if calls is not None and turn.get("content") is None:  # the OpenAI shape: a call without text has null
+            turn = {**turn, "content": ""}
         content = _need_str(turn, "content", loc, label=f"messages[{i}].content")
         out.append({"role": role, "content": content})
+        if calls is not None:
+            out[-1]["tool_calls"] = read_tool_calls(calls, loc, f"messages[{i}].tool_calls", names)
+        for key in ("name", "tool_call_id"):
+            if role == "tool" and isinstance(turn.get(key), str):
+                out[-1][key] = turn[key]
+        if turn.get("reasoning_content") is not None:  # the OpenAI/DeepSeek field, for templates that render it
+            if role != "assistant":
+                raise UserError(f"{loc}: field 'messages[{i}].reasoning_content' is on a {role} turn (only assistant "
+                                "turns reason; move it or delete it)")
+            out[-1]["reasoning_content"] = _need_str(turn, "reasoning_content", loc,
+                                                     label=f"messages[{i}].reasoning_content")
     _check_conversation(out, loc, "messages")
+    check_tool_results(out, loc, "messages")
     return out
 
 
@@ -321,7 +339,8 @@ def to_record(obj: dict, fmt: str, loc: str) -> Record:
     if fmt == "messages":
         if "messages" not in obj:
             raise UserError(f"{loc}: missing field 'messages' (format is 'messages')")
-        return Record(messages=_messages(obj, loc), source=loc)
+        tools = read_tools(obj["tools"], loc) if obj.get("tools") is not None else None
+        return Record(messages=_messages(obj, loc, tools), tools=tools, source=loc)
     if fmt == "sharegpt":
         if "conversations" not in obj:
             raise UserError(f"{loc}: missing field 'conversations' (format is 'sharegpt')")

@@ -12,6 +12,7 @@ Errors (exit 1) are what makes training refuse the data; everything else is a fi
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -19,9 +20,10 @@ from pathlib import Path
 from deltatune.data.dedupe import NEAR_DUPLICATE_THRESHOLD, find_duplicates, overlaps
 from deltatune.data.examples import (
     IGNORE_INDEX,
-    assistant_char_spans,
     tokenize_conversation,
     tokenize_pair,
+    trailing_text,
+    trained_renderings,
     truncate_pair,
 )
 from deltatune.data.formats import CHAT_FORMATS, Record, detect_format, load_records, read_raw
@@ -49,7 +51,8 @@ def record_text(record: Record) -> str:
     """One string per record for duplicate checks: every turn with its role, or text and label."""
     if record.messages:
         sides = [("chosen", record.chosen), ("rejected", record.rejected)] if record.chosen else []
-        return "\n".join([f"{m['role']}: {m['content']}" for m in record.messages]
+        calls = [f"calls: {json.dumps(m['tool_calls'])}" for m in record.messages if m.get("tool_calls")]
+        return "\n".join([f"{m['role']}: {m['content']}" for m in record.messages] + calls
                          + [f"{name}: {m['content']}" for name, turns in sides for m in turns])
     return f"{record.text}\n{record.text_pair or ''}\n{record.label or ''}"
 
@@ -66,13 +69,19 @@ def _read(path: str, fmt: str, errors: list[str]) -> tuple[list[Record], str, Co
     return records, fmt, formats
 
 
-def rendered_example(tokenizer, record: Record, max_seq_length: int, train_on_inputs: bool = False,
-                     first: int = 0) -> dict:
-    """The record as the model sees it, trained characters wrapped in [[ ]] and the truncation point marked
-    (`first`: assistant turns before it are not trained, as in a preference pair's prompt)."""
-    text, _ = assistant_char_spans(tokenizer, record.messages, record.source, first)
-    example = tokenize_conversation(tokenizer, record.messages, train_on_inputs=train_on_inputs,
-                                    source=record.source, first=first)
+def rendered_examples(tokenizer, record: Record, max_seq_length: int, train_on_inputs: bool = False,
+                      first: int = 0, trailer: str = "") -> list[dict]:
+    """The record as the model sees it, trained characters wrapped in [[ ]] and the truncation point marked:
+    one rendering, or one per assistant turn where the template rewrites the history (`first`: assistant
+    turns before it are not trained, as in a preference pair's prompt)."""
+    renderings = trained_renderings(tokenizer, record.messages, record.source, first, trailer, record.tools)
+    examples = tokenize_conversation(tokenizer, record.messages, train_on_inputs=train_on_inputs,
+                                     source=record.source, first=first, trailer=trailer, tools=record.tools)
+    return [marked(tokenizer, text, ex, record.source, max_seq_length) for (text, _), ex in zip(renderings, examples)]
+
+
+def marked(tokenizer, text: str, example, source: str, max_seq_length: int) -> dict:
+    """One example's text with its trained characters in [[ ]] and its truncation point."""
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     trained: list[list[int]] = []
     for t, (start, end) in enumerate(offsets[:max_seq_length]):
@@ -88,7 +97,7 @@ def rendered_example(tokenizer, record: Record, max_seq_length: int, train_on_in
         pos = end
     pieces.append(text[pos:cut] if cut is not None else text[pos:])
     plain = "".join(pieces) + (f"\n✂ truncated here at max_seq_length={max_seq_length}" if cut is not None else "")
-    return {"source": record.source, "text": text, "trained_spans": trained, "truncated_at": cut, "plain": plain}
+    return {"source": source, "text": text, "trained_spans": trained, "truncated_at": cut, "plain": plain}
 
 
 def lint(data: str, tokenizer, *, max_seq_length: int = 1024, validation: str | None = None, fmt: str = "auto",
@@ -121,33 +130,42 @@ def _lint_chats(data, records: list[Record], tokenizer, max_seq_length: int, tra
                 errors: list[str], warnings: list[str]) -> None:
     """Conversations: token lengths, truncation and masking exactly as training renders them."""
     prompt_lengths, response_lengths, total_lengths = [], [], []
-    truncated, no_trainable, short = [], [], []
+    truncated, no_trainable, short, split = [], [], [], []
+    trailer = trailing_text(tokenizer)
     for record in records:
         try:
-            ex = tokenize_conversation(tokenizer, record.messages, train_on_inputs=train_on_inputs,
-                                       source=record.source)
+            turns = tokenize_conversation(tokenizer, record.messages, train_on_inputs=train_on_inputs,
+                                          source=record.source, trailer=trailer, tools=record.tools)
         except UserError as err:
             errors.append(str(err))
             continue
-        trained = sum(1 for x in ex.labels if x != IGNORE_INDEX)
-        response_lengths.append(trained)
-        prompt_lengths.append(len(ex.input_ids) - trained)
-        total_lengths.append(len(ex.input_ids))
-        if len(ex.input_ids) > max_seq_length:
+        if len(turns) > 1:
+            split.append(record.source)
+        for ex in turns:
+            trained = sum(1 for x in ex.labels if x != IGNORE_INDEX)
+            response_lengths.append(trained)
+            prompt_lengths.append(len(ex.input_ids) - trained)
+            total_lengths.append(len(ex.input_ids))
+        if any(len(ex.input_ids) > max_seq_length for ex in turns):
             truncated.append(record.source)
         # The same rule as training: position 0 is never predicted, and truncation comes first.
-        if not any(x != IGNORE_INDEX for x in ex.labels[1:max_seq_length]):
+        if not any(x != IGNORE_INDEX for ex in turns for x in ex.labels[1:max_seq_length]):
             no_trainable.append(record.source)
         if len(record.messages[-1]["content"].split()) < SHORT_RESPONSE_WORDS:
             short.append(record.source)
-    n = len(total_lengths)
+    n = len(records) - len(errors)
     report["tokens"] = {"prompt": percentiles(prompt_lengths), "response": percentiles(response_lengths),
                         "total": percentiles(total_lengths)}
+    report["examples"] = len(total_lengths)
+    report["turn_by_turn"] = {"count": len(split), "share": _share(len(split), n), "records": split[:SHOWN]}
     report["truncated"] = {"count": len(truncated), "share": _share(len(truncated), n), "records": truncated[:SHOWN]}
     report["no_trainable_tokens"] = {"count": len(no_trainable), "share": _share(len(no_trainable), n),
                                      "records": no_trainable[:SHOWN]}
     report["short_responses"] = {"count": len(short), "share": _share(len(short), n), "records": short[:SHOWN],
                                  "fewer_words_than": SHORT_RESPONSE_WORDS}
+    if split:
+        warnings.append(f"{len(split)} of {n} conversations are trained turn by turn ({len(total_lengths)} examples "
+                        "in all): the chat template rewrites earlier turns as the conversation grows")
     if truncated:
         warnings.append(f"{len(truncated)} of {n} examples are longer than max_seq_length={max_seq_length} "
                         "and will be truncated")
@@ -156,12 +174,15 @@ def _lint_chats(data, records: list[Record], tokenizer, max_seq_length: int, tra
                       "(raise max_seq_length or shorten the prompts)")
     elif no_trainable:
         warnings.append(f"{len(no_trainable)} examples keep no trained token after truncation and will be dropped")
-    example = next((r for r in records if r.source not in set(no_trainable)), records[0] if records else None)
+    # Shown: a conversation trained turn by turn when there is one (its examples are the thing to check).
+    ordered = sorted(records, key=lambda r: r.source not in set(split[:1]))
+    example = next((r for r in ordered if r.source not in set(no_trainable)), None)
     if example is not None and n:
         try:
-            report["example"] = rendered_example(tokenizer, example, max_seq_length, train_on_inputs)
+            shown = rendered_examples(tokenizer, example, max_seq_length, train_on_inputs, trailer=trailer)
         except UserError:
-            pass  # already reported as an error above
+            return  # already reported as an error above
+        report["example"], report["example_turns"] = shown[0], shown[1:]
 
 
 def _lint_pairs(data, records: list[Record], tokenizer, max_seq_length: int, report: dict, errors: list[str],
@@ -169,9 +190,10 @@ def _lint_pairs(data, records: list[Record], tokenizer, max_seq_length: int, rep
     """Preference pairs: prompt and response lengths, truncation by training's rule, both sides of one pair shown."""
     lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": [], "longer side": []}
     truncated, lost = [], []
+    trailer = trailing_text(tokenizer)
     for record in records:
         try:
-            pair = tokenize_pair(tokenizer, record)
+            pair = tokenize_pair(tokenizer, record, trailer)
         except UserError as err:
             errors.append(str(err))
             continue
@@ -202,8 +224,9 @@ def _lint_pairs(data, records: list[Record], tokenizer, max_seq_length: int, rep
     if example is not None and n:
         first = len(example.messages)
         for key, side in (("example", example.chosen), ("example_rejected", example.rejected)):
-            report[key] = rendered_example(tokenizer, Record(messages=example.messages + side, source=example.source),
-                                           max_seq_length, first=first)
+            report[key] = rendered_examples(tokenizer, Record(messages=example.messages + side,
+                                                              source=example.source), max_seq_length, first=first,
+                                            trailer=trailer)[0]
 
 
 def _lint_texts(records: list[Record], fmt: str, tokenizer, max_seq_length: int, report: dict,
@@ -275,6 +298,10 @@ def print_report(report: dict, console=None) -> None:
     if "no_trainable_tokens" in report:
         z = report["no_trainable_tokens"]
         out(f"no trained token left: {z['count']} ({z['share']:.1%})")
+    if report.get("turn_by_turn", {}).get("count"):
+        tb = report["turn_by_turn"]
+        out(f"trained turn by turn (one example per assistant turn): {tb['count']} conversations "
+            f"({tb['share']:.1%}), {report['examples']} examples in all")
     if "short_responses" in report:
         s = report["short_responses"]
         out(f"responses under {s['fewer_words_than']} words: {s['count']} ({s['share']:.1%})"
@@ -291,9 +318,12 @@ def print_report(report: dict, console=None) -> None:
             "near repeats of training records")
         for p in v["pairs"]:
             out(f"  {p['record']} repeats {p['repeats']} ({p['kind']}, {p['similarity']})")
-    for key, side in (("example", ""), ("example_rejected", "the rejected side of ")):
+    turns = report.get("example_turns") or []
+    for key, side in (("example", "turn 1 of " if turns else ""), ("example_rejected", "the rejected side of ")):
         if report.get(key):
             _print_example(out, console, report[key], side, report["max_seq_length"])
+    for i, turn in enumerate(turns, 2):
+        _print_example(out, console, turn, f"turn {i} of ", report["max_seq_length"])
     for w in report["warnings"]:
         out(f"warning: {w}")
     for e in report["errors"]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from deltatune.data.examples import prompt_ids
+from deltatune.data.examples import end_of_turn_id, prompt_ids
 from deltatune.evaluate.loss import evaluation_mode
 
 
@@ -40,7 +40,8 @@ def greedy_continuations(model, prompts: list[list[int]], *, pad_id: int, stop_i
 
 
 def stop_ids(tokenizer) -> set[int]:
-    return {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    """Generation stops at eos, padding, and the chat template's end-of-turn token (where training stopped)."""
+    return {tokenizer.eos_token_id, tokenizer.pad_token_id, end_of_turn_id(tokenizer)} - {None}
 
 
 def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 64,

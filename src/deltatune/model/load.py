@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from deltatune.data.cache import cache_dir
-from deltatune.data.examples import CHATML_TEMPLATE
+from deltatune.data.examples import CHATML_TEMPLATE, end_of_turn_id
 from deltatune.errors import UserError
 from deltatune.files import check_space, inject_write_fault, sha256_file, writing
 
@@ -177,6 +177,18 @@ def load_tokenizer(folder: Path | str, *, trust_remote_code: bool = False, gener
         # Padding positions are masked out of attention and loss, so any id works; eos is a real token.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def stop_at_end_of_turn(model, tokenizer) -> None:
+    """Every runtime that reads generation_config.json (transformers, vLLM, ...) stops where training taught:
+    the chat template's end-of-turn token joins the model's eos ids, and is saved with final/."""
+    eot, config = end_of_turn_id(tokenizer), getattr(model, "generation_config", None)
+    if eot is None or config is None:
+        return
+    ids = config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if eot not in ids:
+        config.eos_token_id = ids + [eot] if ids else eot
 
 
 def load_causal_lm(name: str, *, allow_pickle: bool = False, trust_remote_code: bool = False,
