@@ -20,7 +20,7 @@ from deltatune.data.examples import DatasetStats, Example, build_sft_examples
 from deltatune.data.formats import Record
 from deltatune.files import inject_write_fault, is_no_space, no_space
 
-FORMAT_VERSION = 1  # bump when the tokenisation or masking logic changes
+FORMAT_VERSION = 2  # bump when the tokenisation or masking logic changes (2: trailing text, turn by turn, tools)
 
 
 def cache_dir() -> Path:
@@ -35,7 +35,8 @@ def dataset_key(records: list[Record], tokenizer, **settings) -> str:
     digest.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
     digest.update(str(tokenizer.chat_template).encode())
     for r in records:
-        digest.update(json.dumps([r.messages, r.text, r.text_pair, r.label, r.source], ensure_ascii=False).encode())
+        digest.update(json.dumps([r.messages, r.text, r.text_pair, r.label, r.source, r.tools],
+                                 ensure_ascii=False).encode())
     return digest.hexdigest()[:32]
 
 

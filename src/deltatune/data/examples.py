@@ -105,8 +105,7 @@ def trained_renderings(tokenizer, messages: list[dict], source: str = "", first:
     `tools`: the function definitions the conversation may call, rendered by the template; an
     assistant turn that calls tools is trained like any other, a tool result never is.
     """
-    def rendered(prefix: list[dict]) -> str:
-        text = render(tokenizer, prefix, tools=tools)
+    def without_trailer(text: str) -> str:
         return text[: len(text) - len(trailer)] if trailer and text.endswith(trailer) else text
 
     full = render(tokenizer, messages, tools=tools)
@@ -119,13 +118,14 @@ def trained_renderings(tokenizer, messages: list[dict], source: str = "", first:
         if message["role"] != "assistant" or i < first:
             continue
         before = render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools) if i else ""
-        upto = rendered(messages[: i + 1])
+        text = full if i == len(messages) - 1 else render(tokenizer, messages[: i + 1], tools=tools)
+        upto = without_trailer(text)
         if not upto.startswith(before):
             raise UserError(
                 f"{source}: the model's chat template does not render assistant turn {i} after its own generation "
                 "prompt, so the turn's tokens cannot be located (use another chat_template, or set "
                 "train_on_inputs: true)")
-        turns.append((len(before), len(upto.rstrip()), render(tokenizer, messages[: i + 1], tools=tools)))
+        turns.append((len(before), len(upto.rstrip()), text))
     if all(full.startswith(text[:end]) for _, end, text in turns):
         return [(full, [(start, end) for start, end, _ in turns])]
     return [(text, [(start, end)]) for start, end, text in turns]

@@ -176,6 +176,12 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
                      f"{-v['loss']['gain']:+.4f} [{-v['loss']['gain_ci'][1]:+.4f}, "
                      f"{-v['loss']['gain_ci'][0]:+.4f}] {sig}"))
         rows.append(("KL(base‖tuned) on task text, /token", "", "", fmt(v["kl_per_token"])))
+    return rows + forgetting_rows(report)
+
+
+def forgetting_rows(report: dict) -> list[tuple[str, str, str, str]]:
+    """The summary rows every causal-LM report shares (SFT and preference): forgetting and weight change."""
+    rows = []
     g = report["forgetting"]["general_text"]
     rows.append(("general-text perplexity", fmt(g["base_perplexity"]), fmt(g["tuned_perplexity"]),
                  f"{100 * g['perplexity_change']:+.1f}%"))
@@ -218,6 +224,20 @@ def markdown(report: dict) -> str:
     lines += md_table(["measure", "base", "tuned", "change"], [list(r) for r in summary_rows(report)])
     lines += ["", "Intervals are 95 % paired bootstrap CIs over examples; *significant* means the interval of "
               "the change excludes 0.", "", "## Forgetting", ""]
+    lines += forgetting_markdown(report)
+    if report["side_by_side"]:
+        lines += ["", "## Side by side (held-out prompts, greedy)", ""]
+        for x in report["side_by_side"]:
+            lines += [f"**Prompt:** {x['prompt']}", "", f"- reference: `{x['reference']}`",
+                      f"- base: `{x['base']}`", f"- tuned: `{x['tuned']}`", ""]
+    lines += training_markdown(report.get("training"))
+    lines += ["", "Measurement time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()), ""]
+    return "\n".join(lines)
+
+
+def forgetting_markdown(report: dict) -> list[str]:
+    """report.md's forgetting and weight-change sections, shared by the causal-LM reports."""
+    lines = []
     g = report["forgetting"]["general_text"]
     lines.append(f"- General text: {g['passages']} passages, {g['tokens']} tokens from {g['source']}.")
     if report["forgetting"].get("base_samples"):
@@ -238,15 +258,7 @@ def markdown(report: dict) -> str:
                           [[task, "skipped", "-", "-", b["skipped"], "-"] if "skipped" in b else
                            [task, b["name"], pct(b["base"]), pct(b["tuned"]), _points(b), b["examples"]]
                            for task, b in bench.items()])
-    lines += weight_markdown(report["weights"])
-    if report["side_by_side"]:
-        lines += ["", "## Side by side (held-out prompts, greedy)", ""]
-        for x in report["side_by_side"]:
-            lines += [f"**Prompt:** {x['prompt']}", "", f"- reference: `{x['reference']}`",
-                      f"- base: `{x['base']}`", f"- tuned: `{x['tuned']}`", ""]
-    lines += training_markdown(report.get("training"))
-    lines += ["", "Measurement time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()), ""]
-    return "\n".join(lines)
+    return lines + weight_markdown(report["weights"])
 
 
 
@@ -297,13 +309,9 @@ def after_training(model_args, options: ReportOptions, metric: str, tuned, token
     return report
 
 
-def compare(base_name: str, tuned_name: str, records: list[Record], data_file: str, out_dir: Path,
-            settings: CompareSettings) -> dict:
-    """`deltatune compare` on conversations: the training report's measures for any pair of causal LMs."""
-    check, options = settings.check, settings.options
-    records = records[:settings.max_examples or 64]
-    for f in options.probe_files:
-        probes.load_probe_file(f)  # bad probe files fail before the models load
+def load_pair(base_name: str, tuned_name: str, settings: CompareSettings):
+    """(base, tuned, the tuned model's tokenizer, device) for `compare`, both in eval mode on the device;
+    two vocabularies are refused (their next-token distributions cannot be compared)."""
     device = pick_device()
     opts = dict(allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code)
     base, _ = load_causal_lm(base_name, **opts)
@@ -311,8 +319,17 @@ def compare(base_name: str, tuned_name: str, records: list[Record], data_file: s
     if base.get_output_embeddings().weight.shape != tuned.get_output_embeddings().weight.shape:
         raise UserError(f"{base_name} and {tuned_name} have different vocabularies, so their next-token "
                         "distributions cannot be compared (compare a model with its own fine-tune)")
-    base.to(device).eval()
-    tuned.to(device).eval()
+    return base.to(device).eval(), tuned.to(device).eval(), tokenizer, device
+
+
+def compare(base_name: str, tuned_name: str, records: list[Record], data_file: str, out_dir: Path,
+            settings: CompareSettings) -> dict:
+    """`deltatune compare` on conversations: the training report's measures for any pair of causal LMs."""
+    check, options = settings.check, settings.options
+    records = records[:settings.max_examples or 64]
+    for f in options.probe_files:
+        probes.load_probe_file(f)  # bad probe files fail before the models load
+    base, tuned, tokenizer, device = load_pair(base_name, tuned_name, settings)
     examples, _ = build_sft_examples(records, tokenizer, max_seq_length=settings.max_seq_length, name=str(data_file))
     base_pred = tuned_pred = None
     if check.metric != "none":
@@ -336,12 +353,18 @@ def frontier_point(name: str, settings: dict, report: dict) -> dict:
     general-text KL, with the forgetting budget's measures."""
     metric = report["task"].get("metric")
     gain = delta.gain_point(metric, f"{metric['name']} gain" if metric else "", report["task"].get("validation"))
+    return {"name": name, "settings": settings, **gain, **forgetting_point(report), "task_type": "causal_lm"}
+
+
+def forgetting_point(report: dict) -> dict:
+    """A causal-LM run's forgetting on the frontier: general-text KL (the axis), perplexity change, KL on base
+    samples, fact retention, weight change."""
     g = report["forgetting"]["general_text"]
     samples = report["forgetting"].get("base_samples") or {}
-    return {"name": name, "settings": settings, **gain, "forgetting": g["kl_per_token"],
-            "perplexity_change": g["perplexity_change"], "kl_base_samples": samples.get("kl_per_token"),
+    return {"forgetting": g["kl_per_token"], "perplexity_change": g["perplexity_change"],
+            "kl_base_samples": samples.get("kl_per_token"),
             "fact_retention": report["forgetting"]["fact_recall"]["retention"],
-            "weight_change": report["weights"]["relative_norm"], "task_type": "causal_lm"}
+            "weight_change": report["weights"]["relative_norm"]}
 
 
 def frontier_measures(e: dict) -> list[str]:

@@ -29,7 +29,13 @@ from pathlib import Path
 from deltatune.data.examples import Example, build_preference_examples
 from deltatune.data.formats import Record
 from deltatune.delta import measures as delta
-from deltatune.delta.causal import forgetting_measures
+from deltatune.delta.causal import (
+    forgetting_markdown,
+    forgetting_measures,
+    forgetting_point,
+    forgetting_rows,
+    load_pair,
+)
 from deltatune.delta.causal import frontier_measures as causal_frontier_measures
 from deltatune.delta.measures import CompareSettings, ReportOptions, timed
 from deltatune.delta.render import (
@@ -43,12 +49,10 @@ from deltatune.delta.render import (
     publish,
     training_markdown,
     training_section,
-    weight_markdown,
 )
 from deltatune.errors import UserError
 from deltatune.evaluate.preference import Objective, evaluate_pairs
 from deltatune.model.load import load_causal_lm
-from deltatune.runtime.precision import pick_device
 
 TASK_TYPE = "preference"
 
@@ -123,15 +127,7 @@ def compare(base_name: str, tuned_name: str, records: list[Record], data_file: s
     and the same forgetting and weight measures as a run's report (reference-free: each model's own margin)."""
     options = settings.options
     records = records[:settings.max_examples or 64]
-    device = pick_device()
-    opts = dict(allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code)
-    base, _ = load_causal_lm(base_name, **opts)
-    tuned, tokenizer = load_causal_lm(tuned_name, **opts)
-    if base.get_output_embeddings().weight.shape != tuned.get_output_embeddings().weight.shape:
-        raise UserError(f"{base_name} and {tuned_name} have different vocabularies, so their next-token "
-                        "distributions cannot be compared (compare a model with its own fine-tune)")
-    base.to(device).eval()
-    tuned.to(device).eval()
+    base, tuned, tokenizer, device = load_pair(base_name, tuned_name, settings)
     pairs, _ = build_preference_examples(records, tokenizer, max_seq_length=settings.max_seq_length,
                                          name=str(data_file))
     sides = [evaluate_pairs(m, tokenizer, pairs, records, None, batch_size=options.batch_size, device=device,
@@ -164,20 +160,7 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
             rows.append((f"{label} (held-out)", *shown, ""))
     rows.append(("KL(reference‖tuned) on held-out responses, /token", "", "",
                  fmt(task["kl_reference_tuned"]["kl_per_token"])))
-    g = report["forgetting"]["general_text"]
-    rows.append(("general-text perplexity", fmt(g["base_perplexity"]), fmt(g["tuned_perplexity"]),
-                 f"{100 * g['perplexity_change']:+.1f}%"))
-    rows.append(("KL(base‖tuned) on general text, /token", "", "", fmt(g["kl_per_token"])))
-    if report["forgetting"].get("base_samples"):
-        rows.append(("KL(base‖tuned) on base samples, /token", "", "",
-                     fmt(report["forgetting"]["base_samples"]["kl_per_token"])))
-    fr = report["forgetting"]["fact_recall"]
-    rows.append((f"fact recall ({fr['items']} probes)", pct(fr["base_accuracy"]), pct(fr["tuned_accuracy"]),
-                 f"retention {pct(fr['retention'])}"))
-    w = report["weights"]
-    rows.append(("weights ‖ΔW‖/‖W‖ (all matrices)", "", "",
-                 f"{fmt(w['relative_norm'])}; most changed: {w['top'][0] if w['top'] else '-'}"))
-    return rows
+    return rows + forgetting_rows(report)
 
 
 def markdown(report: dict) -> str:
@@ -193,12 +176,7 @@ def markdown(report: dict) -> str:
               + "; the reward is what the loss scores each response by (β·log π/π_ref for DPO). Intervals are 95 % "
               "paired bootstrap CIs over pairs; *significant* means the interval of the change excludes 0.", "",
               "## Forgetting (the alignment tax)", ""]
-    g = report["forgetting"]["general_text"]
-    lines.append(f"- General text: {g['passages']} passages, {g['tokens']} tokens from {g['source']}.")
-    fr = report["forgetting"]["fact_recall"]
-    lines.append(f"- Fact recall: {fr['base_correct']}/{fr['items']} right before, {fr['tuned_correct']}/{fr['items']} "
-                 f"after; retention {pct(fr['retention'])} ({', '.join(fr['sources'])}).")
-    lines += weight_markdown(report["weights"])
+    lines += forgetting_markdown(report)
     if report["side_by_side"]:
         lines += ["", "## Side by side (held-out prompts, greedy)", ""]
         for x in report["side_by_side"]:
@@ -213,12 +191,7 @@ def frontier_point(name: str, settings: dict, report: dict) -> dict:
     """A run's point on the frontier: preference accuracy gain against the general-text KL."""
     a = report["task"]["preference_accuracy"]
     gain = delta.gain_point(a, "preference accuracy gain", None)
-    g = report["forgetting"]["general_text"]
-    samples = report["forgetting"].get("base_samples") or {}
-    return {"name": name, "settings": settings, **gain, "forgetting": g["kl_per_token"],
-            "perplexity_change": g["perplexity_change"], "kl_base_samples": samples.get("kl_per_token"),
-            "fact_retention": report["forgetting"]["fact_recall"]["retention"],
-            "weight_change": report["weights"]["relative_norm"], "task_type": TASK_TYPE}
+    return {"name": name, "settings": settings, **gain, **forgetting_point(report), "task_type": TASK_TYPE}
 
 
 KIND = ReportKind(TASK_TYPE, compare, frontier_point,
