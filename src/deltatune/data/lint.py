@@ -61,6 +61,11 @@ def _share(count: int, total: int) -> float:
     return round(count / total, 4) if total else 0.0
 
 
+def _counted(sources: list[str], total: int) -> dict:
+    """A finding: how many records (and which, the first few), and their share of `total`."""
+    return {"count": len(sources), "share": _share(len(sources), total), "records": sources[:SHOWN]}
+
+
 def _read(path: str, fmt: str, errors: list[str]) -> tuple[list[Record], str, Counter]:
     if not Path(path).is_file():
         raise UserError(f"{path}: file not found")
@@ -132,6 +137,7 @@ def _lint_chats(data, records: list[Record], tokenizer, max_seq_length: int, tra
     prompt_lengths, response_lengths, total_lengths = [], [], []
     truncated, no_trainable, short, split = [], [], [], []
     trailer = trailing_text(tokenizer)
+    n = dropped = 0  # records tokenised; their examples left with no trained token (training drops those)
     for record in records:
         try:
             turns = tokenize_conversation(tokenizer, record.messages, train_on_inputs=train_on_inputs,
@@ -139,6 +145,7 @@ def _lint_chats(data, records: list[Record], tokenizer, max_seq_length: int, tra
         except UserError as err:
             errors.append(str(err))
             continue
+        n += 1
         if len(turns) > 1:
             split.append(record.source)
         for ex in turns:
@@ -149,33 +156,33 @@ def _lint_chats(data, records: list[Record], tokenizer, max_seq_length: int, tra
         if any(len(ex.input_ids) > max_seq_length for ex in turns):
             truncated.append(record.source)
         # The same rule as training: position 0 is never predicted, and truncation comes first.
-        if not any(x != IGNORE_INDEX for ex in turns for x in ex.labels[1:max_seq_length]):
+        lost = sum(not any(x != IGNORE_INDEX for x in ex.labels[1:max_seq_length]) for ex in turns)
+        if lost:
             no_trainable.append(record.source)
+            dropped += lost
         if len(record.messages[-1]["content"].split()) < SHORT_RESPONSE_WORDS:
             short.append(record.source)
-    n = len(records) - len(errors)
     report["tokens"] = {"prompt": percentiles(prompt_lengths), "response": percentiles(response_lengths),
                         "total": percentiles(total_lengths)}
     report["examples"] = len(total_lengths)
-    report["turn_by_turn"] = {"count": len(split), "share": _share(len(split), n), "records": split[:SHOWN]}
-    report["truncated"] = {"count": len(truncated), "share": _share(len(truncated), n), "records": truncated[:SHOWN]}
-    report["no_trainable_tokens"] = {"count": len(no_trainable), "share": _share(len(no_trainable), n),
-                                     "records": no_trainable[:SHOWN]}
-    report["short_responses"] = {"count": len(short), "share": _share(len(short), n), "records": short[:SHOWN],
-                                 "fewer_words_than": SHORT_RESPONSE_WORDS}
+    report["turn_by_turn"] = _counted(split, n)
+    report["truncated"] = _counted(truncated, n)
+    report["no_trainable_tokens"] = _counted(no_trainable, n)
+    report["short_responses"] = {**_counted(short, n), "fewer_words_than": SHORT_RESPONSE_WORDS}
     if split:
         warnings.append(f"{len(split)} of {n} conversations are trained turn by turn ({len(total_lengths)} examples "
                         "in all): the chat template rewrites earlier turns as the conversation grows")
     if truncated:
         warnings.append(f"{len(truncated)} of {n} examples are longer than max_seq_length={max_seq_length} "
                         "and will be truncated")
-    if no_trainable and len(no_trainable) == n:
+    if dropped and dropped == len(total_lengths):
         errors.append(f"{data}: every example loses all its trained tokens at max_seq_length={max_seq_length} "
                       "(raise max_seq_length or shorten the prompts)")
-    elif no_trainable:
-        warnings.append(f"{len(no_trainable)} examples keep no trained token after truncation and will be dropped")
+    elif dropped:
+        warnings.append(f"{dropped} examples keep no trained token after truncation and will be dropped")
     # Shown: a conversation trained turn by turn when there is one (its examples are the thing to check).
-    ordered = sorted(records, key=lambda r: r.source not in set(split[:1]))
+    shown_first = set(split[:1])
+    ordered = sorted(records, key=lambda r: r.source not in shown_first)
     example = next((r for r in ordered if r.source not in set(no_trainable)), None)
     if example is not None and n:
         try:
@@ -209,9 +216,9 @@ def _lint_pairs(data, records: list[Record], tokenizer, max_seq_length: int, rep
             lost.append(record.source)
     n = len(lengths["prompt"])
     report["tokens"] = {k: percentiles(v) for k, v in lengths.items()}
-    report["truncated"] = {"count": len(truncated), "share": _share(len(truncated), n), "records": truncated[:SHOWN],
+    report["truncated"] = {**_counted(truncated, n),
                            "rule": "prompt tokens go first, from the left; then both responses are cut alike"}
-    report["no_trainable_tokens"] = {"count": len(lost), "share": _share(len(lost), n), "records": lost[:SHOWN]}
+    report["no_trainable_tokens"] = _counted(lost, n)
     if truncated:
         warnings.append(f"{len(truncated)} of {n} pairs are longer than max_seq_length={max_seq_length} and will "
                         "be truncated (prompt tokens from the left first, then both responses alike)")

@@ -225,14 +225,21 @@ def markdown(report: dict) -> str:
     lines += ["", "Intervals are 95 % paired bootstrap CIs over examples; *significant* means the interval of "
               "the change excludes 0.", "", "## Forgetting", ""]
     lines += forgetting_markdown(report)
-    if report["side_by_side"]:
-        lines += ["", "## Side by side (held-out prompts, greedy)", ""]
-        for x in report["side_by_side"]:
-            lines += [f"**Prompt:** {x['prompt']}", "", f"- reference: `{x['reference']}`",
-                      f"- base: `{x['base']}`", f"- tuned: `{x['tuned']}`", ""]
+    lines += side_by_side_markdown(report["side_by_side"])
     lines += training_markdown(report.get("training"))
     lines += ["", "Measurement time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()), ""]
     return "\n".join(lines)
+
+
+def side_by_side_markdown(rows: list[dict], reference: str = "reference") -> list[str]:
+    """report.md's held-out prompts with base and tuned answers (`reference`: what the expected answer is called)."""
+    if not rows:
+        return []
+    lines = ["", "## Side by side (held-out prompts, greedy)", ""]
+    for x in rows:
+        lines += [f"**Prompt:** {x['prompt']}", "", f"- {reference}: `{x['reference']}`", f"- base: `{x['base']}`",
+                  f"- tuned: `{x['tuned']}`", ""]
+    return lines
 
 
 def forgetting_markdown(report: dict) -> list[str]:

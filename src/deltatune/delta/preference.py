@@ -35,6 +35,7 @@ from deltatune.delta.causal import (
     forgetting_point,
     forgetting_rows,
     load_pair,
+    side_by_side_markdown,
 )
 from deltatune.delta.causal import frontier_measures as causal_frontier_measures
 from deltatune.delta.measures import CompareSettings, ReportOptions, timed
@@ -177,11 +178,7 @@ def markdown(report: dict) -> str:
               "paired bootstrap CIs over pairs; *significant* means the interval of the change excludes 0.", "",
               "## Forgetting (the alignment tax)", ""]
     lines += forgetting_markdown(report)
-    if report["side_by_side"]:
-        lines += ["", "## Side by side (held-out prompts, greedy)", ""]
-        for x in report["side_by_side"]:
-            lines += [f"**Prompt:** {x['prompt']}", "", f"- chosen: `{x['reference']}`",
-                      f"- base: `{x['base']}`", f"- tuned: `{x['tuned']}`", ""]
+    lines += side_by_side_markdown(report["side_by_side"], reference="chosen")
     lines += training_markdown(report.get("training"))
     lines += ["", "Measurement time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()), ""]
     return "\n".join(lines)

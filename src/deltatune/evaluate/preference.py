@@ -120,20 +120,32 @@ def pair_terms(objective: Objective, logp_c: torch.Tensor, logp_r: torch.Tensor,
     return -mean_c - o.orpo_lambda * F.logsigmoid(log_odds(mean_c) - log_odds(mean_r)), mean_c, mean_r
 
 
+def score_batch(model, batch: dict, objective: Objective | None) -> dict[str, torch.Tensor]:
+    """Per pair of a batch: each side's summed log-probability and response tokens, and (with an objective)
+    the loss and the rewards; the log-probabilities in float64, since the per-pair arithmetic is tiny."""
+    logps, counts = response_logps(model, batch)
+    logps = logps.double()
+    scores = {"logp_chosen": logps[0::2], "logp_rejected": logps[1::2], "tokens_chosen": counts[0::2],
+              "tokens_rejected": counts[1::2]}
+    if objective is not None:
+        ref = reference_logps(model, batch, objective)
+        ref_c, ref_r = (ref[0::2], ref[1::2]) if ref is not None else (None, None)
+        scores["loss"], scores["reward_chosen"], scores["reward_rejected"] = pair_terms(
+            objective, scores["logp_chosen"], scores["logp_rejected"], counts[0::2], counts[1::2], ref_c, ref_r)
+    return scores
+
+
 def preference_loss(model, batch: dict, objective: Objective) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(summed loss over the batch's pairs, pairs, {statistic: sum over pairs}) — a LossFn."""
-    logps, counts = response_logps(model, batch)
-    logps = logps.double()  # the per-pair arithmetic is tiny: float64 keeps it exact
-    ref = reference_logps(model, batch, objective)
-    ref_c, ref_r = (ref[0::2], ref[1::2]) if ref is not None else (None, None)
-    n_c, n_r = counts[0::2], counts[1::2]
-    losses, reward_c, reward_r = pair_terms(objective, logps[0::2], logps[1::2], n_c, n_r, ref_c, ref_r)
-    real = (n_c > 0).double()  # a blank micro-batch (torchrun's short last step) adds nothing
-    stats = {"reward_accuracy": ((reward_c > reward_r).double() * real).sum(),
-             "reward_margin": ((reward_c - reward_r) * real).sum(), "reward_chosen": (reward_c * real).sum(),
-             "reward_rejected": (reward_r * real).sum(), "logp_chosen": (logps[0::2] * real).detach().sum(),
-             "logp_rejected": (logps[1::2] * real).detach().sum()}
-    return (losses * real).sum(), (n_c > 0).sum(), {k: v.detach() for k, v in stats.items()}
+    s = score_batch(model, batch, objective)
+    real = s["tokens_chosen"] > 0  # a blank micro-batch (torchrun's short last step) adds nothing
+    weight = real.double()
+    reward_c, reward_r = s["reward_chosen"].detach(), s["reward_rejected"].detach()
+    stats = {"reward_accuracy": ((reward_c > reward_r).double() * weight).sum(),
+             "reward_margin": ((reward_c - reward_r) * weight).sum(), "reward_chosen": (reward_c * weight).sum(),
+             "reward_rejected": (reward_r * weight).sum(), "logp_chosen": (s["logp_chosen"].detach() * weight).sum(),
+             "logp_rejected": (s["logp_rejected"].detach() * weight).sum()}
+    return (s["loss"] * weight).sum(), real.sum(), stats
 
 
 def loss_function(objective: Objective):
@@ -175,15 +187,7 @@ def score_pairs(model, examples: list[Example], objective: Objective | None, *, 
         for idx in length_batches(examples, batch_size, max_tokens):
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
             with autocast(device, bf16):
-                logps, counts = distributed.call(model, response_logps, batch)
-                ref = None if objective is None else distributed.call(model, reference_logps, batch, objective)
-            logps = logps.double()
-            values = {"logp_chosen": logps[0::2], "logp_rejected": logps[1::2], "tokens_chosen": counts[0::2],
-                      "tokens_rejected": counts[1::2]}
-            if objective is not None:
-                ref_c, ref_r = (ref[0::2], ref[1::2]) if ref is not None else (None, None)
-                values["loss"], values["reward_chosen"], values["reward_rejected"] = pair_terms(
-                    objective, logps[0::2], logps[1::2], counts[0::2], counts[1::2], ref_c, ref_r)
+                values = distributed.call(model, score_batch, batch, objective)
             for key, value in values.items():
                 cols[key][idx] = value.double().cpu().numpy()
     return PairScores(**cols)
