@@ -93,6 +93,9 @@ class Family:
 
 
 CHATML = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# As the released Gemma models are: embeddings tied to the output, attention scaled by 1/sqrt(head_dim).
+GEMMA_SHAPE = {"tie_word_embeddings": True, "query_pre_attn_scalar": 8}
+SENTENCEPIECE = {"mistral", "gemma2", "gemma3", "phi3"}  # families whose released tokenizers are SentencePiece BPE
 FAMILIES = {
     "llama3": Family("LlamaConfig", LLAMA3, ("<|end_of_text|>", "<|begin_of_text|>", "<|start_header_id|>",
                                              "<|end_header_id|>", "<|eot_id|>"), "<|eot_id|>", "<|eot_id|>",
@@ -102,9 +105,10 @@ FAMILIES = {
     "mistral": Family("MistralConfig", MISTRAL, ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"), "</s>", "</s>",
                       "<unk>", "<s>"),
     "gemma2": Family("Gemma2Config", GEMMA, ("<unk>", "<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"),
-                     "<end_of_turn>", "<eos>", "<pad>", "<bos>"),
+                     "<end_of_turn>", "<eos>", "<pad>", "<bos>", GEMMA_SHAPE),
     "gemma3": Family("Gemma3TextConfig", GEMMA, ("<unk>", "<bos>", "<eos>", "<pad>", "<start_of_turn>",
-                                                 "<end_of_turn>"), "<end_of_turn>", "<eos>", "<pad>", "<bos>"),
+                                                 "<end_of_turn>"), "<end_of_turn>", "<eos>", "<pad>", "<bos>",
+                     GEMMA_SHAPE),
     "phi3": Family("Phi3Config", PHI3, ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
                    "<|end|>", "<|endoftext|>", "<|endoftext|>"),
     "phi4": Family("Phi3Config", PHI4, ("<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>"), "<|im_end|>",
@@ -136,6 +140,39 @@ def family_tokenizer(name: str):
     return fast
 
 
+def sentencepiece_tokenizer(name: str):
+    """A SentencePiece-style BPE tokenizer (byte fallback, "▁" for spaces) with the family's special tokens and
+    chat template, built by the transformers class the family's released tokenizer loads as."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer, LlamaTokenizer
+
+    from conftest import CORPUS
+
+    family = FAMILIES[name]
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False)
+    trainer_tok.train_from_iterator(CORPUS * 3, trainer=trainer)
+    trained = __import__("json").loads(trainer_tok.to_str())["model"]
+    pieces = list(family.specials) + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += [p for p in sorted(trained["vocab"], key=trained["vocab"].get) if p not in pieces]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    kind = GemmaTokenizer if name.startswith("gemma") else LlamaTokenizer
+    names = {"unk_token": family.specials[0], "bos_token": family.bos, "eos_token": family.eos,
+             "pad_token": family.pad}
+    tok = kind(vocab=vocab, merges=merges, **names, **({"mask_token": None} if kind is GemmaTokenizer else {}))
+    tok.add_special_tokens({"additional_special_tokens": [t for t in family.specials if t not in names.values()]})
+    if name == "phi3":  # Phi-3's tokenizer.json prefixes the space with a normalizer instead of Metaspace
+        from tokenizers import normalizers
+
+        tok.backend_tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.backend_tokenizer.pre_tokenizer = None
+    tok.chat_template = family.template
+    return tok
+
+
 def family_model(name: str, tokenizer, seed: int = 0):
     """A 2-layer random-init causal LM of the family, from its transformers config class."""
     import torch
@@ -147,5 +184,5 @@ def family_model(name: str, tokenizer, seed: int = 0):
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, head_dim=8, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.convert_tokens_to_ids(family.end_of_turn), pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False, **family.extra)
+        **{"tie_word_embeddings": False, **family.extra})
     return transformers.AutoModelForCausalLM.from_config(config)

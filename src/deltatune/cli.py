@@ -432,10 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_safety(p)
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("export", help="write a Llama-family model as a GGUF file (llama.cpp, transformers)")
+    p = sub.add_parser("export", help="write a causal LM as a GGUF file (llama.cpp, Ollama, transformers)")
     p.add_argument("--model", required=True, help="model folder, adapter folder or embedded name")
     p.add_argument("--format", default="gguf", choices=["gguf"])
-    p.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+    p.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
                    help="tensor type of the weight matrices (default f16)")
     p.add_argument("--out", required=True, help="the .gguf file to write")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin/.pt) weights, which can run code")

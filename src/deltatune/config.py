@@ -14,7 +14,6 @@ the bf16 decision) are computed where they are used and logged, not written back
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 from typing import Literal
@@ -22,6 +21,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from deltatune.config_text import did_you_mean, format_validation_error, parse_overrides, rebase_paths
 from deltatune.errors import UserError
 
 Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "classification",
@@ -385,58 +385,12 @@ def default(key: str):
     return next(info.default for name, info in cls.model_fields.items() if (info.alias or name) == key)
 
 
-def _did_you_mean(key: str, choices) -> str:
-    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _format_validation_error(err: ValidationError, origin: str) -> str:
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "config"
-    msg = first["msg"]
-    if "input" in first and first["type"] not in ("missing", "value_error"):  # literal_error among them
-        msg = f"got {first['input']!r}; {msg[0].lower()}{msg[1:]}"
-    if first["type"] == "value_error":
-        msg = msg.removeprefix("Value error, ")
-    return f"{origin}: key '{key}': {msg}"
-
-
 def eval_args(origin: str, **values) -> EvalArgs:
     """EvalArgs from other settings than a config file (the CLI's flags), checked by the same rules."""
     try:
         return EvalArgs.model_validate(values)
     except ValidationError as err:
-        raise UserError(_format_validation_error(err, origin)) from None
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """`key=value` command-line overrides; values are parsed as YAML scalars (1e-4, true, null)."""
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise UserError(f"override '{pair}' is not key=value (e.g. learning_rate=1e-4)")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value) if value != "" else None
-    return out
-
-
-def _rebase_paths(raw: dict, base_dir: Path) -> dict:
-    """Make relative file paths in a config file relative to that file, not to the cwd."""
-    raw = dict(raw)
-    for key in ("train_file", "validation_file", "test_file", "output_dir", "model", "resume_from_checkpoint",
-                "metric_schema", "benchmark_tasks_dir", "general_text_file", "chat_template"):
-        value = raw.get(key)
-        if key == "resume_from_checkpoint" and value == "latest":
-            continue
-        if isinstance(value, str) and value and not Path(value).is_absolute():
-            candidate = base_dir / value
-            # `model` and `chat_template` may be names: only rebase them when they name a local path.
-            if key not in ("model", "chat_template") or candidate.exists():
-                raw[key] = str(candidate)
-    if isinstance(raw.get("probe_files"), list):
-        raw["probe_files"] = [str(base_dir / f) if isinstance(f, str) and not Path(f).is_absolute() else f
-                              for f in raw["probe_files"]]
-    return raw
+        raise UserError(format_validation_error(err, origin)) from None
 
 
 def check_keys(keys, origin: str | None) -> None:
@@ -448,7 +402,7 @@ def check_keys(keys, origin: str | None) -> None:
             raise UserError(f"{where}: {REMOVED_KEYS[key]}")
         if key not in KEY_GROUP:
             where = f"{origin}: unknown key '{key}'" if origin else f"override '{key}': unknown key"
-            raise UserError(f"{where}{_did_you_mean(key, KEY_GROUP)}")
+            raise UserError(f"{where}{did_you_mean(key, KEY_GROUP)}")
 
 
 def build_config(raw: dict, origin: str) -> RunConfig:
@@ -466,7 +420,7 @@ def build_config(raw: dict, origin: str) -> RunConfig:
         groups = {group: cls.model_validate(routed[group]) for group, cls in GROUPS.items()}
         return RunConfig(**top, **groups)
     except ValidationError as err:
-        raise UserError(_format_validation_error(err, origin)) from None
+        raise UserError(format_validation_error(err, origin)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -489,7 +443,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not isinstance(raw, dict):
             raise UserError(f"{path}: a config must be a mapping of key: value lines")
         check_keys(raw, str(path))
-        raw = _rebase_paths(raw, path.parent)
+        raw = rebase_paths(raw, path.parent)
     cli = parse_overrides(list(overrides))
     check_keys(cli, None)
     return build_config({**raw, **cli}, origin)

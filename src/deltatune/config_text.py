@@ -1,0 +1,60 @@
+"""The text side of configuration: `key=value` overrides, paths relative to a config file, and error lines for
+keys and values (config.py holds the typed groups these feed)."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from deltatune.errors import UserError
+
+
+def did_you_mean(key: str, choices) -> str:
+    """A " (did you mean 'x'?)" hint for a mistyped key, or nothing."""
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    """The first validation error as one line naming the key."""
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"]
+    if "input" in first and first["type"] not in ("missing", "value_error"):  # literal_error among them
+        msg = f"got {first['input']!r}; {msg[0].lower()}{msg[1:]}"
+    if first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    return f"{origin}: key '{key}': {msg}"
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`key=value` command-line overrides; values are parsed as YAML scalars (1e-4, true, null)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"override '{pair}' is not key=value (e.g. learning_rate=1e-4)")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value) if value != "" else None
+    return out
+
+
+def rebase_paths(raw: dict, base_dir: Path) -> dict:
+    """Make relative file paths in a config file relative to that file, not to the cwd."""
+    raw = dict(raw)
+    for key in ("train_file", "validation_file", "test_file", "output_dir", "model", "resume_from_checkpoint",
+                "metric_schema", "benchmark_tasks_dir", "general_text_file", "chat_template"):
+        value = raw.get(key)
+        if key == "resume_from_checkpoint" and value == "latest":
+            continue
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            candidate = base_dir / value
+            # `model` and `chat_template` may be names: only rebase them when they name a local path.
+            if key not in ("model", "chat_template") or candidate.exists():
+                raw[key] = str(candidate)
+    if isinstance(raw.get("probe_files"), list):
+        raw["probe_files"] = [str(base_dir / f) if isinstance(f, str) and not Path(f).is_absolute() else f
+                              for f in raw["probe_files"]]
+    return raw
