@@ -66,6 +66,12 @@ class ModelArgs(BaseModel):
     chat_template: str | None = None
     """Render conversations with this template instead of the model's own (saved with final/): a Jinja file, or one of
     `chatml`, `llama3`, `gemma`, `mistral`, `phi3`, `qwen3`."""
+    add_special_tokens: bool = False
+    """Add the special tokens `chat_template` uses that the vocabulary lacks, and train their embedding rows (full
+    fine-tuning, or beside LoRA/DoRA adapters)."""
+    chat_template_kwargs: dict[str, str | int | float | bool | None] | None = None
+    """Template options (Qwen3's `enable_thinking: false`), made the template's defaults: the same in training,
+    generation, and the template saved with final/."""
 
     @model_validator(mode="after")
     def _check_method_keys(self) -> "ModelArgs":
@@ -79,6 +85,9 @@ class ModelArgs(BaseModel):
             raise ValueError(f"{', '.join(freeze_keys)} only apply to method freeze (method is '{self.method}')")
         if self.method == "freeze" and not freeze_keys:
             raise ValueError("method freeze needs freeze_layers: N or trainable_modules: [regex, ...]")
+        if self.add_special_tokens and self.method in ("head_only", "freeze"):
+            raise ValueError(f"add_special_tokens: the new tokens' embeddings must train, and method {self.method} "
+                             "keeps them frozen (use full, lora, dora or qlora)")
         for pattern in self.trainable_modules or []:
             try:
                 re.compile(pattern)
@@ -106,6 +115,11 @@ class DataArgs(BaseModel):
     """Longer examples are truncated on the right; examples left with no trained token are dropped."""
     train_on_inputs: bool = False
     """Train on every token (prompts too) instead of the assistant turns only."""
+    train_on_reasoning: bool = True
+    """false: an assistant turn's reasoning (up to its `</think>`) is shown to the model but not trained."""
+    reasoning_format: Literal["auto", "template", "think"] = "auto"
+    """How `reasoning_content` is rendered: by the template (`template`), as a `<think>` block before the content
+    (`think`), or `auto`: the template when it renders the field, a `<think>` block otherwise."""
 
 
 class TrainArgs(BaseModel):
@@ -313,6 +327,7 @@ FLAT_ORDER = [
     "metric_schema", "max_new_tokens", "delta_report", "general_text_file", "probe_files", "side_by_side_prompts",
     "kl_samples", "allow_pickle", "trust_remote_code", "report_to", "forgetting_benchmarks", "benchmark_limit",
     "benchmark_tasks_dir", "loss_type", "beta", "simpo_gamma", "orpo_lambda", "chat_template",
+    "chat_template_kwargs", "train_on_reasoning", "reasoning_format", "add_special_tokens",
 ]
 assert sorted(FLAT_ORDER) == sorted(KEY_GROUP), "every key is dumped exactly once"
 

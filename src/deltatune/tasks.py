@@ -44,7 +44,7 @@ from deltatune.model.load import (
     saved_task_type,
     stop_at_end_of_turn,
 )
-from deltatune.model.methods import quantization_config
+from deltatune.model.methods import add_token_rows, quantization_config
 from deltatune.model.parts import accepts_token_types
 from deltatune.runtime.precision import resolve_bf16
 from deltatune.train.checkpoint import data_fingerprint
@@ -104,7 +104,9 @@ def _load_opts(cfg: RunConfig) -> dict:
 
 def _load_causal(cfg: RunConfig, splits: Splits):
     model, tokenizer = load_causal_lm(cfg.model.name, **_load_opts(cfg))
-    use_template(tokenizer, cfg.model.chat_template)
+    added = use_template(tokenizer, cfg.model.chat_template, cfg.model.chat_template_kwargs,
+                         add_missing=cfg.model.add_special_tokens)
+    add_token_rows(model, tokenizer, added)
     stop_at_end_of_turn(model, tokenizer)
     return model, tokenizer
 
@@ -120,7 +122,8 @@ def _load_tuned_classifier(folder: str, **opts):
 
 def _sft_builder(cfg: RunConfig, tokenizer, model):
     return functools.partial(cached_sft_examples, tokenizer=tokenizer, max_seq_length=cfg.data.max_seq_length,
-                             train_on_inputs=cfg.data.train_on_inputs)
+                             train_on_inputs=cfg.data.train_on_inputs, reasoning_format=cfg.data.reasoning_format,
+                             train_on_reasoning=cfg.data.train_on_reasoning)
 
 
 def _text_builder(cfg: RunConfig, tokenizer, model):

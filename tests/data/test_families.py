@@ -196,3 +196,93 @@ def test_reasoning_content_is_kept_on_assistant_turns_only(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": bad}])
     with pytest.raises(UserError, match=r"bad.jsonl:1: field 'messages\[0\].reasoning_content' is on a user turn"):
         load_records(path)
+
+
+def test_chat_template_kwargs_become_the_templates_defaults_at_training_and_after(tmp_path, tiny_model_dir):
+    from deltatune.data.templates import use_template
+
+    tokenizer = family_tokenizer("qwen3")
+    use_template(tokenizer, "qwen3", {"enable_thinking": False})
+    prompt = tokenizer.apply_chat_template(TURNS[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    overridden = tokenizer.apply_chat_template(TURNS[:1], tokenize=False, add_generation_prompt=True,
+                                               enable_thinking=True)
+    assert overridden.endswith("<|im_start|>assistant\n")  # a caller's own value still wins
+    with pytest.raises(UserError, match="'bad-name' is not a template variable name"):
+        use_template(family_tokenizer("qwen3"), None, {"bad-name": 1})
+
+    write_jsonl(tmp_path / "train.jsonl", [{"messages": TURNS}] * 8)
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG.format(model=tiny_model_dir, method="lora").replace("out-lora", "out")
+                      + "chat_template: qwen3\nchat_template_kwargs: {enable_thinking: false}\n")
+    assert main(["train", str(config)]) == 0
+    saved = AutoTokenizer.from_pretrained(tmp_path / "out" / "final")  # generate/chat on final/ renders the same
+    assert saved.apply_chat_template(TURNS[:1], tokenize=False, add_generation_prompt=True) == prompt
+
+
+@pytest.mark.parametrize("reasoning_format,train_on_reasoning,want", [
+    ("auto", True, "<think>\nthe word\n</think>\n\nfox fox<|im_end|>"),  # ChatML ignores the field: folded
+    ("think", True, "<think>\nthe word\n</think>\n\nfox fox<|im_end|>"),
+    ("auto", False, "fox fox<|im_end|>"),  # the reasoning is in the prompt's view, not trained
+    ("template", True, "fox fox<|im_end|>"),  # passed to a template that drops it
+])
+def test_reasoning_is_folded_into_think_blocks_and_trained_as_asked(reasoning_format, train_on_reasoning, want):
+    from deltatune.data.examples import build_sft_examples
+    from deltatune.data.formats import Record
+
+    tokenizer = family_tokenizer("qwen2")
+    records = [Record(messages=REASONING[:2], source="chats.jsonl:1")]
+    (ex,), _ = build_sft_examples(records, tokenizer, max_seq_length=256, reasoning_format=reasoning_format,
+                                  train_on_reasoning=train_on_reasoning)
+    assert "".join(trained(tokenizer, ex)) == want
+    folded = reasoning_format != "template"
+    assert ("the word" in tokenizer.decode(ex.input_ids)) == folded
+
+
+def test_reasoning_left_untrained_on_a_template_that_renders_it_turn_by_turn():
+    tokenizer = family_tokenizer("qwen3")
+    tokenizer.chat_template = BUILT_IN["qwen3"].jinja
+    first, second = tokenize_conversation(tokenizer, REASONING, train_on_reasoning=False)
+    assert "".join(trained(tokenizer, first)) == "fox fox<|im_end|>"
+    assert "".join(trained(tokenizer, second)) == "dog dog<|im_end|>"
+    assert "the word" in tokenizer.decode(first.input_ids)  # shown, not trained
+
+
+def test_train_on_reasoning_false_refuses_reasoning_it_cannot_find(tmp_path):
+    tokenizer = family_tokenizer("qwen2")
+    tokenizer.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + "
+                               "(m.get('reasoning_content', '') + ' ' if m['role'] == 'assistant' else '') + "
+                               "m['content'] + '<|im_end|>\n' }}{% endfor %}"
+                               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    with pytest.raises(UserError, match="renders reasoning_content without <think> tags"):
+        tokenize_conversation(tokenizer, REASONING[:2], train_on_reasoning=False, source="c.jsonl:1")
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_add_special_tokens_adds_the_templates_tokens_and_trains_their_rows(tmp_path, tiny_model_dir, method):
+    write_jsonl(tmp_path / "train.jsonl", [{"messages": TURNS}] * 8)
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG.format(model=tiny_model_dir, method=method).replace(f"out-{method}", "out")
+                      + "chat_template: llama3\nadd_special_tokens: true\n")
+    assert main(["train", str(config)]) == 0
+    before, _ = load_causal_lm(str(tiny_model_dir))
+    tuned, tokenizer = load_causal_lm(str(tmp_path / "out" / "final"))  # an adapter reloads onto a grown base
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert eot >= before.get_input_embeddings().num_embeddings and end_of_turn_id(tokenizer) == eot
+    if method == "lora":
+        tuned = tuned.merge_and_unload()
+    rows = tuned.get_output_embeddings().weight
+    assert rows.shape[0] == len(tokenizer)
+    # The new end-of-turn row trained away from its start (the mean of the old rows); an old row the data never
+    # shows as a target kept its value under LoRA.
+    old_mean = before.get_output_embeddings().weight.mean(0)
+    assert not torch.allclose(rows[eot], old_mean, atol=1e-3)
+    if method == "lora":
+        torch.testing.assert_close(rows[0], before.get_output_embeddings().weight[0])
+
+
+def test_add_special_tokens_is_refused_for_methods_that_freeze_the_embeddings(tmp_path, tiny_model_dir, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG.format(model=tiny_model_dir, method="head_only") + "add_special_tokens: true\n")
+    assert main(["train", str(config)]) == 2
+    assert "method head_only keeps them frozen" in capsys.readouterr().err

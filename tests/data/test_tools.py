@@ -42,10 +42,14 @@ def test_calls_are_trained_and_results_are_not(tmp_path):
     record = load_records(write_jsonl(tmp_path / "t.jsonl", [tool_record()]))[0][0]
     assert record.tools == [WEATHER]
     assert record.messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}  # parsed from JSON text
-    (ex,) = tokenize_conversation(tokenizer, record.messages, tools=record.tools)
-    assert trained_text(tokenizer, ex) == ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n'
-                                           '</tool_call><|im_end|>It is 3 degrees.<|im_end|>')
-    assert "<tools>" in tokenizer.decode(ex.input_ids) and '{"temp": 3}' in tokenizer.decode(ex.input_ids)
+    # Qwen3 gives the last assistant turn an (empty) think block and drops it once the turn is history, so each
+    # turn trains as generated: the call, then the answer after the tool's result.
+    call, answer = tokenize_conversation(tokenizer, record.messages, tools=record.tools)
+    assert trained_text(tokenizer, call) == ('<think>\n\n</think>\n\n<tool_call>\n{"name": "get_weather", '
+                                             '"arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>')
+    assert trained_text(tokenizer, answer) == "<think>\n\n</think>\n\nIt is 3 degrees.<|im_end|>"
+    seen = tokenizer.decode(answer.input_ids)
+    assert "<tools>" in seen and '{"temp": 3}' in seen and "</tool_call>" in seen
 
 
 def test_arguments_as_a_json_string_or_an_object_render_alike(tmp_path):
@@ -86,9 +90,12 @@ def test_lint_shows_a_tool_conversations_mask(tmp_path):
     assert report["errors"] == []
     assert report["roles"] == {"user": 2, "assistant": 4, "tool": 2}
     assert report["example"]["plain"].endswith(
-        '<|im_start|>assistant\n[[<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
-        '<|im_end|>]]\n<|im_start|>user\n<tool_response>\n{"temp": 3}\n</tool_response><|im_end|>\n'
-        '<|im_start|>assistant\n[[It is 3 degrees.<|im_end|>]]\n')
+        '<|im_start|>assistant\n[[<think>\n\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": '
+        '{"city": "Oslo"}}\n</tool_call><|im_end|>]]\n')
+    assert report["example_turns"][0]["plain"].endswith(
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+        '<|im_end|>\n<|im_start|>user\n<tool_response>\n{"temp": 3}\n</tool_response><|im_end|>\n'
+        '<|im_start|>assistant\n[[<think>\n\n</think>\n\nIt is 3 degrees.<|im_end|>]]\n')
 
 
 def test_tool_conversations_train_from_the_cli(tmp_path, tiny_model_dir):

@@ -41,11 +41,13 @@ def dataset_key(records: list[Record], tokenizer, **settings) -> str:
 
 
 def cached_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int, train_on_inputs: bool = False,
-                        name: str = "data", cache: Path | None = None, progress=None
-                        ) -> tuple[list[Example], DatasetStats]:
+                        name: str = "data", cache: Path | None = None, progress=None, reasoning_format: str = "auto",
+                        train_on_reasoning: bool = True) -> tuple[list[Example], DatasetStats]:
     """build_sft_examples, read from the cache when the same data was prepared before."""
     folder = (cache or cache_dir()) / "datasets"
-    key = dataset_key(records, tokenizer, max_seq_length=max_seq_length, train_on_inputs=train_on_inputs)
+    rule = {"train_on_inputs": train_on_inputs, "reasoning_format": reasoning_format,
+            "train_on_reasoning": train_on_reasoning}
+    key = dataset_key(records, tokenizer, max_seq_length=max_seq_length, **rule)
     path = folder / f"{key}.json"
     if path.is_file():
         try:
@@ -56,8 +58,8 @@ def cached_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int
             return examples, DatasetStats(**saved["stats"])
         except (ValueError, KeyError, TypeError):
             pass  # a damaged entry is rebuilt below
-    examples, stats = build_sft_examples(records, tokenizer, max_seq_length=max_seq_length,
-                                         train_on_inputs=train_on_inputs, name=name, progress=progress)
+    examples, stats = build_sft_examples(records, tokenizer, max_seq_length=max_seq_length, name=name,
+                                         progress=progress, **rule)
     try:
         inject_write_fault("cache")
         folder.mkdir(parents=True, exist_ok=True)

@@ -131,13 +131,62 @@ def trained_renderings(tokenizer, messages: list[dict], source: str = "", first:
     return [(text, [(start, end)]) for start, end, text in turns]
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+REASONING_FORMATS = ("auto", "template", "think")
+
+
+def renders_reasoning(tokenizer) -> bool:
+    """Whether the chat template renders an assistant message's `reasoning_content` field at all."""
+    probe = [PROBE[0], {**PROBE[1], "reasoning_content": "zqxj"}]
+    try:
+        return "zqxj" in render(tokenizer, probe)
+    except Exception:  # a template that refuses the probe does not render the field either
+        return False
+
+
+def fold_reasoning(messages: list[dict]) -> list[dict]:
+    """`reasoning_content` moved into the content as a `<think>` block, the way reasoning models write it."""
+    out = []
+    for m in messages:
+        if m.get("reasoning_content"):
+            m = {k: v for k, v in m.items() if k != "reasoning_content"}
+            m["content"] = f"{THINK_OPEN}\n{messages[len(out)]['reasoning_content']}\n{THINK_CLOSE}\n\n{m['content']}"
+        out.append(m)
+    return out
+
+
+def answers_only(text: str, spans: list[tuple[int, int]], source: str) -> list[tuple[int, int]]:
+    """The spans with each turn's reasoning (up to its `</think>` and the whitespace after) left untrained."""
+    out = []
+    for start, end in spans:
+        close = text.find(THINK_CLOSE, start, end)
+        if close < 0 and THINK_OPEN in text[start:end]:
+            raise UserError(f"{source}: an assistant turn opens {THINK_OPEN} and never closes it, so its reasoning "
+                            "cannot be told from its answer (train_on_reasoning: false)")
+        if close >= 0:
+            start = close + len(THINK_CLOSE)
+            start += len(text[start:end]) - len(text[start:end].lstrip())
+        out.append((start, end))
+    return out
+
+
 def tokenize_conversation(tokenizer, messages: list[dict], *, train_on_inputs: bool = False, source: str = "",
-                          first: int = 0, trailer: str = "", tools: list[dict] | None = None) -> list[Example]:
+                          first: int = 0, trailer: str = "", tools: list[dict] | None = None,
+                          fold: bool = False, train_on_reasoning: bool = True) -> list[Example]:
     """Token ids and labels of a conversation (not yet truncated): one Example, or one per assistant turn
     where the template rewrites the history (`trained_renderings`); assistant turns before index
-    `first` are not trained."""
+    `first` are not trained. `fold`: reasoning_content goes into the content as a `<think>` block (for
+    templates that do not render the field); `train_on_reasoning` false: only the answer after each
+    turn's `</think>`, and its end-of-turn token, are trained."""
+    if fold:
+        messages = fold_reasoning(messages)
     examples = []
     for text, spans in trained_renderings(tokenizer, messages, source, first, trailer, tools):
+        if not train_on_reasoning:
+            if any(m.get("reasoning_content") for m in messages) and THINK_CLOSE not in text:
+                raise UserError(f"{source}: the chat template renders reasoning_content without {THINK_OPEN} tags, "
+                                "so it cannot be left untrained (set reasoning_format: think)")
+            spans = answers_only(text, spans, source)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         if train_on_inputs:
@@ -181,11 +230,15 @@ def check_chat_tokenizer(tokenizer) -> None:
 
 
 def build_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int, train_on_inputs: bool = False,
-                       name: str = "data", progress=None) -> tuple[list[Example], DatasetStats]:
+                       name: str = "data", progress=None, reasoning_format: str = "auto",
+                       train_on_reasoning: bool = True) -> tuple[list[Example], DatasetStats]:
     """Tokenise, mask, truncate; drop (and count) examples left with no trained token.
-    `progress(n)`, when given, is told of every record done."""
+    `progress(n)`, when given, is told of every record done. `reasoning_format`: `template` passes
+    reasoning_content to the template, `think` folds it into a `<think>` block, `auto` folds it only for
+    templates that do not render the field."""
     check_chat_tokenizer(tokenizer)
     trailer = trailing_text(tokenizer)
+    fold = reasoning_format == "think" or (reasoning_format == "auto" and not renders_reasoning(tokenizer))
     stats = DatasetStats()
     examples = []
     split = 0  # conversations trained turn by turn (a template that rewrites the history)
@@ -196,7 +249,8 @@ def build_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int,
             raise UserError(f"{record.source}: record has no conversation; task 'sft' needs chat records "
                             "(messages, conversations, instruction/output or prompt/completion)")
         turns = tokenize_conversation(tokenizer, record.messages, train_on_inputs=train_on_inputs,
-                                      source=record.source, trailer=trailer, tools=record.tools)
+                                      source=record.source, trailer=trailer, tools=record.tools, fold=fold,
+                                      train_on_reasoning=train_on_reasoning)
         split += len(turns) > 1
         for ex in turns:
             if len(ex.input_ids) > max_seq_length:

@@ -7,6 +7,8 @@ splitting `<|eot_id|>` into a dozen ordinary tokens.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +61,8 @@ PHI3 = ChatTemplate(
     ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"))
 
 # Qwen3: an assistant turn's reasoning (`reasoning_content`, or a leading <think> block) is kept only
-# after the last user message; `enable_thinking: false` opens the generation with an empty block.
+# after the last user message, and the last turn always has a block (empty without reasoning), so it
+# renders after the `enable_thinking: false` generation prompt, which opens with an empty block.
 # Tools are listed in the system turn, calls rendered as <tool_call> JSON, results as <tool_response>.
 QWEN3 = ChatTemplate(
     "{% if tools %}{{ '<|im_start|>system\n' }}"
@@ -80,7 +83,8 @@ QWEN3 = ChatTemplate(
     "{% if '</think>' in content %}{% set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}"
     "{% set content = content.split('</think>')[-1].lstrip('\n') %}{% endif %}"
     "{{ '<|im_start|>assistant\n' }}"
-    "{% if loop.index0 > ns.last_query and reasoning %}{{ '<think>\n' + reasoning + '\n</think>\n\n' }}{% endif %}"
+    "{% if loop.index0 > ns.last_query and (loop.last or reasoning) %}"
+    "{{ '<think>\n' + reasoning + '\n</think>\n\n' }}{% endif %}"
     "{{ content }}"
     "{% for call in m.get('tool_calls') or [] %}"
     "{% if content or not loop.first %}{{ '\n' }}{% endif %}"
@@ -116,16 +120,44 @@ def read_template(value: str) -> ChatTemplate:
         raise UserError(f"chat_template: {path}: cannot read it as UTF-8 text ({err})") from None
 
 
-def use_template(tokenizer, value: str | None) -> None:
-    """Give the tokenizer the configured chat template (saved with it in final/), or refuse one whose
-    special tokens the vocabulary lacks."""
+def jinja_literal(value) -> str:
+    """A JSON-like value written as a Jinja expression."""
     if value is None:
-        return
-    template = read_template(value)
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in template.special_tokens if t not in vocab]
-    if missing:
-        raise UserError(f"chat_template: {value} uses {', '.join(missing)}, which the model's vocabulary lacks (each "
-                        "would be split into ordinary tokens and never learnt as one); use the template of the "
-                        "model's own family, or its own template (delete chat_template)")
-    tokenizer.chat_template = template.jinja
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)  # numbers as they are; a string double-quoted with escapes Jinja reads too
+
+
+def with_defaults(jinja: str, kwargs: dict) -> str:
+    """The template with `kwargs` as the defaults of its variables: a caller passing one still overrides it."""
+    for name in kwargs:
+        if not re.fullmatch(r"[A-Za-z_]\w*", name):
+            raise UserError(f"chat_template_kwargs: '{name}' is not a template variable name")
+    return "".join(f"{{%- if {name} is not defined %}}{{%- set {name} = {jinja_literal(value)} %}}{{%- endif %}}"
+                   for name, value in kwargs.items()) + jinja
+
+
+def use_template(tokenizer, value: str | None, kwargs: dict | None = None, add_missing: bool = False) -> list[str]:
+    """Give the tokenizer the configured chat template and template options (saved with it in final/), and
+    return the special tokens added for it: those the vocabulary lacks are refused, or added when
+    `add_missing` (the caller then grows the embeddings and trains their rows)."""
+    added = []
+    if value is not None:
+        template = read_template(value)
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in template.special_tokens if t not in vocab]
+        if missing and not add_missing:
+            raise UserError(f"chat_template: {value} uses {', '.join(missing)}, which the model's vocabulary lacks "
+                            "(each would be split into ordinary tokens and never learnt as one); use the template of "
+                            "the model's own family, or its own template (delete chat_template), or set "
+                            "add_special_tokens: true to add them and train their embeddings")
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+            added = missing
+        tokenizer.chat_template = template.jinja
+    if kwargs:
+        if tokenizer.chat_template is None:
+            raise UserError("chat_template_kwargs: the model has no chat template to pass them to")
+        tokenizer.chat_template = with_defaults(tokenizer.chat_template, kwargs)
+    return added

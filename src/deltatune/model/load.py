@@ -201,11 +201,18 @@ def load_causal_lm(name: str, *, allow_pickle: bool = False, trust_remote_code: 
 
     folder = resolve(name)
     if is_adapter_dir(folder):
-        model = load_adapter_model(folder, lambda base: load_causal_lm(
-            base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)[0])
         has_tokenizer = (folder / "tokenizer_config.json").is_file()
-        base = model.peft_config["default"].base_model_name_or_path
-        return model, load_tokenizer(folder if has_tokenizer else resolve(base), trust_remote_code=trust_remote_code)
+        base_name = adapter_info(folder)["base_model_name_or_path"]
+        tokenizer = load_tokenizer(folder if has_tokenizer else resolve(base_name), trust_remote_code=trust_remote_code)
+
+        def base_for(name: str):
+            base = load_causal_lm(name, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)[0]
+            # Tokens added in training (add_special_tokens): the adapter holds their rows, the base needs room.
+            if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+                base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            return base
+
+        return load_adapter_model(folder, base_for), tokenizer
     check_weights_safe(folder, allow_pickle)
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     try:

@@ -49,10 +49,24 @@ def quantization_config(method: str):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
+def add_token_rows(model: torch.nn.Module, tokenizer, tokens: list[str]) -> None:
+    """Grow the embeddings (and an untied output layer) for tokens just added to the tokenizer; their new rows
+    start near the old rows' mean (transformers' resizing) and train under every method that allows it."""
+    if not tokens:
+        return
+    model.resize_token_embeddings(len(tokenizer))
+    model.deltatune_new_token_ids = [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+
+
 def _lora_config(model, args, task_type: str, new_head: bool):
     from peft import LoraConfig
 
+    new_tokens = getattr(model, "deltatune_new_token_ids", None)
+    # Added tokens train their own embedding (and output) rows beside the adapters; the rest stays frozen.
+    rows = {name: new_tokens for name in (_input_embedding_name(model), *head_module_names(model))} if new_tokens \
+        else None
     return LoraConfig(
+        trainable_token_indices=rows,
         r=args.lora_r,
         lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
         lora_dropout=args.lora_dropout,
@@ -62,6 +76,11 @@ def _lora_config(model, args, task_type: str, new_head: bool):
         modules_to_save=head_module_names(model) if new_head else None,
         task_type=task_type,
     )
+
+
+def _input_embedding_name(model: torch.nn.Module) -> str:
+    table = model.get_input_embeddings()
+    return next(name for name, module in model.named_modules() if module is table).rsplit(".", 1)[-1]
 
 
 def _freeze_all_but(model: torch.nn.Module, trains) -> None:
