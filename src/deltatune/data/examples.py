@@ -149,8 +149,10 @@ def fold_reasoning(messages: list[dict]) -> list[dict]:
     out = []
     for m in messages:
         if m.get("reasoning_content"):
-            m = {k: v for k, v in m.items() if k != "reasoning_content"}
-            m["content"] = f"{THINK_OPEN}\n{messages[len(out)]['reasoning_content']}\n{THINK_CLOSE}\n\n{m['content']}"
+            folded = {k: v for k, v in m.items() if k != "reasoning_content"}
+            # A tool-calling turn may have no content: the block is then all its text.
+            folded["content"] = f"{THINK_OPEN}\n{m['reasoning_content']}\n{THINK_CLOSE}\n\n{m.get('content') or ''}"
+            m = folded
         out.append(m)
     return out
 
