@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 # Tests read stderr for the one error line; the stage lines are tested where they are asked for.
 os.environ["DELTATUNE_PROGRESS"] = "0"
+# `datasets` keeps what it converts (parquet into Arrow) in its own cache: one of the test session's, not the home's.
+os.environ.setdefault("HF_DATASETS_CACHE", str(Path(__import__("tempfile").mkdtemp(prefix="hf-datasets-"))))
 
 # The SmolLM2 template, with its default system prompt: masking must cope with text the
 # template inserts on its own.

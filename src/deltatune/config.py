@@ -96,13 +96,36 @@ class ModelArgs(BaseModel):
         return self
 
 
+class DataSource(BaseModel):
+    """One entry of `datasets:` (a training mix)."""
+
+    model_config = GROUP
+
+    path: str
+    """A JSONL/JSON/CSV/parquet/Arrow file, a save_to_disk folder, or hf://owner/name."""
+    format: Format = "auto"
+    """Record format of this source; `auto` detects it."""
+    columns: dict[str, str] | None = None
+    """Format field -> this source's column, e.g. {instruction: question, output: answer}."""
+    split: str | None = None
+    """The split of a multi-split source (default train)."""
+    config: str | None = None
+    """The configuration of a hub dataset that has several."""
+    weight: float = Field(1.0, gt=0)
+    """Share of the training draws (weights are normalised over the sources)."""
+
+
 class DataArgs(BaseModel):
     """Where the examples come from and how they are cut."""
 
     model_config = GROUP
 
     train_file: str | None = None
-    """Training data: JSONL, JSON (array) or CSV."""
+    """Training data: JSONL, JSON (array), CSV, parquet or Arrow file, a save_to_disk folder, or hf://owner/name."""
+    datasets: list[DataSource] | None = None
+    """Instead of train_file: several sources drawn by weight (seeded), each {path, format, columns, split, weight}."""
+    columns: dict[str, str] | None = None
+    """Format field -> column of train/validation/test files, e.g. {instruction: question, output: answer}."""
     validation_file: str | None = None
     """Held-out data for validation loss; when absent, `validation_split` of the training file is held out."""
     validation_split: float = Field(0.1, ge=0.0, lt=1.0)
@@ -234,6 +257,8 @@ class EvalArgs(BaseModel):
 
     per_device_eval_batch_size: int = Field(8, ge=1)
     """Examples per evaluation pass."""
+    max_eval_samples: int | None = Field(1000, ge=1)
+    """At most this many validation and test records are evaluated (a seeded sample of a bigger split); null: all."""
     metric: Literal["exact_match", "contains", "regex", "json_schema", "none"] = "exact_match"
     """Task metric on `test_file`, scored on greedy generations: `exact_match` (equals the reference), `contains` (holds
     the reference), `regex` (fully matches `metric_pattern`), `json_schema` (is JSON valid under `metric_schema`)."""
@@ -328,6 +353,7 @@ FLAT_ORDER = [
     "kl_samples", "allow_pickle", "trust_remote_code", "report_to", "forgetting_benchmarks", "benchmark_limit",
     "benchmark_tasks_dir", "loss_type", "beta", "simpo_gamma", "orpo_lambda", "chat_template",
     "chat_template_kwargs", "train_on_reasoning", "reasoning_format", "add_special_tokens",
+    "datasets", "columns", "max_eval_samples",
 ]
 assert sorted(FLAT_ORDER) == sorted(KEY_GROUP), "every key is dumped exactly once"
 
@@ -356,8 +382,9 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _check_across_groups(self) -> "RunConfig":
         method, memory = self.model.method, self.memory
-        if self.data.train_file is None:
-            raise ValueError("train_file is required (path to a JSONL, JSON or CSV file)")
+        if (self.data.train_file is None) == (self.data.datasets is None):
+            raise ValueError("give train_file (a data file or dataset) or datasets: (a weighted list of them), "
+                             "one of the two")
         if self.parallel.fsdp_cpu_offload and self.parallel.parallelism != "fsdp":
             raise ValueError("fsdp_cpu_offload: true needs parallelism: fsdp (DDP keeps a full model on each device)")
         if memory.optimizer_in_backward and self.train.max_grad_norm > 0:

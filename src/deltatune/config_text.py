@@ -49,11 +49,16 @@ def rebase_paths(raw: dict, base_dir: Path) -> dict:
         value = raw.get(key)
         if key == "resume_from_checkpoint" and value == "latest":
             continue
-        if isinstance(value, str) and value and not Path(value).is_absolute():
+        if isinstance(value, str) and value and not Path(value).is_absolute() and not value.startswith("hf://"):
             candidate = base_dir / value
             # `model` and `chat_template` may be names: only rebase them when they name a local path.
             if key not in ("model", "chat_template") or candidate.exists():
                 raw[key] = str(candidate)
+    if isinstance(raw.get("datasets"), list):  # each source's path, like train_file's
+        raw["datasets"] = [{**entry, "path": str(base_dir / entry["path"])}
+                           if isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry["path"]
+                           and not Path(entry["path"]).is_absolute() and not entry["path"].startswith("hf://")
+                           else entry for entry in raw["datasets"]]
     if isinstance(raw.get("probe_files"), list):
         raw["probe_files"] = [str(base_dir / f) if isinstance(f, str) and not Path(f).is_absolute() else f
                               for f in raw["probe_files"]]

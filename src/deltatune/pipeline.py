@@ -17,13 +17,15 @@ from pathlib import Path
 
 import torch
 
-from deltatune.config import RunConfig, dump_config
+from deltatune.config import DataSource, RunConfig, dump_config
 from deltatune.data.cache import cache_dir
 from deltatune.data.examples import Example, split_records
 from deltatune.data.formats import load_records
+from deltatune.data.sources import draw_mix, sample_eval
 from deltatune.data.templates import read_template
 from deltatune.delta.benchmarks import check_available as check_benchmarks
 from deltatune.delta.measures import check_inputs
+from deltatune.delta.render import mix_markdown
 from deltatune.delta.summary import print_comparison, write_summary
 from deltatune.errors import UserError
 from deltatune.evaluate.metrics import load_check
@@ -139,20 +141,31 @@ def checks_before_loading(cfg: RunConfig, device: torch.device) -> tuple[bool, P
 
 def read_splits(cfg: RunConfig, task: Task) -> Splits:
     data = cfg.data
-    with stage(f"reading {data.train_file}") as advance:
-        records, fmt = load_records(data.train_file, data.format)
-        advance(len(records))
-    if fmt not in task.formats:
-        raise UserError(f"{data.train_file}: format '{fmt}' does not fit task '{task.name}', which needs "
-                        f"one of {', '.join(task.formats)} (set task: or format:)")
+    sources = data.datasets or [DataSource(path=data.train_file, format=data.format, columns=data.columns)]
+    trains, val = [], []
+    for source in sources:
+        with stage(f"reading {source.path}") as advance:
+            records, fmt = load_records(source.path, source.format, columns=source.columns, split=source.split,
+                                        config=source.config)
+            advance(len(records))
+        if fmt not in task.formats:
+            raise UserError(f"{source.path}: format '{fmt}' does not fit task '{task.name}', which needs "
+                            f"one of {', '.join(task.formats)} (set task: or format:)")
+        if not data.validation_file:  # each source gives its own share of the held-out records
+            records, held_out = split_records(records, data.validation_split, cfg.seed)
+            val += held_out
+        trains.append((source.path, records, source.weight))
     if data.test_file and task.test_file_hint:
         raise UserError(f"test_file: {task.test_file_hint} (give {data.test_file} as validation_file instead)")
     if data.validation_file:
-        train, val = records, load_records(data.validation_file, fmt)[0]
-    else:
-        train, val = split_records(records, data.validation_split, cfg.seed)
-    test = load_records(data.test_file, fmt)[0] if data.test_file else []
-    return Splits(train, val, test)
+        val = load_records(data.validation_file, fmt, columns=data.columns, role="validation")[0]
+    train, mix = draw_mix(trains, cfg.seed) if data.datasets else (trains[0][1], [])
+    test = load_records(data.test_file, fmt, columns=data.columns, role="test")[0] if data.test_file else []
+    limit = cfg.eval.max_eval_samples
+    if len(val) > (limit or len(val)) or len(test) > (limit or len(test)):
+        print(f"evaluating a seeded sample of {limit} records of each held-out split (validation {len(val)}, "
+              f"test {len(test)}; max_eval_samples)", flush=True)
+    return Splits(train, sample_eval(val, limit, cfg.seed), sample_eval(test, limit, cfg.seed), mix)
 
 
 def tokenize_splits(splits: Splits, cfg: RunConfig, task: Task, tokenizer, model=None) -> Datasets:
@@ -161,7 +174,7 @@ def tokenize_splits(splits: Splits, cfg: RunConfig, task: Task, tokenizer, model
     def build(records, name: str, split: str):
         with stage(f"tokenising {split}", total=len(records)) as advance:
             return builder(records, name=name, progress=advance)
-    train, train_stats = build(splits.train, str(cfg.data.train_file), "train")
+    train, train_stats = build(splits.train, str(cfg.data.train_file or "the training mix"), "train")
     stats = {"train": train_stats}
     val: list[Example] = []
     if splits.val:
@@ -173,7 +186,23 @@ def tokenize_splits(splits: Splits, cfg: RunConfig, task: Task, tokenizer, model
         if s.truncated or s.dropped_no_labels:
             print(f"{split}: {s.truncated} examples truncated at max_seq_length={cfg.data.max_seq_length}, "
                   f"{s.dropped_no_labels} dropped with no trained tokens left", flush=True)
-    return Datasets(train, val, splits.test, stats, test_examples, splits.val)
+    mix = mix_rows(splits.mix, train)
+    for row in mix:
+        print(f"mix: {row['source']}: {row['drawn']} of the training draws from {row['available']} records "
+              f"(weight {row['weight']:g}), {100 * row['token_share']:.1f} % of the training tokens", flush=True)
+    return Datasets(train, val, splits.test, stats, test_examples, splits.val, mix)
+
+
+def mix_rows(shares, train: list[Example]) -> list[dict]:
+    """Each source of a training mix with its share of the training tokens (examples name their source file)."""
+    tokens = {share.name: 0 for share in shares}
+    for ex in train:
+        name = ex.source.rsplit(":", 1)[0]  # "FILE:LINE" or "FILE:row N"
+        if name in tokens:
+            tokens[name] += len(ex.input_ids)
+    total = max(sum(tokens.values()), 1)
+    return [{**share.as_record(), "tokens": tokens[share.name], "token_share": tokens[share.name] / total}
+            for share in shares]
 
 
 def prepare_output_dir(cfg: RunConfig, resuming: bool = False) -> Path:
@@ -248,6 +277,8 @@ def run(cfg: RunConfig) -> RunResult:
             if resume is None:
                 log.write({"step": 0, "event": "method", "method": cfg.model.method, **trained.as_record()})
                 log.write({"step": 0, "event": "base_eval", **without_predictions(before)})
+                if data.mix:  # the delta report names the mix from here
+                    log.write({"step": 0, "event": "data_mix", "sources": data.mix})
             # Frozen weights in a lower dtype only while training: the base evaluation saw float32, and
             # the float32 weights are back, bit for bit, before the tuned model is evaluated and saved.
             with frozen_weights(model, cfg.memory.frozen_weights_dtype, lambda: task.load(cfg, splits)[0]):
@@ -301,7 +332,7 @@ def report(cfg: RunConfig, task: Task, model, tokenizer, data: Datasets, before:
     """Rank 0: summary.md, the before/after table and the delta report (returned; None when off)."""
     task.save_extras(model, out / "final")
     write_summary(out, model=cfg.model.name, before=before, after=after, fit=result, data_stats=data.stats,
-                  extra=["", "## Method", "", f"- method: {cfg.model.method}",
+                  extra=[*mix_markdown(data.mix), "", "## Method", "", f"- method: {cfg.model.method}",
                          *(f"- {line}" for line in trained.lines()), *task.summary_lines(before, after)])
     print_comparison(before, after)
     print(f"tuned model: {out / 'final'}\nsummary: {out / 'summary.md'}")

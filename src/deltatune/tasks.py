@@ -26,6 +26,7 @@ from deltatune.data.examples import (
     label_names,
 )
 from deltatune.data.formats import CHAT_FORMATS, Record, load_records
+from deltatune.data.sources import SourceShare
 from deltatune.data.templates import use_template
 from deltatune.delta import causal, classifier, preference
 from deltatune.delta.measures import CompareSettings, report_options
@@ -56,6 +57,7 @@ class Splits:
     train: list[Record]
     val: list[Record]
     test: list[Record]
+    mix: list[SourceShare] = field(default_factory=list)  # the sources of a `datasets:` mix
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Datasets:
     stats: dict[str, DatasetStats]
     test_examples: list[Example] = field(default_factory=list)  # classification: the scored test records
     val_records: list[Record] = field(default_factory=list)
+    mix: list[dict] = field(default_factory=list)  # a `datasets:` mix: each source's draws and token share
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deltatune.data.sources import dataset_rows, is_dataset_source, renamed
 from deltatune.data.tools import check_tool_results, read_tool_calls, read_tools
 from deltatune.errors import UserError, where
 
@@ -47,7 +48,8 @@ class Record:
 
 def _read_text(path: Path) -> str:
     if path.is_dir():
-        raise UserError(f"{path}: is a directory; expected a data file (.jsonl, .json or .csv)")
+        raise UserError(f"{path}: is a directory, not a save_to_disk dataset; expected a data file (.jsonl, .json, "
+                        ".csv, .parquet, .arrow)")
     if not path.exists():
         raise UserError(f"{path}: file not found (check the path; relative paths are relative to the config file)")
     data = path.read_bytes()
@@ -116,22 +118,28 @@ def _csv_items(path: Path, text: str):
         yield reader.line_num, {k: v for k, v in row.items() if v is not None}
 
 
-def read_raw(path: str | Path, errors: list[str] | None = None):
-    """Yield (line, object) for every record of a JSONL, JSON or CSV file.
+def read_raw(path: str | Path, errors: list[str] | None = None, *, columns: dict[str, str] | None = None,
+             split: str | None = None, config: str | None = None, role: str = "train"):
+    """Yield (line, object) for every record of a JSONL, JSON or CSV file, or (`row N`, object) for every row of a
+    parquet/Arrow file, a `save_to_disk` folder or a hub id (`data.sources`); `columns` renames fields.
 
     With `errors` given (lint), a JSONL line that is not a JSON object is reported there and skipped.
     """
-    path = Path(path)
-    text = _read_text(path)
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        items = _csv_items(path, text)
-    elif suffix == ".json":
-        items = _json_array_items(path, text)
-    elif suffix in (".jsonl", ".ndjson"):
-        items = _jsonl_items(path, text, errors)
+    if is_dataset_source(path):
+        items = dataset_rows(path, split, config, role)
     else:
-        raise UserError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json or .csv)")
+        path = Path(path)
+        text = _read_text(path)
+        suffix = path.suffix.lower()
+        if suffix == ".csv":
+            items = _csv_items(path, text)
+        elif suffix == ".json":
+            items = _json_array_items(path, text)
+        elif suffix in (".jsonl", ".ndjson"):
+            items = _jsonl_items(path, text, errors)
+        else:
+            raise UserError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json, .csv, .parquet, .arrow, "
+                            "a save_to_disk folder or hf://owner/name)")
     for line, obj in items:
         if not isinstance(obj, dict):
             message = f"{where(path, line)}: expected a JSON object, got {type(obj).__name__}"
@@ -139,7 +147,7 @@ def read_raw(path: str | Path, errors: list[str] | None = None):
                 raise UserError(message)
             errors.append(message)
             continue
-        yield line, obj
+        yield line, renamed(obj, columns, where(path, line))
 
 
 # --- format detection and normalisation ------------------------------------------------------
@@ -369,14 +377,15 @@ def to_record(obj: dict, fmt: str, loc: str) -> Record:
     raise UserError(f"{loc}: unknown format '{fmt}' (use one of {', '.join(FORMATS)})")
 
 
-def load_records(path: str | Path, fmt: str = "auto",
-                 errors: list[str] | None = None) -> tuple[list[Record], str]:
-    """Read and validate every record of a data file; returns (records, detected format).
+def load_records(path: str | Path, fmt: str = "auto", errors: list[str] | None = None, *,
+                 columns: dict[str, str] | None = None, split: str | None = None, config: str | None = None,
+                 role: str = "train") -> tuple[list[Record], str]:
+    """Read and validate every record of a data file or dataset; returns (records, detected format).
 
     With `errors` given (lint), every bad record is reported there and skipped instead of stopping.
     """
     records: list[Record] = []
-    for line, obj in read_raw(path, errors):
+    for line, obj in read_raw(path, errors, columns=columns, split=split, config=config, role=role):
         loc = where(path, line)
         try:
             if fmt == "auto":

@@ -82,7 +82,7 @@ def training_section(metrics_path: Path | None, fit=None) -> dict | None:
     if metrics_path is None or not Path(metrics_path).is_file():
         return None
     curves = {"loss": [], "eval_loss": [], "learning_rate": []}
-    tokens_per_second = []
+    tokens_per_second, mix = [], None
     for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
         try:
             rec = json.loads(line)
@@ -93,7 +93,11 @@ def training_section(metrics_path: Path | None, fit=None) -> dict | None:
                 curves[key].append([rec.get("step", 0), rec[key]])
         if isinstance(rec.get("tokens_per_second"), (int, float)):
             tokens_per_second.append(rec["tokens_per_second"])
+        if rec.get("event") == "data_mix":
+            mix = rec.get("sources")
     section = {"curves": curves}
+    if mix:
+        section["data_mix"] = mix
     if fit is not None:
         section.update(steps=fit.steps, epochs=fit.epochs, wall_seconds=fit.wall_seconds,
                        tokens_per_second=fit.tokens_per_second, train_loss=fit.train_loss)
@@ -203,7 +207,18 @@ def training_markdown(tr: dict | None) -> list[str]:
         if tr["curves"]["eval_loss"]:
             lines.append("- validation loss by step: " +
                          ", ".join(f"{s}: {v:.4f}" for s, v in tr["curves"]["eval_loss"]))
+        lines += mix_markdown(tr.get("data_mix") or [])
     return lines
+
+
+def mix_markdown(mix: list[dict]) -> list[str]:
+    """The sources of a training mix: what each was weighted, drawn and gave of the tokens."""
+    if not mix:
+        return []
+    return ["", "## Data mix", "", *md_table(
+        ["source", "weight", "records", "drawn an epoch", "share of training tokens"],
+        [[Path(m["source"]).name, f"{m['weight']:g}", m["available"], m["drawn"], pct(m["token_share"])]
+         for m in mix])]
 
 
 def _markdown_to_html(md: str) -> str:
