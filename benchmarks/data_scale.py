@@ -6,7 +6,7 @@
     python benchmarks/data_scale.py --sizes 10000 --generate-only --out DIR  # only write the files
 
 The generator writes OpenAI `messages` records (an optional system prompt, then user/assistant;
-~80 tokens a conversation as the model sees it, 10-250, about 5% with 2-3 exchanges) in batches,
+~80 tokens a conversation as the model sees it, 30-300, about 5% with 2-3 exchanges) in batches,
 as JSONL and as parquet (a `messages` column of list<struct<role, content>>); the same seed
 writes the same records in both. Files are named by size and seed, so an `--out` folder reuses them.
 
@@ -87,7 +87,7 @@ def words(rng: random.Random, n: int) -> str:
 
 def exchange(rng: random.Random, scale: float) -> list[dict]:
     """One user turn and its answer; `scale` shortens the turns of a multi-turn conversation."""
-    n = max(2, int(rng.lognormvariate(2.6, 0.6) * scale))  # median ~13 words, a long tail up to ~100
+    n = max(2, int(rng.lognormvariate(2.8, 0.6) * scale))  # median ~16 words, a long tail up to ~100
     task = rng.choice(["sort", "reverse", "count", "describe", "describe"])
     listing = words(rng, n)
     if task == "sort":
@@ -423,7 +423,9 @@ def targets(results: dict, reference: dict[str, dict], nproc: int | None) -> lis
         warm = runs.get(WARM)
         trains = [r for label, r in runs.items() if label != "lint"]
         above = max(whole_peak(r) for r in trains) - whole_peak(reference[fmt_name]) if trains else None
-        scope = f"{n:,} conversations, {fmt_name}" + ("" if n == TARGET_SIZE else f" (the target is for {TARGET_SIZE:,})")
+        scope = f"{n:,} conversations, {fmt_name}"
+        if n != TARGET_SIZE:
+            scope += f" (the target is for {TARGET_SIZE:,})"
         for name, value, limit, unit in (
                 (f"preparation, cold cache, {cold_label} ≤ 5 min", cold and cold["prep_s"], TARGETS["prep_seconds"],
                  " s"),
@@ -455,11 +457,11 @@ def scaling(results: dict) -> list[dict]:
                     ratio = y / x
                     limit = TARGETS["growth"] * size_ratio
                     note = " (the smaller is under 1 s: too short to judge)" if x < 1 else ""
+                    text = (f"{fmt_name} {small:,} → {large:,} ({size_ratio:g}× the data), {label}, {what}: "
+                            f"{x:.1f} → {y:.1f} s, {ratio:.2f}× "
+                            f"({'holds' if ratio <= limit else f'misses: over {limit:.2f}×'}){note}")
                     out.append({"format": fmt_name, "from": small, "to": large, "run": label, "measure": what,
-                                "ratio": ratio, "limit": limit, "holds": ratio <= limit,
-                                "text": f"{fmt_name} {small:,} → {large:,} ({size_ratio:g}× the data), {label}, {what}: "
-                                f"{x:.1f} → {y:.1f} s, {ratio:.2f}× "
-                                f"({'holds' if ratio <= limit else f'misses: over {limit:.2f}×'}){note}"})
+                                "ratio": ratio, "limit": limit, "holds": ratio <= limit, "text": text})
     return out
 
 

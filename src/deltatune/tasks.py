@@ -126,7 +126,7 @@ def _load_tuned_classifier(folder: str, **opts):
 def _sft_builder(cfg: RunConfig, tokenizer, model):
     return functools.partial(cached_sft_examples, tokenizer=tokenizer, max_seq_length=cfg.data.max_seq_length,
                              train_on_inputs=cfg.data.train_on_inputs, reasoning_format=cfg.data.reasoning_format,
-                             train_on_reasoning=cfg.data.train_on_reasoning)
+                             train_on_reasoning=cfg.data.train_on_reasoning, num_proc=cfg.data.dataset_num_proc)
 
 
 def _text_builder(cfg: RunConfig, tokenizer, model):

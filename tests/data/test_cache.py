@@ -16,12 +16,16 @@ def recs(answer="fox fox"):
 
 def test_second_preparation_reads_the_cache(tiny_tokenizer, tmp_path, monkeypatch):
     first, stats = datacache.cached_sft_examples(recs(), tiny_tokenizer, max_seq_length=64, cache=tmp_path)
-    assert first == build_sft_examples(recs(), tiny_tokenizer, max_seq_length=64)[0]
-    assert len(list((tmp_path / "datasets").glob("*.json"))) == 1
+    assert isinstance(first, datacache.ExampleTable)  # read from the cached Arrow files, cold as warm
+    assert list(first) == build_sft_examples(recs(), tiny_tokenizer, max_seq_length=64)[0]
+    assert first[1] == list(first)[1] and first[-1] == first[1] and first[:1] == [first[0]]
+    (entry,) = [p for p in (tmp_path / "datasets").iterdir() if not p.name.startswith(".")]
+    assert (entry / "stats.json").is_file() and len(list(entry.glob("chunk-*.arrow"))) == 1
 
     def fail(*a, **k):
         raise AssertionError("tokenised again")
     monkeypatch.setattr(datacache, "build_sft_examples", fail)
+    monkeypatch.setattr(datacache, "prepare", fail)
     again, again_stats = datacache.cached_sft_examples(recs(), tiny_tokenizer, max_seq_length=64, cache=tmp_path)
     assert again == first and again_stats == stats
     for changed in (dict(records=recs("fox")), dict(max_seq_length=32), dict(train_on_inputs=True)):
@@ -29,3 +33,26 @@ def test_second_preparation_reads_the_cache(tiny_tokenizer, tmp_path, monkeypatc
         records = kwargs.pop("records")
         with pytest.raises(AssertionError, match="tokenised again"):
             datacache.cached_sft_examples(records, tiny_tokenizer, cache=tmp_path, **kwargs)
+
+
+def test_processes_and_chunks_prepare_what_one_pass_does(tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(datacache, "CHUNK", 3)  # several chunks, and several processes, on a small set
+    monkeypatch.setattr(datacache, "MIN_PARALLEL", 6)
+    records = [Record(messages=chat(f"say {w}", f"{w} {w}")["messages"], source=f"f.jsonl:{i}")
+               for i, w in enumerate(["fox", "dog", "cat", "sun", "sky", "tea", "owl", "elk"] * 2)]
+    want, want_stats = build_sft_examples(records, tiny_tokenizer, max_seq_length=64)
+    for procs in (1, 2):
+        got, stats = datacache.cached_sft_examples(records, tiny_tokenizer, max_seq_length=64, num_proc=procs,
+                                                   cache=tmp_path / str(procs))
+        assert list(got) == want and stats == want_stats  # same examples, same order, same counts
+    (entry,) = [p for p in (tmp_path / "2" / "datasets").iterdir() if not p.name.startswith(".")]
+    assert len(list(entry.glob("chunk-*.arrow"))) == 6
+
+
+def test_a_damaged_entry_is_rebuilt(tiny_tokenizer, tmp_path):
+    first = list(datacache.cached_sft_examples(recs(), tiny_tokenizer, max_seq_length=64, cache=tmp_path)[0])
+    (entry,) = [p for p in (tmp_path / "datasets").iterdir() if not p.name.startswith(".")]
+    chunk = next(entry.glob("chunk-*.arrow"))
+    chunk.write_bytes(chunk.read_bytes()[:40])  # a cut file
+    again, _ = datacache.cached_sft_examples(recs(), tiny_tokenizer, max_seq_length=64, cache=tmp_path)
+    assert list(again) == first

@@ -132,7 +132,7 @@ def test_a_mix_of_two_sources_trains_and_says_what_each_gave(tmp_path, tiny_mode
 
 @pytest.mark.parametrize("extra, message", [
     ("datasets:\n  - {path: a.jsonl, weight: 0}\n", "datasets.0.weight"),
-    ("train_file: a.jsonl\ndatasets:\n  - {path: a.jsonl}\n", "give train_file (a data file or dataset) or datasets:"),
+    ("train_file: a.jsonl\ndatasets:\n  - {path: a.jsonl}\n", "train_file and datasets: both name the training data"),
     ("train_file: a.parquet\n", "a.parquet: file not found"),
 ])
 def test_bad_sources_are_one_line_and_write_nothing(tmp_path, tiny_model_dir, capsys, extra, message):

@@ -61,6 +61,20 @@ class DatasetStats:
     label_tokens: int = 0
     tokens: int = 0
     notes: list[str] = field(default_factory=list)
+    turn_by_turn: int = 0  # conversations trained one example per assistant turn
+
+    @classmethod
+    def merged(cls, parts: list["DatasetStats"]) -> "DatasetStats":
+        """The stats of the parts' examples together (data prepared in chunks)."""
+        total = cls(**{f: sum(getattr(p, f) for p in parts) for f in
+                       ("examples", "truncated", "dropped_no_labels", "label_tokens", "tokens", "turn_by_turn")})
+        total.notes = [turn_by_turn_note(total.turn_by_turn)] if total.turn_by_turn else []
+        return total
+
+
+def turn_by_turn_note(count: int) -> str:
+    return (f"{count} conversations were trained turn by turn, one example per assistant turn "
+            "(the chat template rewrites earlier turns as the conversation grows)")
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
@@ -233,7 +247,8 @@ def check_chat_tokenizer(tokenizer) -> None:
 
 def build_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int, train_on_inputs: bool = False,
                        name: str = "data", progress=None, reasoning_format: str = "auto",
-                       train_on_reasoning: bool = True) -> tuple[list[Example], DatasetStats]:
+                       train_on_reasoning: bool = True, require_examples: bool = True
+                       ) -> tuple[list[Example], DatasetStats]:
     """Tokenise, mask, truncate; drop (and count) examples left with no trained token.
     `progress(n)`, when given, is told of every record done. `reasoning_format`: `template` passes
     reasoning_content to the template, `think` folds it into a `<think>` block, `auto` folds it only for
@@ -266,13 +281,17 @@ def build_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int,
             stats.tokens += len(ex.input_ids)
             examples.append(ex)
     stats.examples = len(examples)
+    stats.turn_by_turn = split
     if split:
-        stats.notes.append(f"{split} conversations were trained turn by turn, one example per assistant turn "
-                           "(the chat template rewrites earlier turns as the conversation grows)")
-    if not examples:
-        raise UserError(f"{name}: every example lost all its trained tokens to truncation at "
-                        f"max_seq_length={max_seq_length} (raise max_seq_length or shorten the prompts)")
+        stats.notes.append(turn_by_turn_note(split))
+    if not examples and require_examples:
+        raise no_examples_left(name, max_seq_length)
     return examples, stats
+
+
+def no_examples_left(name: str, max_seq_length: int) -> UserError:
+    return UserError(f"{name}: every example lost all its trained tokens to truncation at "
+                     f"max_seq_length={max_seq_length} (raise max_seq_length or shorten the prompts)")
 
 
 def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
