@@ -201,10 +201,10 @@ def error_line(err: str) -> str:
 def measure(cmd: list[str], log: Path, env: dict, timeout: float, metrics: Path | None = None) -> dict:
     """Run `cmd` (stdout to log.out, stderr to log.err) and watch it: wall time, stage lines,
     the peaks before and after preparation, when step 1 was logged, and its exit."""
-    stages: dict[str, float] = {}
-    arrivals: dict[str, float] = {}
+    stages: list[tuple[str, float, float]] = []  # (name, its seconds, when its line arrived)
     prep_hwm: list[int] = []  # VmHWM at the end of each tokenising stage; non-empty: preparation is over
     reset_ok = [True]
+    load_before = os.getloadavg()[0]  # another job on the machine skews every time here: say so
     start = time.perf_counter()
     with log.with_suffix(".out").open("wb") as out, log.with_suffix(".err").open("wb") as err:
         # Own session: a timeout kills the whole group, worker processes included.
@@ -218,11 +218,11 @@ def measure(cmd: list[str], log: Path, env: dict, timeout: float, metrics: Path 
                 if not match:
                     continue
                 name = "reading" if match["name"].startswith("reading ") else match["name"]
-                stages[name], arrivals[name] = float(match["seconds"]), time.perf_counter() - start
                 if name.startswith("tokenising"):
                     kib = proc_kib(proc.pid, "VmHWM")
                     reset_ok[0] = reset_hwm(proc.pid) and reset_ok[0]
                     prep_hwm.append(kib)
+                stages.append((name, float(match["seconds"]), time.perf_counter() - start))
 
         reader = threading.Thread(target=read_stderr, daemon=True)
         reader.start()
@@ -258,18 +258,27 @@ def measure(cmd: list[str], log: Path, env: dict, timeout: float, metrics: Path 
         train_peak = peak  # the whole run's peak came after preparation
     else:
         train_peak = max(train_tree, train_hwm if reset_ok[0] else 0)
-    prep = [stages[s] for s in stages if s == "reading" or s.startswith("tokenising")]
-    load = None
-    if "reading" in arrivals and "tokenising train" in arrivals:
-        load = arrivals["tokenising train"] - stages["tokenising train"] - arrivals["reading"]
     text = log.with_suffix(".err").read_text(errors="replace")
     return {"cmd": cmd[2:], "log": str(log), "rc": proc.returncode, "timed_out": timed_out, "wall_s": wall,
-            "stages_s": stages, "prep_s": sum(prep) if prep else None, "load_s": load,
+            "load_average_before": load_before, "stages": [list(s) for s in stages], **phases(stages, first_step),
             "first_step_s": first_step, "fit_step_one_s": (record or {}).get("elapsed_seconds"),
             "peak_gb": peak / 1e6, "tree_peak_gb": max(prep_tree, train_tree) / 1e6,
             "prep_peak_gb": prep_peak / 1e6 if prep_peak is not None else None,
             "train_peak_gb": train_peak / 1e6 if train_peak is not None else None,
             "error": error_line(text) if proc.returncode else None, "unsupported": unsupported(proc.returncode, text)}
+
+
+def phases(stages: list[tuple[str, float, float]], first_step: float | None) -> dict:
+    """Start-up (to the first reading), preparation (reading + tokenising), the load between them, and
+    what follows the preparation up to step 1, from the stage lines' seconds and arrival times."""
+    reading = [s for s in stages if s[0] == "reading"]
+    tokenising = [s for s in stages if s[0].startswith("tokenising")]
+    if not reading or not tokenising:
+        return {"startup_s": None, "prep_s": None, "load_s": None, "after_prep_s": None}
+    prep_end = tokenising[-1][2]
+    return {"startup_s": reading[0][2] - reading[0][1], "prep_s": sum(s[1] for s in reading + tokenising),
+            "load_s": tokenising[0][2] - tokenising[0][1] - reading[-1][2],
+            "after_prep_s": first_step - prep_end if first_step is not None else None}
 
 
 def unsupported(rc: int, err: str) -> str | None:
@@ -320,13 +329,12 @@ class Bench:
         say(result)
         return result
 
-    def lint(self, data: Path) -> dict:
+    def lint(self, data: Path, cache: Path, label: str = "lint") -> dict:
         run = self.folder("lint")
         cmd = [sys.executable, "-m", "deltatune", "lint", str(data), "--max-seq-length", "256"]
-        print("  lint ...", flush=True)
-        result = measure(cmd, run / "lint", {**self.env, "DELTATUNE_CACHE": str(self.cold_cache())},
-                         self.args.timeout)
-        result.update(label="lint")
+        print(f"  {label} ...", flush=True)
+        result = measure(cmd, run / "lint", {**self.env, "DELTATUNE_CACHE": str(cache)}, self.args.timeout)
+        result.update(label=label, cache=str(cache))
         say(result)
         return result
 
@@ -340,11 +348,13 @@ def status(r: dict) -> str:
 
 
 def say(r: dict) -> None:
-    parts = [status(r), f"{r['wall_s']:.1f} s", f"peak {r['peak_gb']:.2f} GB"]
+    parts = [status(r), f"{r['wall_s']:.1f} s", f"peak {whole_peak(r):.2f} GB"]
     if r.get("prep_s") is not None:
         parts.append(f"preparation {r['prep_s']:.1f} s")
     if r.get("first_step_s") is not None:
         parts.append(f"step 1 at {r['first_step_s']:.1f} s")
+    if r["load_average_before"] > 0.5:
+        parts.append(f"load average {r['load_average_before']:.1f} before it")
     print("    " + ", ".join(parts) + (f"; {r['error']}" if r["error"] else "") + f" (log {r['log']}.err)",
           flush=True)
 
@@ -386,12 +396,16 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 
 def table(rows: list[dict], reference: dict | None) -> None:
-    print("| run | result | wall s | preparation s (read + tokenise) | load s | start → step 1 s | "
-          "peak RSS preparation GB | peak RSS training GB | peak RSS whole GB | data above model GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| run | result | load avg before | wall s | start-up s | preparation s (read + tokenise) | load s | "
+          "preparation end → step 1 s (step 1 alone) | start → step 1 s | peak RSS preparation GB | "
+          "peak RSS training GB | peak RSS whole GB | data above model GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        above = whole_peak(r) - whole_peak(reference) if reference and r["label"] != "lint" and r["rc"] == 0 else None
-        print(f"| {r['label']} | {status(r)} | {r['wall_s']:.1f} | {fmt(r.get('prep_s'))} | {fmt(r.get('load_s'))} | "
+        train = r["label"] != "lint"
+        above = whole_peak(r) - whole_peak(reference) if reference and train and r["rc"] == 0 else None
+        after = fmt(r.get("after_prep_s")) + (f" ({fmt(r['fit_step_one_s'])})" if r.get("fit_step_one_s") else "")
+        print(f"| {r['label']} | {status(r)} | {r['load_average_before']:.1f} | {r['wall_s']:.1f} | "
+              f"{fmt(r.get('startup_s'))} | {fmt(r.get('prep_s'))} | {fmt(r.get('load_s'))} | {after} | "
               f"{fmt(r.get('first_step_s'))} | {fmt(r.get('prep_peak_gb'), 2)} | {fmt(r.get('train_peak_gb'), 2)} | "
               f"{whole_peak(r):.2f} | {fmt(above, 2)} |")
 
@@ -505,18 +519,26 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-scale-runs-"))
     bench = Bench(args, work)
-    # The reference run (200 conversations): the model's footprint, the one-time model conversion, and
-    # whether this deltatune has dataset_num_proc (an unknown override is refused before anything loads).
     print(f"\nreference: {REFERENCE_SIZE} conversations (runs in {work})", flush=True)
-    first = formats[0]
+    if os.getloadavg()[0] > 0.5:
+        print(f"  note: load average {os.getloadavg()[0]:.1f} before any run; something else is using the CPUs, "
+              "and every time below includes its share", flush=True)
+    # The embedded model's one-time GGUF → safetensors conversion, by a lint (it loads the tokenizer, so it
+    # converts): kept out of every later run, whose caches link the converted model in.
     bench.model_cache = bench.folder("cache")
-    ref = bench.train(files[REFERENCE_SIZE][first], bench.model_cache, ["dataset_num_proc=1"],
+    conversion = bench.lint(files[REFERENCE_SIZE][formats[0]], bench.model_cache, "model conversion (lint)")
+    if conversion["rc"] != 0 or conversion["timed_out"]:
+        raise SystemExit(f"converting the model failed ({status(conversion)}; log {conversion['log']}.err)")
+    # The reference runs: the model's own footprint and start-up. The first also asks whether this
+    # deltatune has dataset_num_proc (an unknown override is refused before anything loads).
+    first = formats[0]
+    ref = bench.train(files[REFERENCE_SIZE][first], bench.cold_cache(), ["dataset_num_proc=1"],
                       f"reference {first}, dataset_num_proc=1")
     num_proc_note = None
     if ref["unsupported"] == "dataset_num_proc":
         num_proc_note = f"skipped the multi-process runs: this deltatune has no dataset_num_proc key ({ref['error']})"
         print(f"  {num_proc_note}", flush=True)
-        ref = bench.train(files[REFERENCE_SIZE][first], bench.model_cache, [], f"reference {first}")
+        ref = bench.train(files[REFERENCE_SIZE][first], bench.cold_cache(), [], f"reference {first}")
     proc_override = [] if num_proc_note else ["dataset_num_proc=1"]
     reference = {first: ref}
     for fmt_name in formats[1:]:
@@ -540,7 +562,7 @@ def main() -> None:
                 continue
             print(f"\n{n:,} conversations, {fmt_name}", flush=True)
             path = files[n][fmt_name]
-            rows = [bench.lint(path)]
+            rows = [bench.lint(path, bench.cold_cache())]
             cold = bench.cold_cache()
             rows.append(bench.train(path, cold, proc_override, COLD_ONE))
             warm_overrides = proc_override
@@ -558,9 +580,10 @@ def main() -> None:
                     shutil.rmtree(Path(r["log"]).parent / "out", ignore_errors=True)
 
     print("\n## Results\n")
-    print(f"Reference ({REFERENCE_SIZE} conversations; the model's own footprint): " + "; ".join(
-        f"{f}: {status(r)}, start → step 1 {fmt(r['first_step_s'])} s, peak RSS {whole_peak(r):.2f} GB"
-        for f, r in reference.items()) + " (the first includes the one-time GGUF → safetensors conversion)")
+    print(f"Model conversion (GGUF → safetensors, once, by a lint of {REFERENCE_SIZE} conversations): "
+          f"{conversion['wall_s']:.1f} s, not in any figure below.\n")
+    print(f"Reference ({REFERENCE_SIZE} conversations: the model's own footprint and start-up):\n")
+    table(list(reference.values()), None)
     for (n, fmt_name), rows in results.items():
         how = "already there" if written[n] is None else f"generated in {written[n]:.1f} s"
         print(f"\n### {n:,} conversations, {fmt_name} ({files[n][fmt_name].stat().st_size / 1e6:.1f} MB, {how})\n")
@@ -574,10 +597,14 @@ def main() -> None:
     print("\n## Targets\n")
     for line in [g["text"] for g in goals] + [g["text"] for g in growth]:
         print(f"- {line}")
-    print("\nPreparation: the reading and tokenising stages of deltatune's stderr (0.1 s resolution); load: the gap "
-          "between them; start → step 1: child start to the step-1 record of metrics.jsonl (polled every "
-          f"{POLL} s). Peaks: preparation = VmHWM at the end of tokenising (worker processes: sampled sum), "
-          "training = the peak after it, whole = rusage; data above model = whole minus the reference run's.")
+    print("\nStart-up: child start to the reading stage (imports, config, preflight). Preparation: the reading and "
+          "tokenising stages of deltatune's stderr (0.1 s resolution); load: the gap between them (model, "
+          "tokenizer, split). Preparation end → step 1: LoRA, output folder, fit set-up and the first step (in "
+          "brackets: fit's own elapsed_seconds at step 1). Start → step 1: child start to the step-1 record of "
+          f"metrics.jsonl (polled every {POLL} s). Peaks: preparation = VmHWM when tokenising ends (worker "
+          "processes: their sampled sum), training = the peak after it, whole = rusage (os.wait4); data above "
+          "model = whole minus the reference run's of the same format. A load average above ~0.5 before a run "
+          "means another job shared the CPUs.")
     if not args.keep:
         print(f"(logs in {work}; caches and outputs removed, --keep keeps them)")
     if args.json:

@@ -245,8 +245,10 @@ def cmd_lint(args) -> int:
 
     tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
     use_template(tokenizer, args.chat_template)
+    columns = dict(pair.split("=", 1) for pair in args.columns or [])
     report = lint(args.data, tokenizer, max_seq_length=args.max_seq_length, validation=args.validation,
-                  fmt=args.format, train_on_inputs=args.train_on_inputs)
+                  fmt=args.format, train_on_inputs=args.train_on_inputs, columns=columns or None,
+                  sample=None if args.sample == 0 else args.sample)
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
@@ -416,13 +418,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("lint", help="check a data file the way training reads it, and report what it holds")
-    p.add_argument("data", help="JSONL/JSON/CSV data file")
+    p.add_argument("data", help="JSONL/JSON/CSV/parquet/Arrow file, save_to_disk folder or hf://owner/name")
     p.add_argument("--model", default=default("model"), help="whose tokenizer and chat template to use")
     p.add_argument("--max-seq-length", type=int, default=default("max_seq_length"))
     p.add_argument("--validation", help="validation file to check for overlap with DATA")
     p.add_argument("--format", default="auto", help="data format (default: detect)")
     p.add_argument("--train-on-inputs", action="store_true", help="count every token as trained, as training would")
     p.add_argument("--chat-template", help="a built-in template name or a Jinja file, as the chat_template key")
+    p.add_argument("--columns", nargs="*", metavar="FIELD=COLUMN", help="read a format field from another column")
+    p.add_argument("--sample", type=int, default=20_000,
+                   help="tokenise a seeded sample of this many records of a bigger file (0: all; default 20000)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
     p.set_defaults(func=cmd_lint)

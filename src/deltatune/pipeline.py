@@ -21,7 +21,7 @@ from deltatune.config import DataSource, RunConfig, dump_config
 from deltatune.data.cache import cache_dir
 from deltatune.data.examples import Example, split_records
 from deltatune.data.formats import load_records
-from deltatune.data.sources import draw_mix, sample_eval
+from deltatune.data.sources import draw_mix, seeded_sample
 from deltatune.data.templates import read_template
 from deltatune.delta.benchmarks import check_available as check_benchmarks
 from deltatune.delta.measures import check_inputs
@@ -165,7 +165,7 @@ def read_splits(cfg: RunConfig, task: Task) -> Splits:
     if len(val) > (limit or len(val)) or len(test) > (limit or len(test)):
         print(f"evaluating a seeded sample of {limit} records of each held-out split (validation {len(val)}, "
               f"test {len(test)}; max_eval_samples)", flush=True)
-    return Splits(train, sample_eval(val, limit, cfg.seed), sample_eval(test, limit, cfg.seed), mix)
+    return Splits(train, seeded_sample(val, limit, cfg.seed), seeded_sample(test, limit, cfg.seed), mix)
 
 
 def tokenize_splits(splits: Splits, cfg: RunConfig, task: Task, tokenizer, model=None) -> Datasets:

@@ -10,7 +10,7 @@ import pytest
 
 from deltatune.cli import main
 from deltatune.data.formats import load_records
-from deltatune.data.sources import draw_mix, sample_eval
+from deltatune.data.sources import draw_mix, seeded_sample
 from deltatune.errors import UserError
 
 from conftest import chat, write_jsonl
@@ -79,9 +79,9 @@ def test_the_mix_draws_each_source_by_weight_seeded():
 
 def test_evaluation_is_a_seeded_sample_in_file_order():
     records = list(range(50))
-    assert sample_eval(records, None, 0) == records and sample_eval(records, 60, 0) == records
-    picked = sample_eval(records, 10, 0)
-    assert len(picked) == 10 and picked == sorted(picked) and picked == sample_eval(records, 10, 0)
+    assert seeded_sample(records, None, 0) == records and seeded_sample(records, 60, 0) == records
+    picked = seeded_sample(records, 10, 0)
+    assert len(picked) == 10 and picked == sorted(picked) and picked == seeded_sample(records, 10, 0)
 
 
 CONFIG = """model: {model}
@@ -156,3 +156,20 @@ def test_the_delta_reports_training_section_names_the_mix(tmp_path):
     assert section["data_mix"] == mix
     lines = training_markdown(section)
     assert "| a.jsonl | 1 | 6 | 2 | 20.0% |" in lines and "| b.parquet | 3 | 3 | 7 | 80.0% |" in lines
+
+
+def test_lint_reads_datasets_and_samples_what_it_tokenises(tmp_path, tiny_tokenizer, capsys):
+    from deltatune.data.lint import lint, print_report
+
+    rows = [{"question": f"say {i}", "answer": f"{i} {i}"} for i in range(30)] + [{"question": "say 0",
+                                                                                    "answer": "0 0"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "qa.parquet")
+    report = lint(str(tmp_path / "qa.parquet"), tiny_tokenizer, sample=10,
+                  columns={"instruction": "question", "output": "answer"})
+    assert report["errors"] == [] and report["records"] == 31 and report["sampled"] == {"tokenised": 10, "of": 31}
+    assert report["examples"] == 10  # the token figures cover the sample
+    assert report["duplicates"]["exact"] == 1  # duplicates are found among all 31 records
+    print_report(report)
+    assert "token figures from a seeded sample of 10 of 31 records" in capsys.readouterr().out
+    assert main(["lint", str(tmp_path / "qa.parquet"), "--model", str(tmp_path / "none"), "--columns",
+                 "instruction=question", "output=answer"]) == 2  # (no such model: the columns flag parses first)

@@ -27,11 +27,13 @@ from deltatune.data.examples import (
     truncate_pair,
 )
 from deltatune.data.formats import CHAT_FORMATS, Record, detect_format, load_records, read_raw
+from deltatune.data.sources import is_dataset_source, seeded_sample
 from deltatune.errors import UserError
 
 SHORT_RESPONSE_WORDS = 3  # responses with fewer words are listed (fine for labels, suspicious for prose)
 MARK_OPEN, MARK_CLOSE = "[[", "]]"  # trained text in plain output
 SHOWN = 5  # at most this many sources listed per finding
+SAMPLE = 20_000  # records whose tokens lint counts in a bigger file: enough for the percentiles, fast at any size
 
 
 def percentiles(values: list[int]) -> dict:
@@ -66,11 +68,12 @@ def _counted(sources: list[str], total: int) -> dict:
     return {"count": len(sources), "share": _share(len(sources), total), "records": sources[:SHOWN]}
 
 
-def _read(path: str, fmt: str, errors: list[str]) -> tuple[list[Record], str, Counter]:
-    if not Path(path).is_file():
+def _read(path: str, fmt: str, errors: list[str], columns: dict[str, str] | None
+          ) -> tuple[list[Record], str, Counter]:
+    if not is_dataset_source(path) and not Path(path).is_file():
         raise UserError(f"{path}: file not found")
-    formats = Counter(detect_format(obj) or "unknown" for _, obj in read_raw(path, []))
-    records, fmt = load_records(path, fmt, errors)
+    formats = Counter(detect_format(obj) or "unknown" for _, obj in read_raw(path, [], columns=columns))
+    records, fmt = load_records(path, fmt, errors, columns=columns)
     return records, fmt, formats
 
 
@@ -106,24 +109,30 @@ def marked(tokenizer, text: str, example, source: str, max_seq_length: int) -> d
 
 
 def lint(data: str, tokenizer, *, max_seq_length: int = 1024, validation: str | None = None, fmt: str = "auto",
-         train_on_inputs: bool = False, threshold: float = NEAR_DUPLICATE_THRESHOLD) -> dict:
+         train_on_inputs: bool = False, threshold: float = NEAR_DUPLICATE_THRESHOLD, sample: int | None = SAMPLE,
+         columns: dict[str, str] | None = None) -> dict:
+    """Every record is read and checked, and duplicates are found among all of them; the checks that tokenise
+    (lengths, truncation, masks) run on a seeded sample of `sample` records of a bigger file (None: all)."""
     errors: list[str] = []
     warnings: list[str] = []
-    records, fmt, formats = _read(data, fmt, errors)
+    records, fmt, formats = _read(data, fmt, errors, columns)
     report: dict = {"data": str(data), "format": fmt, "records": len(records), "formats": dict(formats),
                     "max_seq_length": max_seq_length}
     roles = Counter(m["role"] for r in records for m in r.messages)
     report["roles"] = dict(roles)
+    tokenised = seeded_sample(records, sample, seed=0)
+    if len(tokenised) < len(records):
+        report["sampled"] = {"tokenised": len(tokenised), "of": len(records)}
     if fmt in CHAT_FORMATS:
-        _lint_chats(data, records, tokenizer, max_seq_length, train_on_inputs, report, errors, warnings)
+        _lint_chats(data, tokenised, tokenizer, max_seq_length, train_on_inputs, report, errors, warnings)
     elif records and records[0].chosen is not None:
-        _lint_pairs(data, records, tokenizer, max_seq_length, report, errors, warnings)
+        _lint_pairs(data, tokenised, tokenizer, max_seq_length, report, errors, warnings)
     else:
-        _lint_texts(records, fmt, tokenizer, max_seq_length, report, warnings)
+        _lint_texts(tokenised, fmt, tokenizer, max_seq_length, report, warnings)
     texts = [record_text(r) for r in records]
     _lint_duplicates(records, texts, threshold, report, warnings)
     if validation:
-        _lint_validation(validation, fmt, records, texts, threshold, report, errors, warnings)
+        _lint_validation(validation, fmt, records, texts, threshold, report, errors, warnings, columns)
     if not records and not errors:
         errors.append(f"{data}: no records found (add at least one)")
     report["errors"] = errors
@@ -264,10 +273,10 @@ def _lint_duplicates(records: list[Record], texts: list[str], threshold: float, 
 
 
 def _lint_validation(validation: str, fmt: str, records: list[Record], texts: list[str], threshold: float,
-                     report: dict, errors: list[str], warnings: list[str]) -> None:
+                     report: dict, errors: list[str], warnings: list[str], columns: dict | None = None) -> None:
     """Validation records that repeat training records make validation loss look better than it is."""
     val_errors: list[str] = []
-    val_records, _, _ = _read(validation, fmt, val_errors)
+    val_records, _, _ = _read(validation, fmt, val_errors, columns)
     errors += val_errors
     found = overlaps(texts, [record_text(r) for r in val_records], threshold)
     report["validation"] = {
@@ -295,6 +304,9 @@ def print_report(report: dict, console=None) -> None:
         console.print(*parts, markup=markup, soft_wrap=True)  # soft_wrap: never re-wrap lines in a pipe
     fmts = ", ".join(f"{k} {v}" for k, v in report["formats"].items())
     out(f"{report['data']}: {report['records']} valid records, format {report['format']} (lines by format: {fmts})")
+    if "sampled" in report:
+        out(f"token figures from a seeded sample of {report['sampled']['tokenised']} of {report['sampled']['of']} "
+            "records (--sample; duplicates are checked among all)")
     if report["roles"]:
         out("turns by role: " + ", ".join(f"{k} {v}" for k, v in report["roles"].items()))
     for name, stats in report.get("tokens", {}).items():

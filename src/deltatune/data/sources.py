@@ -122,7 +122,7 @@ def draw_mix(sources: list[tuple[str, list, float]], seed: int) -> tuple[list, l
     return mixed, shares
 
 
-def sample_eval(records: list, limit: int | None, seed: int) -> list:
+def seeded_sample(records: list, limit: int | None, seed: int) -> list:
     """At most `limit` records, a seeded sample in their file order, so a big split does not dominate a run."""
     if limit is None or len(records) <= limit:
         return records
