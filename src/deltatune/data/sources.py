@@ -8,6 +8,7 @@ a JSONL line gives, so the formats, their checks and their `FILE:row N` errors a
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ def open_dataset(path: str | Path, split: str | None = None, config: str | None 
     given (train_file reads `train`, validation_file `validation`, test_file `test`)."""
     import datasets
 
+    if os.environ.get("DELTATUNE_PROGRESS", "1") == "0":  # its own bars follow ours
+        datasets.disable_progress_bars()
     text = str(path)
     try:
         if text.startswith(HUB):
