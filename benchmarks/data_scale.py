@@ -1,7 +1,7 @@
 """Data preparation at scale: seeded conversations (10k / 100k / 1M) through `deltatune train` and `deltatune lint`.
 
     python benchmarks/data_scale.py                                          # 10k, 100k, 1M; JSONL and parquet
-    python benchmarks/data_scale.py --sizes 2000,20000 --formats jsonl       # a quick check (a few minutes)
+    python benchmarks/data_scale.py --sizes 2000,20000 --formats jsonl       # a quick check (~6 min)
     python benchmarks/data_scale.py --out /tmp/scale --json scale.json       # keep (and reuse) the data files
     python benchmarks/data_scale.py --sizes 10000 --generate-only --out DIR  # only write the files
 
@@ -11,20 +11,28 @@ as JSONL and as parquet (a `messages` column of list<struct<role, content>>); th
 writes the same records in both. Files are named by size and seed, so an `--out` folder reuses them.
 
 Per size × format, each in its own child process (`python -m deltatune ...`), in this order:
-`lint` (wall time, peak RSS); `train` on a cold dataset cache with 1 process and with all
-(`dataset_num_proc`, where this deltatune has the key); `train` again on the warm cache the last
-cold run left. Every train run: SmolLM2-135M-Instruct (embedded), LoRA, float32,
-`validation_split: 0`, one optimizer step of 8 conversations, max_seq_length 256, no delta report.
+`lint` at its defaults but max_seq_length 256 (wall time, peak RSS; a lint that tokenises only a
+sample of a big file, as `--sample` does, still reads all of it and searches it for duplicates);
+`train` on a cold dataset cache with 1 process and with all (`dataset_num_proc`, where this
+deltatune has the key); `train` again on the warm cache the last cold run left. Every train run:
+SmolLM2-135M-Instruct (embedded), LoRA, float32, `validation_split: 0`, one optimizer step of 8
+conversations, max_seq_length 256, no delta report.
 
 - preparation: the `reading` and `tokenising` stage lines deltatune prints on stderr (0.1 s resolution).
 - load: the gap between the two stages (model and tokenizer loading, the split).
 - start → step 1: from starting the child to the step-1 record in metrics.jsonl (polled every 0.2 s).
 - peak RSS: preparation = the process's VmHWM when the last tokenising stage ends (with worker
   processes: their sampled sum, where larger); training = the peak after that (VmHWM is reset
-  there); whole = the kernel's rusage (os.wait4). "Data above model": the whole peak minus that of
-  the same run on 200 conversations (the model's own footprint).
-"Cold" is an empty DELTATUNE_CACHE except the converted model (linked in: its one-time GGUF
-conversion is not data preparation); "warm" is the same folder again.
+  there); whole = the kernel's rusage (os.wait4).
+- data above model: the preparation peak minus that of the same run on 200 conversations (the
+  model is loaded by then, and everything the data costs has been built). Not the whole-run peak:
+  that is set by the first batch's padded length, which the shuffle picks differently for each
+  size (the 200-conversation run alone peaks at 2.27-3.42 GB with seeds 0-2), so its difference
+  (in brackets) says more about that batch than about the data.
+"Cold" is an empty DELTATUNE_CACHE (and HF_DATASETS_CACHE, where parquet becomes Arrow) except the
+converted model (linked in: its one-time GGUF conversion is not data preparation); "warm" is the
+same folders again. Times are only clean on an idle machine: each run reports the cores other work
+kept busy just before and during it.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ MODEL = "smollm2-135m-instruct"
 REFERENCE_SIZE = 200  # conversations: the model's own footprint and start-up, with next to no data
 BATCH = 10_000  # conversations generated and written at a time (1M never lives as Python objects at once)
 POLL = 0.2  # seconds between looks at the child (RSS, metrics.jsonl)
+BUSY = 0.3  # cores busy with other work before a run above which its times are flagged
 TARGETS = {"prep_seconds": 300.0, "warm_first_step_seconds": 15.0, "data_rss_gb": 1.5, "growth": 1.1}
 TARGET_SIZE = 1_000_000
 
@@ -177,6 +186,22 @@ def reset_hwm(pid: int) -> bool:
         return False
 
 
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat: all but idle and iowait)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_cores(seconds: float = 1.0) -> float:
+    """Cores in use over the next `seconds`: with no child running, what other jobs take."""
+    before = busy_seconds()
+    time.sleep(seconds)
+    return (busy_seconds() - before) / seconds
+
+
 def step_one(metrics: Path) -> dict | None:
     """The step-1 training record of metrics.jsonl, once it is there."""
     try:
@@ -204,8 +229,8 @@ def measure(cmd: list[str], log: Path, env: dict, timeout: float, metrics: Path 
     stages: list[tuple[str, float, float]] = []  # (name, its seconds, when its line arrived)
     prep_hwm: list[int] = []  # VmHWM at the end of each tokenising stage; non-empty: preparation is over
     reset_ok = [True]
-    load_before = os.getloadavg()[0]  # another job on the machine skews every time here: say so
-    start = time.perf_counter()
+    busy_before = busy_cores()  # another job on the machine skews every time here: say so
+    busy_start, start = busy_seconds(), time.perf_counter()
     with log.with_suffix(".out").open("wb") as out, log.with_suffix(".err").open("wb") as err:
         # Own session: a timeout kills the whole group, worker processes included.
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, env=env, start_new_session=True)
@@ -226,7 +251,7 @@ def measure(cmd: list[str], log: Path, env: dict, timeout: float, metrics: Path 
 
         reader = threading.Thread(target=read_stderr, daemon=True)
         reader.start()
-        prep_tree = train_tree = train_hwm = 0
+        prep_tree = train_tree = train_hwm = step_rss = 0
         first_step, record, timed_out = None, None, False
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -243,9 +268,11 @@ def measure(cmd: list[str], log: Path, env: dict, timeout: float, metrics: Path 
             else:
                 prep_tree = max(prep_tree, tree_kib(proc.pid))
             if metrics is not None and first_step is None and (record := step_one(metrics)):
-                first_step = now
+                first_step, step_rss = now, tree_kib(proc.pid)  # after the step: its activations are freed
             time.sleep(POLL)
         wall = time.perf_counter() - start
+        # What the machine did besides the child (and its workers): a busy neighbour shows up here.
+        busy_during = (busy_seconds() - busy_start - usage.ru_utime - usage.ru_stime) / wall
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keep Popen from waiting again
         reader.join(timeout=10)
     if metrics is not None and first_step is None and (record := step_one(metrics)):
@@ -260,9 +287,11 @@ def measure(cmd: list[str], log: Path, env: dict, timeout: float, metrics: Path 
         train_peak = max(train_tree, train_hwm if reset_ok[0] else 0)
     text = log.with_suffix(".err").read_text(errors="replace")
     return {"cmd": cmd[2:], "log": str(log), "rc": proc.returncode, "timed_out": timed_out, "wall_s": wall,
-            "load_average_before": load_before, "stages": [list(s) for s in stages], **phases(stages, first_step),
+            "busy_cores_before": busy_before, "busy_cores_during": busy_during,
+            "stages": [list(s) for s in stages], **phases(stages, first_step),
             "first_step_s": first_step, "fit_step_one_s": (record or {}).get("elapsed_seconds"),
-            "peak_gb": peak / 1e6, "tree_peak_gb": max(prep_tree, train_tree) / 1e6,
+            "step_rss_gb": step_rss / 1e6 if step_rss else None, "peak_gb": peak / 1e6,
+            "tree_peak_gb": max(prep_tree, train_tree) / 1e6,
             "prep_peak_gb": prep_peak / 1e6 if prep_peak is not None else None,
             "train_peak_gb": train_peak / 1e6 if train_peak is not None else None,
             "error": error_line(text) if proc.returncode else None, "unsupported": unsupported(proc.returncode, text)}
@@ -314,6 +343,11 @@ class Bench:
             (cache / "gguf").symlink_to(self.model_cache / "gguf", target_is_directory=True)
         return cache
 
+    def cache_env(self, cache: Path) -> dict:
+        # datasets' own cache too (parquet is converted to Arrow there): a cold run must not find what the
+        # lint or an earlier run left in ~/.cache/huggingface, and 1M rows do not land there.
+        return {**self.env, "DELTATUNE_CACHE": str(cache), "HF_DATASETS_CACHE": str(cache / "hf-datasets")}
+
     def train(self, data: Path, cache: Path, overrides: list[str], label: str) -> dict:
         run = self.folder("train")
         config = {"model": MODEL, "method": "lora", "train_file": str(data), "validation_split": 0, "max_steps": 1,
@@ -323,7 +357,7 @@ class Bench:
         (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         cmd = [sys.executable, "-m", "deltatune", "train", str(run / "config.yaml"), *overrides]
         print(f"  {label} ...", flush=True)
-        result = measure(cmd, run / "train", {**self.env, "DELTATUNE_CACHE": str(cache)}, self.args.timeout,
+        result = measure(cmd, run / "train", self.cache_env(cache), self.args.timeout,
                          metrics=run / "out" / "metrics.jsonl")
         result.update(label=label, cache=str(cache), overrides=overrides)
         say(result)
@@ -333,7 +367,7 @@ class Bench:
         run = self.folder("lint")
         cmd = [sys.executable, "-m", "deltatune", "lint", str(data), "--max-seq-length", "256"]
         print(f"  {label} ...", flush=True)
-        result = measure(cmd, run / "lint", {**self.env, "DELTATUNE_CACHE": str(cache)}, self.args.timeout)
+        result = measure(cmd, run / "lint", self.cache_env(cache), self.args.timeout)
         result.update(label=label, cache=str(cache))
         say(result)
         return result
@@ -353,10 +387,18 @@ def say(r: dict) -> None:
         parts.append(f"preparation {r['prep_s']:.1f} s")
     if r.get("first_step_s") is not None:
         parts.append(f"step 1 at {r['first_step_s']:.1f} s")
-    if r["load_average_before"] > 0.5:
-        parts.append(f"load average {r['load_average_before']:.1f} before it")
+    if max(r["busy_cores_before"], r["busy_cores_during"]) > BUSY:
+        parts.append(f"other work kept {r['busy_cores_before']:.1f} cores busy just before it, "
+                     f"{r['busy_cores_during']:.1f} during it")
     print("    " + ", ".join(parts) + (f"; {r['error']}" if r["error"] else "") + f" (log {r['log']}.err)",
           flush=True)
+
+
+def above_model(r: dict, reference: dict | None) -> float | None:
+    """The data's own memory: the preparation peak over the reference run's (see the docstring)."""
+    if reference is None or r.get("prep_peak_gb") is None or reference.get("prep_peak_gb") is None:
+        return None
+    return r["prep_peak_gb"] - reference["prep_peak_gb"]
 
 
 def whole_peak(r: dict) -> float:
@@ -396,18 +438,26 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 
 def table(rows: list[dict], reference: dict | None) -> None:
-    print("| run | result | load avg before | wall s | start-up s | preparation s (read + tokenise) | load s | "
-          "preparation end → step 1 s (step 1 alone) | start → step 1 s | peak RSS preparation GB | "
-          "peak RSS training GB | peak RSS whole GB | data above model GB |")
+    print("| run | result | other load, cores (before / during) | wall s | start-up s | preparation s (read + "
+          "tokenise) | load s | preparation end → step 1 s (step 1 alone) | start → step 1 s | peak RSS preparation "
+          "GB | peak RSS training GB | peak RSS whole GB | data above model GB (whole-run peak's difference) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         train = r["label"] != "lint"
-        above = whole_peak(r) - whole_peak(reference) if reference and train and r["rc"] == 0 else None
+        above = fmt(above_model(r, reference), 2) if train and r["rc"] == 0 else ""
+        if above and reference:
+            above += f" ({whole_peak(r) - whole_peak(reference):+.2f})"
         after = fmt(r.get("after_prep_s")) + (f" ({fmt(r['fit_step_one_s'])})" if r.get("fit_step_one_s") else "")
-        print(f"| {r['label']} | {status(r)} | {r['load_average_before']:.1f} | {r['wall_s']:.1f} | "
-              f"{fmt(r.get('startup_s'))} | {fmt(r.get('prep_s'))} | {fmt(r.get('load_s'))} | {after} | "
-              f"{fmt(r.get('first_step_s'))} | {fmt(r.get('prep_peak_gb'), 2)} | {fmt(r.get('train_peak_gb'), 2)} | "
-              f"{whole_peak(r):.2f} | {fmt(above, 2)} |")
+        cells = [r["label"], status(r), f"{r['busy_cores_before']:.1f} / {r['busy_cores_during']:.1f}",
+                 f"{r['wall_s']:.1f}", fmt(r.get("startup_s")), fmt(r.get("prep_s")), fmt(r.get("load_s")), after,
+                 fmt(r.get("first_step_s")), fmt(r.get("prep_peak_gb"), 2), fmt(r.get("train_peak_gb"), 2),
+                 f"{whole_peak(r):.2f}", above]
+        print("| " + " | ".join(cells) + " |")
+
+
+def contended(*runs: dict | None) -> str:
+    busy = max((max(r["busy_cores_before"], r["busy_cores_during"]) for r in runs if r), default=0.0)
+    return f"; other work kept {busy:.1f} cores busy, so the time is not clean" if busy > BUSY else ""
 
 
 def verdict(value: float | None, limit: float, unit: str) -> str:
@@ -436,19 +486,19 @@ def targets(results: dict, reference: dict[str, dict], nproc: int | None) -> lis
         cold = cold or runs.get(COLD_ONE)
         warm = runs.get(WARM)
         trains = [r for label, r in runs.items() if label != "lint"]
-        above = max(whole_peak(r) for r in trains) - whole_peak(reference[fmt_name]) if trains else None
+        above = max((a for r in trains if (a := above_model(r, reference[fmt_name])) is not None), default=None)
         scope = f"{n:,} conversations, {fmt_name}"
         if n != TARGET_SIZE:
             scope += f" (the target is for {TARGET_SIZE:,})"
-        for name, value, limit, unit in (
+        for name, value, limit, unit, run in (
                 (f"preparation, cold cache, {cold_label} ≤ 5 min", cold and cold["prep_s"], TARGETS["prep_seconds"],
-                 " s"),
+                 " s", cold),
                 ("warm cache: start → first optimizer step ≤ 15 s", warm and warm["first_step_s"],
-                 TARGETS["warm_first_step_seconds"], " s"),
-                ("peak RSS for data ≤ 1.5 GB above the model's", above, TARGETS["data_rss_gb"], " GB")):
+                 TARGETS["warm_first_step_seconds"], " s", warm),
+                ("peak RSS for data ≤ 1.5 GB above the model's", above, TARGETS["data_rss_gb"], " GB", None)):
             out.append({"target": name, "size": n, "format": fmt_name, "value": value, "limit": limit,
                         "holds": value is not None and value <= limit, "text": f"{name} [{scope}]: "
-                        f"{verdict(value, limit, unit)}"})
+                        f"{verdict(value, limit, unit)}{contended(run)}"})
     return out
 
 
@@ -460,7 +510,7 @@ def scaling(results: dict) -> list[dict]:
         for small, large in zip(sizes, sizes[1:]):
             a, b = ok_runs(results[small, fmt_name]), ok_runs(results[large, fmt_name])
             size_ratio = large / small
-            for label in a.keys() & b.keys():
+            for label in [label for label in a if label in b]:
                 for key, what in (("prep_s", "preparation"), ("first_step_s", "start → step 1"),
                                   ("wall_s", "wall")):
                     if label == "lint" and key != "wall_s" or label != "lint" and key == "wall_s":
@@ -471,6 +521,7 @@ def scaling(results: dict) -> list[dict]:
                     ratio = y / x
                     limit = TARGETS["growth"] * size_ratio
                     note = " (the smaller is under 1 s: too short to judge)" if x < 1 else ""
+                    note += contended(a[label], b[label])
                     text = (f"{fmt_name} {small:,} → {large:,} ({size_ratio:g}× the data), {label}, {what}: "
                             f"{x:.1f} → {y:.1f} s, {ratio:.2f}× "
                             f"({'holds' if ratio <= limit else f'misses: over {limit:.2f}×'}){note}")
@@ -520,9 +571,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-scale-runs-"))
     bench = Bench(args, work)
     print(f"\nreference: {REFERENCE_SIZE} conversations (runs in {work})", flush=True)
-    if os.getloadavg()[0] > 0.5:
-        print(f"  note: load average {os.getloadavg()[0]:.1f} before any run; something else is using the CPUs, "
-              "and every time below includes its share", flush=True)
+    if (busy := busy_cores()) > BUSY:
+        print(f"  note: {busy:.1f} cores busy before any run; something else is using the CPUs, and the times "
+              "below include its share", flush=True)
     # The embedded model's one-time GGUF → safetensors conversion, by a lint (it loads the tokenizer, so it
     # converts): kept out of every later run, whose caches link the converted model in.
     bench.model_cache = bench.folder("cache")
@@ -603,14 +654,22 @@ def main() -> None:
           "brackets: fit's own elapsed_seconds at step 1). Start → step 1: child start to the step-1 record of "
           f"metrics.jsonl (polled every {POLL} s). Peaks: preparation = VmHWM when tokenising ends (worker "
           "processes: their sampled sum), training = the peak after it, whole = rusage (os.wait4); data above "
-          "model = whole minus the reference run's of the same format. A load average above ~0.5 before a run "
-          "means another job shared the CPUs.")
-    if not args.keep:
-        print(f"(logs in {work}; caches and outputs removed, --keep keeps them)")
+          "model = the preparation peak minus the reference run's of the same format (in brackets the whole-run "
+          "peaks' difference, set mostly by the first batch's padded length). Other load: cores busy with other work "
+          "in the second before the run (no child of this benchmark running) and during it (the machine's busy CPU "
+          f"time less the child's own); above {BUSY}, another job shared the CPUs and the times are not clean.")
+    if not args.keep:  # the converted model and the reference caches too; a temp data folder as well
+        for r in [conversion, *reference.values()]:
+            shutil.rmtree(r["cache"], ignore_errors=True)
+            shutil.rmtree(Path(r["log"]).parent / "out", ignore_errors=True)
+        if not args.out:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        print(f"(logs in {work}; caches, outputs and temp data removed, --keep keeps them)")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"args": vars(args), "environment": env, "data_dir": str(data_dir), "work": str(work),
-             "generated_s": {str(n): s for n, s in written.items()}, "reference": reference,
+             "generated_s": {str(n): s for n, s in written.items()}, "model_conversion": conversion,
+             "reference": reference,
              "unsupported_formats": unsupported_formats, "num_proc": nproc, "num_proc_note": num_proc_note,
              "results": [{"size": n, "format": f, "runs": rows} for (n, f), rows in results.items()],
              "targets": goals, "scaling": growth}, indent=1))

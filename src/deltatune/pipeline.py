@@ -157,10 +157,11 @@ def read_splits(cfg: RunConfig, task: Task) -> Splits:
         trains.append((source.path, records, source.weight))
     if data.test_file and task.test_file_hint:
         raise UserError(f"test_file: {task.test_file_hint} (give {data.test_file} as validation_file instead)")
+    held_fmt = data.format if data.datasets else fmt  # a mix's sources may differ: held-out files say their own
     if data.validation_file:
-        val = load_records(data.validation_file, fmt, columns=data.columns, role="validation")[0]
+        val = load_records(data.validation_file, held_fmt, columns=data.columns, role="validation")[0]
     train, mix = draw_mix(trains, cfg.seed) if data.datasets else (trains[0][1], [])
-    test = load_records(data.test_file, fmt, columns=data.columns, role="test")[0] if data.test_file else []
+    test = load_records(data.test_file, held_fmt, columns=data.columns, role="test")[0] if data.test_file else []
     limit = cfg.eval.max_eval_samples
     if len(val) > (limit or len(val)) or len(test) > (limit or len(test)):
         print(f"evaluating a seeded sample of {limit} records of each held-out split (validation {len(val)}, "
