@@ -43,23 +43,21 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def rebase_paths(raw: dict, base_dir: Path) -> dict:
     """Make relative file paths in a config file relative to that file, not to the cwd."""
+    def rebased(value, only_if_there: bool = False):
+        # Absolute paths and hub ids stay; names (a model, a built-in template) only when they name a local path.
+        if not isinstance(value, str) or not value or Path(value).is_absolute() or value.startswith("hf://"):
+            return value
+        candidate = base_dir / value
+        return str(candidate) if not only_if_there or candidate.exists() else value
+
     raw = dict(raw)
     for key in ("train_file", "validation_file", "test_file", "output_dir", "model", "resume_from_checkpoint",
                 "metric_schema", "benchmark_tasks_dir", "general_text_file", "chat_template"):
-        value = raw.get(key)
-        if key == "resume_from_checkpoint" and value == "latest":
-            continue
-        if isinstance(value, str) and value and not Path(value).is_absolute() and not value.startswith("hf://"):
-            candidate = base_dir / value
-            # `model` and `chat_template` may be names: only rebase them when they name a local path.
-            if key not in ("model", "chat_template") or candidate.exists():
-                raw[key] = str(candidate)
+        if key in raw and not (key == "resume_from_checkpoint" and raw[key] == "latest"):
+            raw[key] = rebased(raw[key], only_if_there=key in ("model", "chat_template"))
     if isinstance(raw.get("datasets"), list):  # each source's path, like train_file's
-        raw["datasets"] = [{**entry, "path": str(base_dir / entry["path"])}
-                           if isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry["path"]
-                           and not Path(entry["path"]).is_absolute() and not entry["path"].startswith("hf://")
+        raw["datasets"] = [{**entry, "path": rebased(entry.get("path"))} if isinstance(entry, dict) and "path" in entry
                            else entry for entry in raw["datasets"]]
     if isinstance(raw.get("probe_files"), list):
-        raw["probe_files"] = [str(base_dir / f) if isinstance(f, str) and not Path(f).is_absolute() else f
-                              for f in raw["probe_files"]]
+        raw["probe_files"] = [rebased(f) for f in raw["probe_files"]]
     return raw

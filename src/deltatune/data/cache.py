@@ -14,6 +14,7 @@ code and gets the tokenizer once), each writing its own file; one process for sm
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -116,21 +117,29 @@ def prepare(records: list[Record], tokenizer, folder: Path, settings: dict, num_
     chunks = [(records[i:i + CHUNK], str(folder / f"chunk-{i // CHUNK:05d}.arrow"))
               for i in range(0, len(records), CHUNK)]
     parts = []
-    if num_proc > 1 and len(records) >= MIN_PARALLEL:
-        context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
-        with context.Pool(min(num_proc, len(chunks)), initializer=start_worker,
-                          initargs=(tokenizer, settings)) as pool:
-            for (chunk, _), stats in zip(chunks, pool.imap(prepare_chunk, chunks)):
-                parts.append(stats)
-                if progress is not None:
-                    progress(len(chunk))
-    else:
-        start_worker(tokenizer, settings)
-        for chunk in chunks:
-            parts.append(prepare_chunk(chunk))
+    with contextlib.ExitStack() as stack:
+        if num_proc > 1 and len(records) >= MIN_PARALLEL:
+            context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
+            pool = stack.enter_context(context.Pool(min(num_proc, len(chunks)), initializer=start_worker,
+                                                    initargs=(tokenizer, settings)))
+            done = pool.imap(prepare_chunk, chunks)
+        else:
+            start_worker(tokenizer, settings)
+            done = map(prepare_chunk, chunks)
+        for (chunk, _), stats in zip(chunks, done):
+            parts.append(stats)
             if progress is not None:
-                progress(len(chunk[0]))
+                progress(len(chunk))
     return DatasetStats.merged(parts)
+
+
+def cache_full(folder: Path):
+    return no_space(f"the dataset cache {folder}", folder, None,
+                    "free some space, or set DELTATUNE_CACHE to another folder")
+
+
+def open_entry(entry: Path) -> ExampleTable:
+    return ExampleTable(sorted(entry.glob("chunk-*.arrow")))
 
 
 def default_num_proc() -> int:
@@ -152,7 +161,7 @@ def cached_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int
     if (entry / STATS).is_file():
         try:
             stats = DatasetStats(**json.loads((entry / STATS).read_text(encoding="utf-8")))
-            table = ExampleTable(sorted(entry.glob("chunk-*.arrow")))
+            table = open_entry(entry)
             if progress is not None:
                 progress(len(records))
             return table, stats
@@ -165,8 +174,7 @@ def cached_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int
         work = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-"))
     except OSError as err:
         if is_no_space(err):  # the next run would fail the same way: say so now
-            raise no_space(f"the dataset cache {folder}", folder, None,
-                           "free some space, or set DELTATUNE_CACHE to another folder") from None
+            raise cache_full(folder) from None
         # An unwritable cache is refused before training (pipeline.preflight); elsewhere it only
         # costs the re-tokenisation next time.
         examples, stats = build_sft_examples(records, tokenizer, progress=progress, **settings)
@@ -183,9 +191,8 @@ def cached_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int
                 raise
     except OSError as err:
         if is_no_space(err):
-            raise no_space(f"the dataset cache {folder}", folder, None,
-                           "free some space, or set DELTATUNE_CACHE to another folder") from None
+            raise cache_full(folder) from None
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return ExampleTable(sorted(entry.glob("chunk-*.arrow"))), stats
+    return open_entry(entry), stats

@@ -147,7 +147,7 @@ def read_raw(path: str | Path, errors: list[str] | None = None, *, columns: dict
                 raise UserError(message)
             errors.append(message)
             continue
-        yield line, renamed(obj, columns, where(path, line))
+        yield line, renamed(obj, columns, where(path, line)) if columns else obj
 
 
 # --- format detection and normalisation ------------------------------------------------------
@@ -384,8 +384,15 @@ def load_records(path: str | Path, fmt: str = "auto", errors: list[str] | None =
 
     With `errors` given (lint), every bad record is reported there and skipped instead of stopping.
     """
+    return parse_records(read_raw(path, errors, columns=columns, split=split, config=config, role=role), path, fmt,
+                         errors)
+
+
+def parse_records(items, path: str | Path, fmt: str = "auto", errors: list[str] | None = None
+                  ) -> tuple[list[Record], str]:
+    """load_records on (line, object) pairs already read from `path` (lint reads a file once for two uses)."""
     records: list[Record] = []
-    for line, obj in read_raw(path, errors, columns=columns, split=split, config=config, role=role):
+    for line, obj in items:
         loc = where(path, line)
         try:
             if fmt == "auto":

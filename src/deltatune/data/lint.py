@@ -26,7 +26,7 @@ from deltatune.data.examples import (
     trained_renderings,
     truncate_pair,
 )
-from deltatune.data.formats import CHAT_FORMATS, Record, detect_format, load_records, read_raw
+from deltatune.data.formats import CHAT_FORMATS, Record, detect_format, parse_records, read_raw
 from deltatune.data.sources import is_dataset_source, seeded_sample
 from deltatune.errors import UserError
 
@@ -72,8 +72,13 @@ def _read(path: str, fmt: str, errors: list[str], columns: dict[str, str] | None
           ) -> tuple[list[Record], str, Counter]:
     if not is_dataset_source(path) and not Path(path).is_file():
         raise UserError(f"{path}: file not found")
-    formats = Counter(detect_format(obj) or "unknown" for _, obj in read_raw(path, [], columns=columns))
-    records, fmt = load_records(path, fmt, errors, columns=columns)
+    formats: Counter = Counter()
+
+    def counted():  # one pass: a big file or dataset is costly to read, and errors stay in line order
+        for line, obj in read_raw(path, errors, columns=columns):
+            formats[detect_format(obj) or "unknown"] += 1
+            yield line, obj
+    records, fmt = parse_records(counted(), path, fmt, errors)
     return records, fmt, formats
 
 
