@@ -59,7 +59,8 @@ ONLY_IMPORTED_BY: dict[str, set[str]] = {"docs": {"cli"}, "demo": {"cli"}}
 LAYOUT = {
     "errors": [], "files": [], "progress": [], "config_text": [], "config": [], "tasks": [], "pipeline": [],
     "sweep": [], "cli": [], "__main__": [],
-    "data": ["sources", "formats", "tools", "examples", "templates", "batching", "cache", "dedupe", "lint"],
+    "data": ["sources", "formats", "split_cache", "tools", "reasoning", "examples", "text_examples", "templates",
+             "batching", "cache", "stream", "dedupe", "lint"],
     "model": ["load", "parts", "methods", "gguf_vocab", "export"],
     "runtime": ["distributed", "precision", "host_memory", "faults"],
     "evaluate": ["loss", "generate", "metrics", "evaluate", "probes", "data_files", "preference"],

@@ -8,6 +8,7 @@
     deltatune demo
     deltatune prepare SOURCES... --out pairs.jsonl [--strategy template|model]
     deltatune lint DATA [--model M] [--max-seq-length N] [--validation FILE] [--json]
+    deltatune lint --config CONFIG      (each source of the run's training data, and the mix)
     deltatune merge --adapter DIR --out DIR
     deltatune export --model DIR --format gguf --out FILE.gguf
     deltatune compare --base A --tuned B --data FILE
@@ -240,20 +241,30 @@ def _prepare(args, out: Path, kind: str, prepare) -> int:
 
 
 def cmd_lint(args) -> int:
-    from deltatune.data.lint import lint, print_report
+    from deltatune.config import load_config
+    from deltatune.data.lint import lint, lint_run_data, print_mix, print_report
     from deltatune.data.templates import use_template
 
-    tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
-    use_template(tokenizer, args.chat_template)
-    columns = dict(pair.split("=", 1) for pair in args.columns or [])
-    report = lint(args.data, tokenizer, max_seq_length=args.max_seq_length, validation=args.validation,
-                  fmt=args.format, train_on_inputs=args.train_on_inputs, columns=columns or None,
-                  sample=None if args.sample == 0 else args.sample)
-    if args.json:
-        print(json.dumps(report, indent=2, ensure_ascii=False))
+    if (args.data is None) == (args.config is None):
+        raise UserError("lint takes a DATA file or --config CONFIG (whose training sources it checks), one of them")
+    sample = None if args.sample == 0 else args.sample
+    cfg = load_config(args.config) if args.config else None
+    tokenizer = _load_tokenizer(cfg.model.name if cfg else args.model, args.trust_remote_code)
+    use_template(tokenizer, cfg.model.chat_template if cfg else args.chat_template)
+    if cfg:
+        reports, mix = lint_run_data(cfg.data, tokenizer, sample)
     else:
-        print_report(report)
-    return 1 if report["errors"] else 0
+        columns = dict(pair.split("=", 1) for pair in args.columns or []) or None
+        reports, mix = [lint(args.data, tokenizer, max_seq_length=args.max_seq_length, validation=args.validation,
+                             fmt=args.format, train_on_inputs=args.train_on_inputs, columns=columns,
+                             sample=sample)], []
+    if args.json:
+        print(json.dumps({"sources": reports, "mix": mix} if cfg else reports[0], indent=2, ensure_ascii=False))
+    else:
+        for report in reports:
+            print_report(report)
+        print_mix(mix)
+    return 1 if any(report["errors"] for report in reports) else 0
 
 
 def cmd_merge(args) -> int:
@@ -418,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("lint", help="check a data file the way training reads it, and report what it holds")
-    p.add_argument("data", help="JSONL/JSON/CSV/parquet/Arrow file, save_to_disk folder or hf://owner/name")
+    p.add_argument("data", nargs="?", help="JSONL/JSON/CSV/parquet/Arrow file, save_to_disk folder or hf://owner/name")
+    p.add_argument("--config", help="check a run config's training data instead: each source of a mix, and the mix")
     p.add_argument("--model", default=default("model"), help="whose tokenizer and chat template to use")
     p.add_argument("--max-seq-length", type=int, default=default("max_seq_length"))
     p.add_argument("--validation", help="validation file to check for overlap with DATA")

@@ -21,7 +21,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from deltatune.config_text import did_you_mean, format_validation_error, parse_overrides, rebase_paths
+from deltatune.config_text import did_you_mean, format_validation_error, parse_overrides, read_mapping, rebase_paths
 from deltatune.errors import UserError
 
 Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "classification",
@@ -140,6 +140,8 @@ class DataArgs(BaseModel):
     """Longer examples are truncated on the right; examples left with no trained token are dropped."""
     train_on_inputs: bool = False
     """Train on every token (prompts too) instead of the assistant turns only."""
+    streaming: bool = False
+    """Tokenise the training records as training reads them (seeded shuffle buffer), nothing cached: needs max_steps."""
     train_on_reasoning: bool = True
     """false: an assistant turn's reasoning (up to its `</think>`) is shown to the model but not trained."""
     reasoning_format: Literal["auto", "template", "think"] = "auto"
@@ -355,7 +357,7 @@ FLAT_ORDER = [
     "kl_samples", "allow_pickle", "trust_remote_code", "report_to", "forgetting_benchmarks", "benchmark_limit",
     "benchmark_tasks_dir", "loss_type", "beta", "simpo_gamma", "orpo_lambda", "chat_template",
     "chat_template_kwargs", "train_on_reasoning", "reasoning_format", "add_special_tokens",
-    "datasets", "columns", "max_eval_samples", "dataset_num_proc",
+    "datasets", "columns", "max_eval_samples", "dataset_num_proc", "streaming",
 ]
 assert sorted(FLAT_ORDER) == sorted(KEY_GROUP), "every key is dumped exactly once"
 
@@ -388,6 +390,12 @@ class RunConfig(BaseModel):
             raise ValueError("train_file is required (a data file or dataset), or datasets: (a weighted list of them)")
         if self.data.train_file is not None and self.data.datasets is not None:
             raise ValueError("train_file and datasets: both name the training data; keep one")
+        if self.data.streaming and (self.train.max_steps <= 0 or self.data.datasets is not None):
+            raise ValueError("streaming: true needs max_steps (a stream's length is not known in advance) and one "
+                             "train_file (not datasets:)")
+        if self.data.streaming and self.data.validation_split > 0 and not self.data.validation_file:
+            raise ValueError("streaming: true cannot hold out a share of a stream: give validation_file, or set "
+                             "validation_split: 0")
         if self.parallel.fsdp_cpu_offload and self.parallel.parallelism != "fsdp":
             raise ValueError("fsdp_cpu_offload: true needs parallelism: fsdp (DDP keeps a full model on each device)")
         if memory.optimizer_in_backward and self.train.max_grad_norm > 0:
@@ -475,18 +483,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     if path is not None:
         path = Path(path)
         origin = str(path)
-        if not path.is_file():
-            raise UserError(f"{path}: config file not found (pass the path to a YAML file)")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise UserError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', err)})") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not UTF-8 text (save the config as UTF-8)") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"{path}: a config must be a mapping of key: value lines")
+        raw = read_mapping(path)
         check_keys(raw, str(path))
         raw = rebase_paths(raw, path.parent)
     cli = parse_overrides(list(overrides))

@@ -61,3 +61,20 @@ def rebase_paths(raw: dict, base_dir: Path) -> dict:
     if isinstance(raw.get("probe_files"), list):
         raw["probe_files"] = [rebased(f) for f in raw["probe_files"]]
     return raw
+
+
+def read_mapping(path: Path) -> dict:
+    """A YAML config file's mapping, or the one-line error that says what is wrong with the file."""
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found (pass the path to a YAML file)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text (save the config as UTF-8)") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a config must be a mapping of key: value lines")
+    return raw

@@ -12,26 +12,28 @@ import contextlib
 import importlib.util
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from deltatune.config import DataSource, RunConfig, dump_config
-from deltatune.data.cache import cache_dir
+from deltatune.data.cache import ExampleTable, cache_dir, tokenizer_digest
 from deltatune.data.examples import Example, split_records
-from deltatune.data.formats import load_records
-from deltatune.data.sources import draw_mix, seeded_sample
+from deltatune.data.formats import known_format, load_records, read_raw, stream_records
+from deltatune.data.sources import SourceShare, draw_mix, seeded_sample
+from deltatune.data.split_cache import DeferredRecords, load_reading, reading_key, save_reading
+from deltatune.data.stream import SHUFFLE_BUFFER, ExampleStream
 from deltatune.data.templates import read_template
 from deltatune.delta.benchmarks import check_available as check_benchmarks
 from deltatune.delta.measures import check_inputs
 from deltatune.delta.render import mix_markdown
 from deltatune.delta.summary import print_comparison, write_summary
-from deltatune.errors import UserError
+from deltatune.errors import UserError, where
 from deltatune.evaluate.metrics import load_check
 from deltatune.files import FolderLock, has_content, lock_folder, writing
 from deltatune.model.methods import apply_method, trainable_summary
-from deltatune.progress import stage
+from deltatune.progress import note, stage
 from deltatune.runtime import distributed
 from deltatune.runtime.precision import resolve_bf16
 from deltatune.tasks import TASKS, Datasets, Splits, Task, check_task_settings
@@ -140,6 +142,44 @@ def checks_before_loading(cfg: RunConfig, device: torch.device) -> tuple[bool, P
 
 
 def read_splits(cfg: RunConfig, task: Task) -> Splits:
+    """The records of every split, validated; for a task whose examples are cached, what this reading
+    decided is cached too, by the files' bytes: a warm start then reads none of the training records."""
+    if cfg.data.streaming:
+        return stream_splits(cfg, task)
+    key, entry, folder = None, None, cache_dir() / "splits"
+    if task.cached_examples:
+        with stage("hashing the data files"):
+            key = reading_key(reading_files(cfg.data), reading_settings(cfg, task))
+            entry = load_reading(folder, key) if key else None
+    if entry is not None:
+        note(f"reading: the data files are as when last read; {entry['train_count']} training records "
+             "(read again only if their examples are not cached)")
+        train = DeferredRecords(entry["train_count"], entry["train_digest"], lambda: read_records(cfg, task).train)
+        return Splits(train, entry["val"], entry["test"], [SourceShare(**share) for share in entry["mix"]])
+    splits = read_records(cfg, task)
+    if key:
+        splits.train = DeferredRecords.of(splits.train)  # hashed once, here, for both caches
+        save_reading(folder, key, {"train_count": len(splits.train), "train_digest": splits.train.digest,
+                                   "val": splits.val, "test": splits.test,
+                                   "mix": [asdict(share) for share in splits.mix]})
+    return splits
+
+
+def reading_files(data) -> list[str | None]:
+    """Every file a run reads its records from, in a fixed order."""
+    sources = [s.path for s in data.datasets] if data.datasets else [data.train_file]
+    return [*sources, data.validation_file, data.test_file]
+
+
+def reading_settings(cfg: RunConfig, task: Task) -> dict:
+    """Every setting that changes which records each split holds (the paths too: records name their file)."""
+    data = cfg.data
+    return {"task": task.name, "seed": cfg.seed, "max_eval_samples": cfg.eval.max_eval_samples,
+            **data.model_dump(include={"train_file", "datasets", "columns", "validation_file", "validation_split",
+                                       "test_file", "format"}, mode="json")}
+
+
+def read_records(cfg: RunConfig, task: Task) -> Splits:
     data = cfg.data
     sources = data.datasets or [DataSource(path=data.train_file, format=data.format, columns=data.columns)]
     trains, val = [], []
@@ -148,9 +188,7 @@ def read_splits(cfg: RunConfig, task: Task) -> Splits:
             records, fmt = load_records(source.path, source.format, columns=source.columns, split=source.split,
                                         config=source.config)
             advance(len(records))
-        if fmt not in task.formats:
-            raise UserError(f"{source.path}: format '{fmt}' does not fit task '{task.name}', which needs "
-                            f"one of {', '.join(task.formats)} (set task: or format:)")
+        check_format(source.path, fmt, task)
         if not data.validation_file:  # each source gives its own share of the held-out records
             records, held_out = split_records(records, data.validation_split, cfg.seed)
             val += held_out
@@ -169,14 +207,53 @@ def read_splits(cfg: RunConfig, task: Task) -> Splits:
     return Splits(train, seeded_sample(val, limit, cfg.seed), seeded_sample(test, limit, cfg.seed), mix)
 
 
+def check_format(path, fmt: str, task: Task) -> None:
+    if fmt not in task.formats:
+        raise UserError(f"{path}: format '{fmt}' does not fit task '{task.name}', which needs "
+                        f"one of {', '.join(task.formats)} (set task: or format:)")
+
+
+def stream_splits(cfg: RunConfig, task: Task) -> Splits:
+    """streaming: the held-out files read as usual; of the training file only its first record, for the format."""
+    data = cfg.data
+    first = next(read_raw(data.train_file, columns=data.columns), None)
+    if first is None:
+        raise UserError(f"{data.train_file}: no records found (add at least one)")
+    fmt = known_format(first[1], data.format, where(data.train_file, first[0]))
+    check_format(data.train_file, fmt, task)
+    val = load_records(data.validation_file, fmt, columns=data.columns, role="validation")[0] \
+        if data.validation_file else []
+    test = load_records(data.test_file, fmt, columns=data.columns, role="test")[0] if data.test_file else []
+    limit = cfg.eval.max_eval_samples
+    return Splits([], seeded_sample(val, limit, cfg.seed), seeded_sample(test, limit, cfg.seed),
+                  stream=lambda: stream_records(data.train_file, fmt, columns=data.columns))
+
+
+def stream_examples(splits: Splits, cfg: RunConfig, task: Task, tokenizer) -> ExampleStream:
+    """The training examples of a streaming run: as many positions as max_steps asks for, made as they are read."""
+    args = cfg.train
+    length = (args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+              * distributed.world_size())
+    settings = {"data": cfg.data.model_dump(mode="json"), "seed": cfg.seed, "tokenizer": tokenizer_digest(tokenizer)}
+    key = reading_key(reading_files(cfg.data), settings) or reading_key([], settings)  # a hub id: its name only
+    note(f"streaming {cfg.data.train_file}: {length} training examples ({args.max_steps} steps) tokenised as "
+         f"training reads them, through a seeded shuffle buffer of {SHUFFLE_BUFFER} records")
+    return ExampleStream(splits.stream, task.stream_maker(cfg, tokenizer), length, cfg.seed, key,
+                         str(cfg.data.train_file), cfg.data.max_seq_length)
+
+
 def tokenize_splits(splits: Splits, cfg: RunConfig, task: Task, tokenizer, model=None) -> Datasets:
     builder = task.example_builder(cfg, tokenizer, model)
+    stats = {}
 
     def build(records, name: str, split: str):
         with stage(f"tokenising {split}", total=len(records)) as advance:
             return builder(records, name=name, progress=advance)
-    train, train_stats = build(splits.train, str(cfg.data.train_file or "the training mix"), "train")
-    stats = {"train": train_stats}
+    if splits.stream is not None:
+        train = stream_examples(splits, cfg, task, tokenizer)
+        stats = {"train": train.stats}  # counted as training reads the stream
+    else:
+        train, stats["train"] = build(splits.train, str(cfg.data.train_file or "the training mix"), "train")
     val: list[Example] = []
     if splits.val:
         val, stats["validation"] = build(splits.val, "validation data", "validation")
@@ -194,13 +271,19 @@ def tokenize_splits(splits: Splits, cfg: RunConfig, task: Task, tokenizer, model
     return Datasets(train, val, splits.test, stats, test_examples, splits.val, mix)
 
 
-def mix_rows(shares, train: list[Example]) -> list[dict]:
+def mix_rows(shares, train) -> list[dict]:
     """Each source of a training mix with its share of the training tokens (examples name their source file)."""
+    if not shares:
+        return []
+    if isinstance(train, ExampleTable):  # read two columns, not a million examples
+        sources, lengths = train.sources(), train.lengths()
+    else:
+        sources, lengths = [ex.source for ex in train], [len(ex.input_ids) for ex in train]
     tokens = {share.name: 0 for share in shares}
-    for ex in train:
-        name = ex.source.rsplit(":", 1)[0]  # "FILE:LINE" or "FILE:row N"
+    for source, n in zip(sources, lengths):
+        name = source.rsplit(":", 1)[0]  # "FILE:LINE" or "FILE:row N"
         if name in tokens:
-            tokens[name] += len(ex.input_ids)
+            tokens[name] += n
     total = max(sum(tokens.values()), 1)
     return [{**share.as_record(), "tokens": tokens[share.name], "token_share": tokens[share.name] / total}
             for share in shares]

@@ -43,3 +43,9 @@ def stage(name: str, total: int | None = None, unit: str = "records"):
     count = f"{done[0]} {unit} in " if done[0] else ""
     rate = f" ({done[0] / seconds:.0f}/s)" if done[0] and seconds > 0 else ""
     print(f"{name}: {count}{seconds:.1f} s{rate}", file=sys.stderr, flush=True)
+
+
+def note(message: str) -> None:
+    """A log line on stderr beside the stages' (silenced with them by DELTATUNE_PROGRESS=0)."""
+    if os.environ.get("DELTATUNE_PROGRESS", "1") != "0":
+        print(message, file=sys.stderr, flush=True)

@@ -13,21 +13,15 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from deltatune.config import RunConfig
 from deltatune.data.cache import cached_sft_examples
-from deltatune.data.examples import (
-    DatasetStats,
-    Example,
-    build_classification_examples,
-    build_preference_examples,
-    build_text_blocks,
-    label_names,
-)
+from deltatune.data.examples import DatasetStats, Example, build_preference_examples, sft_example_maker
 from deltatune.data.formats import CHAT_FORMATS, Record, load_records
 from deltatune.data.sources import SourceShare
 from deltatune.data.templates import use_template
+from deltatune.data.text_examples import build_classification_examples, build_text_blocks, label_names
 from deltatune.delta import causal, classifier, preference
 from deltatune.delta.measures import CompareSettings, report_options
 from deltatune.delta.render import ReportKind
@@ -58,6 +52,7 @@ class Splits:
     val: list[Record]
     test: list[Record]
     mix: list[SourceShare] = field(default_factory=list)  # the sources of a `datasets:` mix
+    stream: Callable[[], Iterable[Record]] | None = None  # streaming: one pass over the training records
 
 
 @dataclass
@@ -95,6 +90,8 @@ class Task:
     packs: bool = True  # its examples may share a packed row
     new_head: bool = False  # the model gets a freshly initialised head, trained (and saved with an adapter)
     test_file_hint: str | None = None  # why it takes no test_file (None: it takes one)
+    stream_maker: Callable | None = None  # streaming: (cfg, tokenizer) -> make(records, stats) -> examples
+    cached_examples: bool = False  # its examples are cached by content: a warm start need not read its records
     prepares: str | None = None  # what `deltatune prepare` makes of documents for it ("pairs", "labelled")
     evaluate_file: Callable | None = None  # `deltatune eval`: (model, data file, FileSettings) -> result
     predict_file: Callable | None = None  # `deltatune predict`: (model, data, out, FileSettings, overwrite) -> n
@@ -123,10 +120,19 @@ def _load_tuned_classifier(folder: str, **opts):
     return load_classifier(folder, None, **opts)
 
 
+def _sft_settings(cfg: RunConfig) -> dict:
+    data = cfg.data
+    return dict(max_seq_length=data.max_seq_length, train_on_inputs=data.train_on_inputs,
+                reasoning_format=data.reasoning_format, train_on_reasoning=data.train_on_reasoning)
+
+
 def _sft_builder(cfg: RunConfig, tokenizer, model):
-    return functools.partial(cached_sft_examples, tokenizer=tokenizer, max_seq_length=cfg.data.max_seq_length,
-                             train_on_inputs=cfg.data.train_on_inputs, reasoning_format=cfg.data.reasoning_format,
-                             train_on_reasoning=cfg.data.train_on_reasoning, num_proc=cfg.data.dataset_num_proc)
+    return functools.partial(cached_sft_examples, tokenizer=tokenizer, num_proc=cfg.data.dataset_num_proc,
+                             **_sft_settings(cfg))
+
+
+def _sft_maker(cfg: RunConfig, tokenizer):
+    return sft_example_maker(tokenizer, **_sft_settings(cfg))
 
 
 def _text_builder(cfg: RunConfig, tokenizer, model):
@@ -212,7 +218,8 @@ _CAUSAL = dict(peft_task_type="CAUSAL_LM", report=causal.KIND, loss=lambda cfg: 
                load_tuned=load_causal_lm, evaluate=_evaluate_causal, delta_report=_causal_report,
                evaluate_file=evaluate_chats)
 TASKS: dict[str, Task] = {
-    "sft": Task("sft", CHAT_FORMATS, example_builder=_sft_builder, prepares="pairs", **_CAUSAL),
+    "sft": Task("sft", CHAT_FORMATS, example_builder=_sft_builder, prepares="pairs",
+                cached_examples=True, stream_maker=_sft_maker, **_CAUSAL),
     "text": Task("text", ("text",), example_builder=_text_builder, compares=False,
                  test_file_hint="task 'text' is scored by validation loss and perplexity", **_CAUSAL),
     "classification": Task(
@@ -232,6 +239,8 @@ TASKS: dict[str, Task] = {
 
 def check_task_settings(cfg: RunConfig) -> None:
     """A key of a group that only another task reads is a mistake, not a setting to ignore silently."""
+    if cfg.data.streaming and TASKS[cfg.task].stream_maker is None:
+        raise UserError(f"streaming: true works for task sft (task is '{cfg.task}'; set streaming: false)")
     for task in TASKS.values():
         if task.own_settings is None or task is TASKS[cfg.task]:
             continue

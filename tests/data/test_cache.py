@@ -56,3 +56,21 @@ def test_a_damaged_entry_is_rebuilt(tiny_tokenizer, tmp_path):
     chunk.write_bytes(chunk.read_bytes()[:40])  # a cut file
     again, _ = datacache.cached_sft_examples(recs(), tiny_tokenizer, max_seq_length=64, cache=tmp_path)
     assert list(again) == first
+
+
+def test_the_table_hashes_as_the_resume_check_hashes_its_examples(tiny_tokenizer, tmp_path, monkeypatch):
+    import hashlib
+
+    from deltatune.train.checkpoint import data_fingerprint
+
+    monkeypatch.setattr(datacache, "CHUNK", 3)  # several Arrow files: the table has several batches
+    records = [Record(messages=chat(f"say {w}", f"{w} " * (i + 1))["messages"], source=f"f.jsonl:{i}")
+               for i, w in enumerate(["fox", "dog", "cat", "sun", "sky", "tea", "owl"])]
+    table, _ = datacache.cached_sft_examples(records, tiny_tokenizer, max_seq_length=64, cache=tmp_path)
+    assert len(table.table.to_batches()) > 1
+    assert data_fingerprint(table) == data_fingerprint(list(table))  # vectorised, the same bytes
+    examples = list(table)
+    examples[3].labels[-1] = 7  # one label differs: the hash differs
+    assert data_fingerprint(examples) != data_fingerprint(table)
+    assert table.lengths() == [len(ex.input_ids) for ex in table] and table.sources()[2] == "f.jsonl:2"
+    assert hashlib.sha256().hexdigest() != data_fingerprint(table)

@@ -173,3 +173,37 @@ def test_lint_reads_datasets_and_samples_what_it_tokenises(tmp_path, tiny_tokeni
     assert "token figures from a seeded sample of 10 of 31 records" in capsys.readouterr().out
     assert main(["lint", str(tmp_path / "qa.parquet"), "--model", str(tmp_path / "none"), "--columns",
                  "instruction=question", "output=answer"]) == 2  # (no such model: the columns flag parses first)
+
+
+def test_a_warm_start_reads_no_training_record_unless_it_must(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """The second run with the same files and settings takes the held-out records and the training records'
+    hash from the cache; it reads the files again only when their bytes change, or when the examples are not
+    cached (train_on_inputs changed); every run trains the same way."""
+    from deltatune import pipeline
+
+    monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "cache"))
+    write_jsonl(tmp_path / "train.jsonl", CHATS)
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG.format(model=tiny_model_dir) + "train_file: train.jsonl\nvalidation_split: 0.25\n"
+                      "overwrite_output_dir: true\n")
+    reads = []
+    real = pipeline.read_records
+    monkeypatch.setattr(pipeline, "read_records", lambda cfg, task: reads.append(1) or real(cfg, task))
+
+    def train(*extra) -> list[dict]:
+        capsys.readouterr()
+        assert main(["train", str(config), *extra]) == 0
+        log = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in log if "loss" in r and "event" not in r] + \
+            [r["loss"] for r in log if r.get("event") == "base_eval"]
+
+    cold = train()
+    assert len(reads) == 1
+    monkeypatch.setenv("DELTATUNE_PROGRESS", "1")
+    assert train() == cold and len(reads) == 1  # warm: not read, the same losses (base eval included)
+    assert "the data files are as when last read; 6 training records" in capsys.readouterr().err
+    monkeypatch.setenv("DELTATUNE_PROGRESS", "0")
+    assert train("train_on_inputs=true") != cold and len(reads) == 2  # examples missed: the records are read
+    write_jsonl(tmp_path / "train.jsonl", CHATS[::-1])  # other bytes: read again
+    train()
+    assert len(reads) == 3

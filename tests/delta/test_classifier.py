@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from deltatune.data.examples import build_classification_examples
 from deltatune.data.formats import Record
+from deltatune.data.text_examples import build_classification_examples
 from deltatune.delta import measures as delta
 from deltatune.delta.classifier import CkaSums, general_sentences, linear_cka, macro_f1_statistic, measure
 from deltatune.delta.measures import ReportOptions

@@ -295,3 +295,34 @@ def test_classification_from_class_folders(tmp_path, tiny_tokenizer):
         ("shipping", "My parcel has not arrived yet."), ("shipping", "The box came damaged.")]
     with pytest.raises(UserError, match="--label-from folder"):
         prepare([str(root)], tmp_path / "x.jsonl", tokenizer=tiny_tokenizer, kind="labelled")
+
+
+def test_near_duplicates_match_the_exhaustive_search_on_a_narrow_vocabulary():
+    """Texts of 12 words crowd the LSH groups with weak candidates; the search must still find exactly what
+    comparing every pair finds (a text repeats an earlier one exactly, or nearly one that is not itself a repeat)."""
+    import random
+
+    rng = random.Random(7)
+    vocab = "red blue sun sea fox owl tea sky map oak ink jar".split()
+    texts = []
+    for i in range(600):
+        if i > 20 and rng.random() < 0.2:  # a near copy of an earlier text: one word changed, or one added
+            words = rng.choice(texts).split()
+            words[rng.randrange(len(words))] = rng.choice(vocab)
+            texts.append(" ".join(words + ([rng.choice(vocab)] if rng.random() < 0.5 else [])))
+        else:
+            texts.append(" ".join(rng.choice(vocab) for _ in range(rng.randint(25, 40))))
+    sets = [shingles(t) for t in texts]
+    want, originals = {}, []
+    for i, t in enumerate(texts):
+        same = next((j for j in range(i) if " ".join(texts[j].split()) == " ".join(t.split())), None)
+        near = [j for j in originals if jaccard(sets[i], sets[j]) >= 0.8]
+        if same is not None or near:
+            want[i] = "exact" if same is not None else "near"
+        else:
+            originals.append(i)
+    found = find_duplicates(texts)
+    assert len(want) > 50
+    assert {d.index: d.kind for d in found} == want
+    near = [d for d in found if d.kind == "near"]
+    assert near and all(jaccard(sets[d.index], sets[d.of]) >= 0.8 and d.of not in want for d in near)

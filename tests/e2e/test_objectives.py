@@ -7,8 +7,9 @@ import torch
 
 from deltatune.config import build_config
 from deltatune.data.batching import collate
-from deltatune.data.examples import IGNORE_INDEX, build_text_blocks
+from deltatune.data.examples import IGNORE_INDEX
 from deltatune.data.formats import Record
+from deltatune.data.text_examples import build_text_blocks
 from deltatune.errors import UserError
 from deltatune.evaluate.metrics import classification_metrics
 from deltatune.model.load import load_classifier
@@ -116,8 +117,8 @@ def test_classification_trains_and_reloads_with_its_labels(tmp_path, tiny_model_
     # Reloaded, the model predicts exactly what the tuned model did: its head is the trained one, not a fresh one.
     reloaded, tok = load_classifier(str(final), None, seed=123)
     reloaded.eval()
-    from deltatune.data.examples import build_classification_examples
     from deltatune.data.formats import load_records
+    from deltatune.data.text_examples import build_classification_examples
     from deltatune.evaluate.evaluate import predict
 
     examples, _ = build_classification_examples(load_records(train)[0], tok, max_seq_length=64,

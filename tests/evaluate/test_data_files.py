@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from deltatune.cli import main
-from deltatune.data.examples import build_classification_examples, takes_pairs
 from deltatune.data.formats import Record
+from deltatune.data.text_examples import build_classification_examples, takes_pairs
 
 from conftest import make_tiny_llama, make_tokenizer, write_jsonl
 

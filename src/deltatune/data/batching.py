@@ -130,14 +130,16 @@ def model_mask(model, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     raise UserError(f"packing needs 'sdpa' or 'eager' attention; this model uses '{impl}' (set packing: false)")
 
 
-def step_groups(n_examples: int, examples_per_step: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shuffled example indices for one epoch, cut into optimizer steps.
+def step_groups(n_examples: int, examples_per_step: int, seed: int, epoch: int, shuffle: bool = True
+                ) -> list[list[int]]:
+    """Shuffled example indices for one epoch (in order: `shuffle` false), cut into optimizer steps.
 
     The order depends on the seed and epoch only, not on how a step is split into
     micro-batches, so batch 8 x accumulation 1 and batch 2 x accumulation 4 see the same data.
     """
     order = list(range(n_examples))
-    random.Random(seed * 100_003 + epoch).shuffle(order)
+    if shuffle:
+        random.Random(seed * 100_003 + epoch).shuffle(order)
     return [order[i: i + examples_per_step] for i in range(0, n_examples, examples_per_step)]
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from deltatune.data.examples import DatasetStats, Example, build_sft_examples, no_examples_left
 from deltatune.data.formats import Record
+from deltatune.data.split_cache import records_digest
 from deltatune.files import inject_write_fault, is_no_space, no_space
 
 FORMAT_VERSION = 3  # bump when the tokenisation, masking or storage changes (3: Arrow chunks, reasoning keys)
@@ -40,16 +41,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DELTATUNE_CACHE", Path.home() / ".cache" / "deltatune"))
 
 
-def dataset_key(records: list[Record], tokenizer, **settings) -> str:
+def dataset_key(records: Sequence[Record], tokenizer, **settings) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps({"version": FORMAT_VERSION, "settings": settings}, sort_keys=True).encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    digest.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
-    digest.update(str(tokenizer.chat_template).encode())
-    for r in records:
-        digest.update(json.dumps([r.messages, r.text, r.text_pair, r.label, r.source, r.tools],
-                                 ensure_ascii=False).encode())
+    digest.update(tokenizer_digest(tokenizer).encode())
+    digest.update(records_digest(records).encode())
     return digest.hexdigest()[:32]
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """sha256 of the tokenizer's full serialisation and chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest = hashlib.sha256((backend.to_str() if backend is not None else repr(tokenizer)).encode())
+    digest.update(str(tokenizer.chat_template).encode())
+    return digest.hexdigest()
 
 
 class ExampleTable(Sequence):
@@ -83,6 +88,31 @@ class ExampleTable(Sequence):
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
+
+    def lengths(self) -> list[int]:
+        import pyarrow.compute as pc
+
+        return pc.list_value_length(self._ids).to_pylist()
+
+    def sources(self) -> list[str]:
+        return self._sources.to_pylist()
+
+    def fingerprint(self, digest) -> None:
+        """Feed `digest` what checkpoint.data_fingerprint feeds it for each example (its length, input ids
+        and labels as int64), a batch of examples at a time: a million examples hash in seconds, not minutes."""
+        import numpy as np
+
+        for batch in self.table.to_batches(max_chunksize=16384):
+            ids, labels = batch.column("input_ids"), batch.column("labels")
+            lengths = np.diff(ids.offsets.to_numpy()).astype(np.int64)
+            before = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # each example's first token
+            owner = np.repeat(np.arange(len(lengths)), lengths)  # the example of each token
+            at = owner + before[owner] + 1 + np.arange(len(owner))  # where each input id goes
+            out = np.empty(len(lengths) + 2 * len(owner), dtype=np.int64)
+            out[np.arange(len(lengths)) + 2 * before] = lengths
+            out[at] = ids.flatten().to_numpy()
+            out[at + lengths[owner]] = labels.flatten().to_numpy()
+            digest.update(out.tobytes())
 
 
 def write_examples(path: Path, examples: list[Example]) -> None:

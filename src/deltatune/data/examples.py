@@ -12,18 +12,17 @@ the model sees it when generating it (`trained_renderings`).
 
 A preference pair renders each side (the shared prompt plus one response) the same way and
 trains each side's response only; the chosen side's Example carries the rejected one.
-
-Continued pre-training cuts concatenated documents into blocks where every token trains. A
-classification example puts its class id at the *last* token's label position (everything
-else IGNORE_INDEX), so the training loop's count of label positions per step counts examples.
+Examples of raw and labelled text are built in text_examples.py.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from deltatune.data.formats import Record
+from deltatune.data.reasoning import THINK_CLOSE, THINK_OPEN, answers_only, fold_reasoning
 from deltatune.data.tools import without_calls
 from deltatune.errors import UserError
 
@@ -145,10 +144,6 @@ def trained_renderings(tokenizer, messages: list[dict], source: str = "", first:
     return [(text, [(start, end)]) for start, end, text in turns]
 
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-REASONING_FORMATS = ("auto", "template", "think")
-
-
 def renders_reasoning(tokenizer) -> bool:
     """Whether the chat template renders an assistant message's `reasoning_content` field at all."""
     probe = [PROBE[0], {**PROBE[1], "reasoning_content": "zqxj"}]
@@ -156,34 +151,6 @@ def renders_reasoning(tokenizer) -> bool:
         return "zqxj" in render(tokenizer, probe)
     except Exception:  # a template that refuses the probe does not render the field either
         return False
-
-
-def fold_reasoning(messages: list[dict]) -> list[dict]:
-    """`reasoning_content` moved into the content as a `<think>` block, the way reasoning models write it."""
-    out = []
-    for m in messages:
-        if m.get("reasoning_content"):
-            folded = {k: v for k, v in m.items() if k != "reasoning_content"}
-            # A tool-calling turn may have no content: the block is then all its text.
-            folded["content"] = f"{THINK_OPEN}\n{m['reasoning_content']}\n{THINK_CLOSE}\n\n{m.get('content') or ''}"
-            m = folded
-        out.append(m)
-    return out
-
-
-def answers_only(text: str, spans: list[tuple[int, int]], source: str) -> list[tuple[int, int]]:
-    """The spans with each turn's reasoning (up to its `</think>` and the whitespace after) left untrained."""
-    out = []
-    for start, end in spans:
-        close = text.find(THINK_CLOSE, start, end)
-        if close < 0 and THINK_OPEN in text[start:end]:
-            raise UserError(f"{source}: an assistant turn opens {THINK_OPEN} and never closes it, so its reasoning "
-                            "cannot be told from its answer (train_on_reasoning: false)")
-        if close >= 0:
-            start = close + len(THINK_CLOSE)
-            start += len(text[start:end]) - len(text[start:end].lstrip())
-        out.append((start, end))
-    return out
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], *, train_on_inputs: bool = False, source: str = "",
@@ -194,26 +161,48 @@ def tokenize_conversation(tokenizer, messages: list[dict], *, train_on_inputs: b
     `first` are not trained. `fold`: reasoning_content goes into the content as a `<think>` block (for
     templates that do not render the field); `train_on_reasoning` false: only the answer after each
     turn's `</think>`, and its end-of-turn token, are trained."""
+    texts = conversation_texts(tokenizer, messages, source=source, first=first, trailer=trailer, tools=tools,
+                               fold=fold, train_on_reasoning=train_on_reasoning)
+    encoded = [tokenizer(text, add_special_tokens=False, return_offsets_mapping=True) for text, _ in texts]
+    return [labelled(enc["input_ids"], enc["offset_mapping"], spans, source, train_on_inputs)
+            for enc, (_, spans) in zip(encoded, texts)]
+
+
+def conversation_texts(tokenizer, messages: list[dict], *, source: str = "", first: int = 0, trailer: str = "",
+                       tools: list[dict] | None = None, fold: bool = False, train_on_reasoning: bool = True
+                       ) -> list[tuple[str, list[tuple[int, int]]]]:
+    """tokenize_conversation's texts and the character spans it trains, before tokenising."""
     if fold:
         messages = fold_reasoning(messages)
-    examples = []
-    for text, spans in trained_renderings(tokenizer, messages, source, first, trailer, tools):
-        if not train_on_reasoning:
-            if any(m.get("reasoning_content") for m in messages) and THINK_CLOSE not in text:
-                raise UserError(f"{source}: the chat template renders reasoning_content without {THINK_OPEN} tags, "
-                                "so it cannot be left untrained (set reasoning_format: think)")
-            spans = answers_only(text, spans, source)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        if train_on_inputs:
-            examples.append(Example(ids, list(ids), source))
-            continue
-        labels = [IGNORE_INDEX] * len(ids)
-        for t, (start, _end) in enumerate(enc["offset_mapping"]):
-            if any(s <= start < e for s, e in spans):
-                labels[t] = ids[t]
-        examples.append(Example(ids, labels, source))
-    return examples
+    texts = trained_renderings(tokenizer, messages, source, first, trailer, tools)
+    if train_on_reasoning:
+        return texts
+    if any(m.get("reasoning_content") for m in messages) and any(THINK_CLOSE not in text for text, _ in texts):
+        raise UserError(f"{source}: the chat template renders reasoning_content without {THINK_OPEN} tags, "
+                        "so it cannot be left untrained (set reasoning_format: think)")
+    return [(text, answers_only(text, spans, source)) for text, spans in texts]
+
+
+def labelled(ids, offsets, spans: list[tuple[int, int]], source: str, train_on_inputs: bool = False) -> Example:
+    """An encoded text as an Example: its tokens in the spans trained (every token with train_on_inputs)."""
+    ids = list(ids)
+    return Example(ids, list(ids) if train_on_inputs else labels_in_spans(ids, offsets, spans), source)
+
+
+def labels_in_spans(ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """Each token's id where the token starts inside one of the (ascending) spans, IGNORE_INDEX elsewhere.
+    One walk over tokens and spans together; a token that starts before its predecessor restarts the walk."""
+    labels = [IGNORE_INDEX] * len(ids)
+    k, previous = 0, -1
+    for t, (start, _end) in enumerate(offsets):
+        if start < previous:
+            k = 0
+        previous = start
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        if k < len(spans) and spans[k][0] <= start:
+            labels[t] = ids[t]
+    return labels
 
 
 def end_of_turn_id(tokenizer) -> int | None:
@@ -245,6 +234,9 @@ def check_chat_tokenizer(tokenizer) -> None:
                         "(provide tokenizer.json with the model)")
 
 
+BATCH = 256  # conversations tokenised in one call: the tokenizer's per-call cost is paid once for them all
+
+
 def build_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int, train_on_inputs: bool = False,
                        name: str = "data", progress=None, reasoning_format: str = "auto",
                        train_on_reasoning: bool = True, require_examples: bool = True
@@ -253,40 +245,65 @@ def build_sft_examples(records: list[Record], tokenizer, *, max_seq_length: int,
     `progress(n)`, when given, is told of every record done. `reasoning_format`: `template` passes
     reasoning_content to the template, `think` folds it into a `<think>` block, `auto` folds it only for
     templates that do not render the field."""
-    check_chat_tokenizer(tokenizer)
-    trailer = trailing_text(tokenizer)
-    fold = reasoning_format == "think" or (reasoning_format == "auto" and not renders_reasoning(tokenizer))
     stats = DatasetStats()
+    make = sft_example_maker(tokenizer, max_seq_length=max_seq_length, train_on_inputs=train_on_inputs,
+                             reasoning_format=reasoning_format, train_on_reasoning=train_on_reasoning)
     examples = []
-    split = 0  # conversations trained turn by turn (a template that rewrites the history)
-    for record in records:
+    for start in range(0, len(records), BATCH):
+        batch = records[start:start + BATCH]
+        examples += make(batch, stats)
         if progress is not None:
-            progress(1)
-        if not record.messages:
-            raise UserError(f"{record.source}: record has no conversation; task 'sft' needs chat records "
-                            "(messages, conversations, instruction/output or prompt/completion)")
-        turns = tokenize_conversation(tokenizer, record.messages, train_on_inputs=train_on_inputs,
-                                      source=record.source, trailer=trailer, tools=record.tools, fold=fold,
-                                      train_on_reasoning=train_on_reasoning)
-        split += len(turns) > 1
-        for ex in turns:
-            if len(ex.input_ids) > max_seq_length:
-                stats.truncated += 1
-                ex = Example(ex.input_ids[:max_seq_length], ex.labels[:max_seq_length], ex.source)
-            n_labels = sum(1 for x in ex.labels[1:] if x != IGNORE_INDEX)  # position 0 is never predicted
-            if n_labels == 0:
-                stats.dropped_no_labels += 1
-                continue
-            stats.label_tokens += n_labels
-            stats.tokens += len(ex.input_ids)
-            examples.append(ex)
-    stats.examples = len(examples)
-    stats.turn_by_turn = split
-    if split:
-        stats.notes.append(turn_by_turn_note(split))
+            progress(len(batch))
+    if stats.turn_by_turn:
+        stats.notes.append(turn_by_turn_note(stats.turn_by_turn))
     if not examples and require_examples:
         raise no_examples_left(name, max_seq_length)
     return examples, stats
+
+
+def sft_example_maker(tokenizer, *, max_seq_length: int, train_on_inputs: bool = False, reasoning_format: str = "auto",
+                      train_on_reasoning: bool = True) -> Callable[[list[Record], DatasetStats], list[Example]]:
+    """make(records, stats): the records' examples (tokenised in one call), truncated, those with no trained
+    token dropped, and counted in `stats`; what the template does is learned once, here, not per record."""
+    check_chat_tokenizer(tokenizer)
+    trailer = trailing_text(tokenizer)
+    fold = reasoning_format == "think" or (reasoning_format == "auto" and not renders_reasoning(tokenizer))
+
+    def texts_of(record: Record) -> list[tuple[str, list[tuple[int, int]]]]:
+        if not record.messages:
+            raise UserError(f"{record.source}: record has no conversation; task 'sft' needs chat records "
+                            "(messages, conversations, instruction/output or prompt/completion)")
+        return conversation_texts(tokenizer, record.messages, source=record.source, trailer=trailer,
+                                  tools=record.tools, fold=fold, train_on_reasoning=train_on_reasoning)
+
+    def make(records: list[Record], stats: DatasetStats) -> list[Example]:
+        texts = [texts_of(record) for record in records]
+        flat = [text for turns in texts for text, _ in turns]
+        enc = tokenizer(flat, add_special_tokens=False, return_offsets_mapping=True) if flat else {}
+        encoded = iter(zip(enc.get("input_ids", []), enc.get("offset_mapping", [])))
+        kept = []
+        for record, turns in zip(records, texts):
+            stats.turn_by_turn += len(turns) > 1
+            for _, spans in turns:
+                ex = labelled(*next(encoded), spans, record.source, train_on_inputs)
+                kept += keep_trainable(ex, max_seq_length, stats)
+        return kept
+    return make
+
+
+def keep_trainable(ex: Example, max_seq_length: int, stats: DatasetStats) -> list[Example]:
+    """[the example, truncated to max_seq_length], or [] when no trained token is left; counted in `stats`."""
+    if len(ex.input_ids) > max_seq_length:
+        stats.truncated += 1
+        ex = Example(ex.input_ids[:max_seq_length], ex.labels[:max_seq_length], ex.source)
+    n_labels = sum(1 for x in ex.labels[1:] if x != IGNORE_INDEX)  # position 0 is never predicted
+    if n_labels == 0:
+        stats.dropped_no_labels += 1
+        return []
+    stats.label_tokens += n_labels
+    stats.tokens += len(ex.input_ids)
+    stats.examples += 1
+    return [ex]
 
 
 def no_examples_left(name: str, max_seq_length: int) -> UserError:
@@ -294,13 +311,18 @@ def no_examples_left(name: str, max_seq_length: int) -> UserError:
                      f"max_seq_length={max_seq_length} (raise max_seq_length or shorten the prompts)")
 
 
+def held_out_count(n_records: int, fraction: float) -> int:
+    """How many of a file's records split_records holds out: at least one, unless there is nothing to spare."""
+    return 0 if fraction <= 0 or n_records < 2 else max(1, round(n_records * fraction))
+
+
 def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """Seeded hold-out: the same seed and file always give the same split."""
-    if fraction <= 0 or len(records) < 2:
+    n_val = held_out_count(len(records), fraction)
+    if n_val == 0:
         return records, []
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(records) * fraction))
     held = set(order[:n_val])
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
@@ -375,108 +397,4 @@ def build_preference_examples(records: list[Record], tokenizer, *, max_seq_lengt
     if not examples:
         raise UserError(f"{name}: every pair lost a response to truncation at max_seq_length={max_seq_length} "
                         "(raise max_seq_length or shorten the prompts)")
-    return examples, stats
-
-
-# --- continued pre-training ------------------------------------------------------------------
-
-def build_text_blocks(records: list[Record], tokenizer, *, max_seq_length: int,
-                      name: str = "data", progress=None) -> tuple[list[Example], DatasetStats]:
-    """Concatenate documents, each followed by the end-of-text token, and cut fixed-length blocks.
-
-    Every token is trained (labels = input ids). The last, shorter block is kept rather than
-    thrown away; no document boundary needs padding. The separator is the tokenizer's eos token.
-    """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserError("the tokenizer has no eos token to separate documents (set eos_token in tokenizer_config.json)")
-    stream: list[int] = []
-    for record in records:
-        if progress is not None:
-            progress(1)
-        if record.text is None:
-            raise UserError(f"{record.source}: record has no 'text' field; task 'text' needs {{\"text\": ...}} records")
-        stream += tokenizer(record.text, add_special_tokens=False)["input_ids"] + [eos]
-    blocks = [stream[i: i + max_seq_length] for i in range(0, len(stream), max_seq_length)]
-    blocks = [b for b in blocks if len(b) > 1]  # a block of one token predicts nothing
-    if not blocks:
-        raise UserError(f"{name}: the text holds fewer than 2 tokens (add text)")
-    stats = DatasetStats(examples=len(blocks), tokens=sum(len(b) for b in blocks),
-                         label_tokens=sum(len(b) - 1 for b in blocks),
-                         notes=[f"{len(records)} documents packed into {len(blocks)} blocks "
-                                f"of up to {max_seq_length} tokens"])
-    return [Example(list(b), list(b), f"{name}:block{i}") for i, b in enumerate(blocks)], stats
-
-
-# --- classification ---------------------------------------------------------------------------
-
-def label_names(records: list[Record]) -> list[str]:
-    """The label set of the training data, in a stable order (numerically when every label is an integer)."""
-    names = {r.label for r in records}
-    if all(n.lstrip("-").isdigit() for n in names):
-        return sorted(names, key=int)
-    return sorted(names)
-
-
-def takes_pairs(tokenizer) -> bool:
-    """Whether the tokenizer marks where `text` ends and `text_pair` begins (a separator token or
-    segment ids); one without a pair template would run the two texts together."""
-    first, second = "the first text", "the second text"
-    pair = tokenizer(first, second)
-    glued = tokenizer(first)["input_ids"] + tokenizer(second, add_special_tokens=False)["input_ids"]
-    return pair["input_ids"] != glued or any(pair.get("token_type_ids") or [])
-
-
-def encode_text(tokenizer, text: str, pair: str | None, limit: int,
-                token_types: bool) -> tuple[list[int], list[int] | None, bool]:
-    """(input ids, token type ids or None, truncated) of one text or text pair, as
-    `tokenizer(text, pair)` gives them, cut to `limit` tokens the tokenizer's own way."""
-    enc = tokenizer(text, pair)
-    truncated = len(enc["input_ids"]) > limit
-    if truncated:
-        enc = tokenizer(text, pair, truncation=True, max_length=limit)
-    ids = list(enc["input_ids"])
-    types = list(enc["token_type_ids"]) if token_types and "token_type_ids" in enc else None
-    if len(ids) < 2:
-        # Position 0 is never a label position in the shared batching code; pad with eos/sep.
-        ids = ids + [tokenizer.sep_token_id or tokenizer.eos_token_id]
-        types = types + types[-1:] if types else types
-    return ids, types, truncated
-
-
-def build_classification_examples(records: list[Record], tokenizer, *, max_seq_length: int,
-                                  label2id: dict[str, int] | None, name: str = "data", token_types: bool = False,
-                                  labels_from: str = "the training data", progress=None
-                                  ) -> tuple[list[Example], DatasetStats]:
-    """`label2id` None: records without labels (to predict) are allowed, and get no label position.
-    `token_types`: keep the tokenizer's segment ids (the model's forward takes `token_type_ids`)."""
-    limit = min(max_seq_length, getattr(tokenizer, "model_max_length", max_seq_length) or max_seq_length)
-    stats = DatasetStats()
-    examples = []
-    pairs_ok: bool | None = None  # asked once, at the first pair
-    for record in records:
-        if progress is not None:
-            progress(1)
-        if label2id is not None and record.label is None:
-            raise UserError(f"{record.source}: record has no 'label'; task 'classification' needs "
-                            "{\"text\": ..., \"label\": ...} records")
-        if label2id is not None and record.label not in label2id:
-            raise UserError(f"{record.source}: label '{record.label}' does not occur in {labels_from} "
-                            f"(known labels: {', '.join(label2id)})")
-        if record.text_pair is not None and pairs_ok is None:
-            pairs_ok = takes_pairs(tokenizer)
-        if record.text_pair is not None and not pairs_ok:
-            raise UserError(f"{record.source}: field 'text_pair': the model's tokenizer has no template for text "
-                            "pairs, so text and text_pair would run together unmarked (join them into 'text', or "
-                            "use an encoder whose tokenizer takes pairs, such as minilm-l6)")
-        ids, types, truncated = encode_text(tokenizer, record.text, record.text_pair, limit, token_types)
-        stats.truncated += truncated
-        labels = [IGNORE_INDEX] * len(ids)
-        if label2id is not None:
-            labels[-1] = label2id[record.label]
-        examples.append(Example(ids, labels, record.source, types))
-        stats.tokens += len(ids)
-    stats.examples = stats.label_tokens = len(examples)
-    if not examples:
-        raise UserError(f"{name}: no records")
     return examples, stats

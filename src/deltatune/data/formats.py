@@ -12,6 +12,7 @@ Every problem is reported as `FILE:LINE: what is wrong (how to fix)`.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -46,12 +47,16 @@ class Record:
 
 # --- reading files: each yields (line number, raw object) --------------------------------
 
-def _read_text(path: Path) -> str:
+def _check_file(path: Path) -> None:
     if path.is_dir():
         raise UserError(f"{path}: is a directory, not a save_to_disk dataset; expected a data file (.jsonl, .json, "
                         ".csv, .parquet, .arrow)")
     if not path.exists():
         raise UserError(f"{path}: file not found (check the path; relative paths are relative to the config file)")
+
+
+def _read_text(path: Path) -> str:
+    _check_file(path)
     data = path.read_bytes()
     if not data.strip():
         raise UserError(f"{path}: file is empty (add at least one record)")
@@ -65,10 +70,28 @@ def _read_text(path: Path) -> str:
                         "(re-save the file as UTF-8)") from None
 
 
-def _jsonl_items(path: Path, text: str, errors: list[str] | None = None):
+def _jsonl_file_items(path: Path, errors: list[str] | None = None):
+    """_jsonl_items, reading the file a line at a time (the same errors, the same line numbers)."""
+    _check_file(path)
+    found = False
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            bom = number == 1 and raw.startswith(codecs.BOM_UTF8)
+            try:
+                line = raw[3:].decode("utf-8") if bom else raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{where(path, number)}: bytes that are not UTF-8 at column {err.start + 1 + 3 * bom} "
+                                "(re-save the file as UTF-8)") from None
+            found = found or bool(line.strip())
+            yield from _jsonl_items(path, line, errors, first=number)
+    if not found:
+        raise UserError(f"{path}: file is empty (add at least one record)")
+
+
+def _jsonl_items(path: Path, text: str, errors: list[str] | None = None, first: int = 1):
     # Split on \n only: splitlines() also splits inside records at U+2028/U+0085, which JSON strings may
     # hold raw, and would shift every line number after them. A CRLF's \r is JSON whitespace.
-    for number, line in enumerate(text.split("\n"), start=1):
+    for number, line in enumerate(text.split("\n"), start=first):
         if not line.strip():
             continue
         if line.startswith("\ufeff"):  # accepted at the start of the file only (see _read_text)
@@ -127,6 +150,8 @@ def read_raw(path: str | Path, errors: list[str] | None = None, *, columns: dict
     """
     if is_dataset_source(path):
         items = dataset_rows(path, split, config, role)
+    elif Path(path).suffix.lower() in (".jsonl", ".ndjson"):
+        items = _jsonl_file_items(Path(path), errors)  # line by line: memory does not grow with the file
     else:
         path = Path(path)
         text = _read_text(path)
@@ -135,8 +160,6 @@ def read_raw(path: str | Path, errors: list[str] | None = None, *, columns: dict
             items = _csv_items(path, text)
         elif suffix == ".json":
             items = _json_array_items(path, text)
-        elif suffix in (".jsonl", ".ndjson"):
-            items = _jsonl_items(path, text, errors)
         else:
             raise UserError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json, .csv, .parquet, .arrow, "
                             "a save_to_disk folder or hf://owner/name)")
@@ -395,14 +418,7 @@ def parse_records(items, path: str | Path, fmt: str = "auto", errors: list[str] 
     for line, obj in items:
         loc = where(path, line)
         try:
-            if fmt == "auto":
-                detected = detect_format(obj)
-                if not detected:
-                    raise UserError(f"{loc}: cannot tell the format from fields {sorted(obj)} "
-                                    "(expected 'messages', 'conversations', 'instruction'+'output', "
-                                    "'prompt'+'completion', 'text', 'text'+'label' or 'chosen'+'rejected'; "
-                                    "or set format:)")
-                fmt = detected
+            fmt = known_format(obj, fmt, loc)
             records.append(to_record(obj, fmt, loc))
         except UserError as err:
             if errors is None:
@@ -411,3 +427,25 @@ def parse_records(items, path: str | Path, fmt: str = "auto", errors: list[str] 
     if not records and errors is None:
         raise UserError(f"{path}: no records found (add at least one)")
     return records, fmt
+
+
+def known_format(obj: dict, fmt: str, loc: str) -> str:
+    """`fmt`, or for `auto` the format the record's fields say."""
+    if fmt != "auto":
+        return fmt
+    detected = detect_format(obj)
+    if not detected:
+        raise UserError(f"{loc}: cannot tell the format from fields {sorted(obj)} (expected 'messages', "
+                        "'conversations', 'instruction'+'output', 'prompt'+'completion', 'text', 'text'+'label' or "
+                        "'chosen'+'rejected'; or set format:)")
+    return detected
+
+
+def stream_records(path: str | Path, fmt: str = "auto", *, columns: dict[str, str] | None = None,
+                   split: str | None = None, config: str | None = None):
+    """The records of a file or dataset one at a time, validated as load_records validates them
+    (`streaming: true`: a file bigger than memory is never held whole)."""
+    for line, obj in read_raw(path, columns=columns, split=split, config=config):
+        loc = where(path, line)
+        fmt = known_format(obj, fmt, loc)
+        yield to_record(obj, fmt, loc)

@@ -20,6 +20,7 @@ from pathlib import Path
 from deltatune.data.dedupe import NEAR_DUPLICATE_THRESHOLD, find_duplicates, overlaps
 from deltatune.data.examples import (
     IGNORE_INDEX,
+    held_out_count,
     tokenize_conversation,
     tokenize_pair,
     trailing_text,
@@ -27,7 +28,7 @@ from deltatune.data.examples import (
     truncate_pair,
 )
 from deltatune.data.formats import CHAT_FORMATS, Record, detect_format, parse_records, read_raw
-from deltatune.data.sources import is_dataset_source, seeded_sample
+from deltatune.data.sources import is_dataset_source, mix_draws, seeded_sample
 from deltatune.errors import UserError
 
 SHORT_RESPONSE_WORDS = 3  # responses with fewer words are listed (fine for labels, suspicious for prose)
@@ -68,14 +69,14 @@ def _counted(sources: list[str], total: int) -> dict:
     return {"count": len(sources), "share": _share(len(sources), total), "records": sources[:SHOWN]}
 
 
-def _read(path: str, fmt: str, errors: list[str], columns: dict[str, str] | None
+def _read(path: str, fmt: str, errors: list[str], columns: dict[str, str] | None, split: str | None = None
           ) -> tuple[list[Record], str, Counter]:
     if not is_dataset_source(path) and not Path(path).is_file():
         raise UserError(f"{path}: file not found")
     formats: Counter = Counter()
 
     def counted():  # one pass: a big file or dataset is costly to read, and errors stay in line order
-        for line, obj in read_raw(path, errors, columns=columns):
+        for line, obj in read_raw(path, errors, columns=columns, split=split):
             formats[detect_format(obj) or "unknown"] += 1
             yield line, obj
     records, fmt = parse_records(counted(), path, fmt, errors)
@@ -115,12 +116,12 @@ def marked(tokenizer, text: str, example, source: str, max_seq_length: int) -> d
 
 def lint(data: str, tokenizer, *, max_seq_length: int = 1024, validation: str | None = None, fmt: str = "auto",
          train_on_inputs: bool = False, threshold: float = NEAR_DUPLICATE_THRESHOLD, sample: int | None = SAMPLE,
-         columns: dict[str, str] | None = None) -> dict:
+         columns: dict[str, str] | None = None, split: str | None = None) -> dict:
     """Every record is read and checked, and duplicates are found among all of them; the checks that tokenise
     (lengths, truncation, masks) run on a seeded sample of `sample` records of a bigger file (None: all)."""
     errors: list[str] = []
     warnings: list[str] = []
-    records, fmt, formats = _read(data, fmt, errors, columns)
+    records, fmt, formats = _read(data, fmt, errors, columns, split)
     report: dict = {"data": str(data), "format": fmt, "records": len(records), "formats": dict(formats),
                     "max_seq_length": max_seq_length}
     roles = Counter(m["role"] for r in records for m in r.messages)
@@ -143,6 +144,40 @@ def lint(data: str, tokenizer, *, max_seq_length: int = 1024, validation: str | 
     report["errors"] = errors
     report["warnings"] = warnings
     return report
+
+
+def lint_run_data(data, tokenizer, sample: int | None = SAMPLE) -> tuple[list[dict], list[dict]]:
+    """(a report per training source of a run config's DataArgs, each read with its own format, columns and split,
+    and the mix's rows when there are several)."""
+    sources = [(s.path, s.format, s.columns, s.split, s.weight) for s in data.datasets or []] or \
+        [(data.train_file, data.format, data.columns, None, 1.0)]
+    reports = [lint(path, tokenizer, max_seq_length=data.max_seq_length, validation=data.validation_file, fmt=fmt,
+                    train_on_inputs=data.train_on_inputs, sample=sample, columns=columns, split=split)
+               for path, fmt, columns, split, _ in sources]
+    held_out = 0.0 if data.validation_file else data.validation_split
+    mix = mix_report(reports, [weight for *_, weight in sources], held_out) if len(sources) > 1 else []
+    return reports, mix
+
+
+def mix_report(reports: list[dict], weights: list[float], validation_split: float) -> list[dict]:
+    """A training mix, source by source: its valid records, those left after its validation share, the draws
+    its weight gives it, and its share of the training tokens (draws x the mean tokens of its examples)."""
+    available = [r["records"] - held_out_count(r["records"], validation_split) for r in reports]
+    draws = mix_draws(available, weights)
+    tokens = [n * r.get("tokens", {}).get("total", {}).get("mean", 0) for r, n in zip(reports, draws)]
+    return [{"source": r["data"], "records": r["records"], "available": a, "weight": w, "drawn": n,
+             "token_share": _share(t, sum(tokens))}
+            for r, a, w, n, t in zip(reports, available, weights, draws, tokens)]
+
+
+def print_mix(rows: list[dict], console=None) -> None:
+    from rich.console import Console
+
+    console = console or Console(highlight=False)
+    for row in rows:
+        console.print(f"mix: {row['source']}: {row['drawn']} of the training draws from {row['available']} of its "
+                      f"{row['records']} records (weight {row['weight']:g}), about {100 * row['token_share']:.1f} % "
+                      "of the training tokens", markup=False, soft_wrap=True)
 
 
 def _lint_chats(data, records: list[Record], tokenizer, max_seq_length: int, train_on_inputs: bool, report: dict,

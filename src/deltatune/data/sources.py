@@ -113,16 +113,19 @@ def draw_mix(sources: list[tuple[str, list, float]], seed: int) -> tuple[list, l
     """The training records of a weighted mix, seeded: each source gives `weight / sum of weights` of all the
     sources' records together, drawn without replacement up to its size and repeated whole beyond it (a small
     source weighted up is seen several times an epoch, a big one weighted down is sampled)."""
-    total = sum(len(records) for _, records, _ in sources)
-    weights = sum(weight for _, _, weight in sources)
+    draws = mix_draws([len(records) for _, records, _ in sources], [weight for _, _, weight in sources])
     rng = random.Random(seed)
     mixed, shares = [], []
-    for name, records, weight in sources:
-        want = round(total * weight / weights)
+    for (name, records, weight), want in zip(sources, draws):
         copies, rest = divmod(want, len(records))
         mixed += records * copies + rng.sample(records, rest)
         shares.append(SourceShare(name, len(records), want, weight))
     return mixed, shares
+
+
+def mix_draws(sizes: list[int], weights: list[float]) -> list[int]:
+    """How many of an epoch's draws each source gives: its weight's share of all the sources' records."""
+    return [round(sum(sizes) * weight / sum(weights)) for weight in weights]
 
 
 def seeded_sample(records: list, limit: int | None, seed: int) -> list:

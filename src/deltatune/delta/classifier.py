@@ -35,8 +35,9 @@ import torch.nn.functional as F
 
 from deltatune import config
 from deltatune.data.batching import collate, length_batches
-from deltatune.data.examples import IGNORE_INDEX, Example, build_classification_examples
+from deltatune.data.examples import IGNORE_INDEX, Example
 from deltatune.data.formats import Record
+from deltatune.data.text_examples import build_classification_examples
 from deltatune.delta import measures as delta
 from deltatune.delta.measures import CompareSettings, ReportOptions, timed
 from deltatune.delta.render import (

@@ -14,8 +14,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from deltatune.data.examples import build_classification_examples, build_sft_examples
+from deltatune.data.examples import build_sft_examples
 from deltatune.data.formats import CHAT_FORMATS, Record, load_records, read_raw
+from deltatune.data.text_examples import build_classification_examples
 from deltatune.errors import UserError, where
 from deltatune.evaluate.evaluate import class_probabilities, evaluate, evaluate_classifier
 from deltatune.evaluate.metrics import Check

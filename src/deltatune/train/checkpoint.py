@@ -35,6 +35,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from deltatune.config import REMOVED_KEYS, default
+from deltatune.data.cache import ExampleTable
+from deltatune.data.stream import ExampleStream
 from deltatune.errors import UserError
 from deltatune.files import check_space, fsync_path, has_content, inject_write_fault, sha256_file, writing
 from deltatune.runtime import distributed
@@ -86,6 +88,9 @@ def checkpoints(out_dir: Path) -> list[Path]:
 def data_fingerprint(examples) -> str:
     """Hash of the tokenised training data: resuming on different data would not continue the run."""
     digest = hashlib.sha256()
+    if isinstance(examples, (ExampleTable, ExampleStream)):  # hashed without building each example
+        examples.fingerprint(digest)
+        return digest.hexdigest()
     for ex in examples:  # token types and rejected sides only where there are some: others hash as they always did
         digest.update(array("q", [len(ex.input_ids), *ex.input_ids, *ex.labels, *(ex.token_type_ids or [])]).tobytes())
         if ex.rejected is not None:

@@ -33,6 +33,7 @@ from deltatune.data.batching import (
     step_groups,
 )
 from deltatune.data.examples import Example
+from deltatune.data.stream import ExampleStream
 from deltatune.errors import UserError
 from deltatune.evaluate.loss import LossFn, causal_lm_loss, label_tokens, mean_loss
 from deltatune.runtime import distributed
@@ -135,10 +136,10 @@ class LoopState:
     result: FitResult = field(default_factory=FitResult)
     best: dict | None = None  # early stopping: the best evaluation's trainable weights (saved as tensors)
 
-    def next_group(self, schedule: Schedule, n_examples: int, seed: int) -> list[int]:
+    def next_group(self, schedule: Schedule, n_examples: int, seed: int, shuffle: bool = True) -> list[int]:
         """The next step's example indices: the same global step on every process."""
-        if not self.groups:  # next epoch: a fresh seeded shuffle
-            self.groups = step_groups(n_examples, schedule.per_step, seed, self.epoch)
+        if not self.groups:  # next epoch: a fresh seeded shuffle (a stream comes in its own seeded order)
+            self.groups = step_groups(n_examples, schedule.per_step, seed, self.epoch, shuffle)
             self.epoch += 1
         return self.groups.pop(0)
 
@@ -342,7 +343,7 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], args, memory
     with progress(schedule.total, state.step) as show, stop_on_signals() as stop, \
             optimizer_steps_in_backward(optimizer, memory.optimizer_in_backward) as in_backward:
         for step in range(state.step + 1, schedule.total + 1):
-            group = state.next_group(schedule, len(train), run.seed)
+            group = state.next_group(schedule, len(train), run.seed, shuffle=not isinstance(train, ExampleStream))
             inject_fault(step)
             batches = step_batches(group, train, args.per_device_train_batch_size, memory.max_tokens_per_batch,
                                    memory.packing and run.packs, pad_id)
