@@ -21,7 +21,14 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from deltatune.config_text import did_you_mean, format_validation_error, parse_overrides, read_mapping, rebase_paths
+from deltatune.config_text import (
+    check_keys,
+    format_validation_error,
+    parse_overrides,
+    read_mapping,
+    rebase_paths,
+    with_our_names,
+)
 from deltatune.errors import UserError
 
 Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "classification",
@@ -33,10 +40,6 @@ DEFAULT_MODEL = {"sft": "smollm2-135m-instruct", "text": "smollm2-135m-instruct"
                  "preference": "smollm2-135m-instruct"}
 # Keys that once existed: naming one is an error that says what became of it.
 LOSS_KEYS = {"simpo_gamma": ("simpo",), "orpo_lambda": ("orpo",), "beta": ("dpo", "ipo", "simpo")}  # key: its losses
-REMOVED_KEYS = {
-    "cpu_heap_trim": "it was removed (a glibc heap knob that slowed training by about 30%); delete the line",
-}
-
 class ModelArgs(BaseModel):
     """What to train: the base model, which of its parameters train, and what may run when it loads."""
 
@@ -69,6 +72,9 @@ class ModelArgs(BaseModel):
     add_special_tokens: bool = False
     """Add the special tokens `chat_template` uses that the vocabulary lacks, and train their embedding rows (full
     fine-tuning, or beside LoRA/DoRA adapters)."""
+    torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Weights load, and frozen ones stay, in this dtype (`dtype` too); `auto`: the checkpoint's own (config.json, GGUF
+    float32). Trainable weights are float32. config.yaml records what `auto` became."""
     chat_template_kwargs: dict[str, str | int | float | bool | None] | None = None
     """Template options (Qwen3's `enable_thinking: false`), made the template's defaults: the same in training,
     generation, and the template saved with final/."""
@@ -357,7 +363,7 @@ FLAT_ORDER = [
     "kl_samples", "allow_pickle", "trust_remote_code", "report_to", "forgetting_benchmarks", "benchmark_limit",
     "benchmark_tasks_dir", "loss_type", "beta", "simpo_gamma", "orpo_lambda", "chat_template",
     "chat_template_kwargs", "train_on_reasoning", "reasoning_format", "add_special_tokens",
-    "datasets", "columns", "max_eval_samples", "dataset_num_proc", "streaming",
+    "datasets", "columns", "max_eval_samples", "dataset_num_proc", "streaming", "torch_dtype",
 ]
 assert sorted(FLAT_ORDER) == sorted(KEY_GROUP), "every key is dumped exactly once"
 
@@ -405,18 +411,15 @@ class RunConfig(BaseModel):
             raise ValueError(f"optimizer_state_dtype: {memory.optimizer_state_dtype} does not work with parallelism: "
                              "fsdp, whose sharded parameters it cannot chunk (use parallelism: ddp or "
                              "optimizer_state_dtype: float32)")
+        if self.model.torch_dtype not in ("auto", "float32") and method == "qlora":
+            raise ValueError(f"torch_dtype: {self.model.torch_dtype} does not apply to method qlora (4-bit base)")
         stored = memory.frozen_weights_dtype
         if stored != "float32" and method not in ("lora", "dora"):
             raise ValueError(f"frozen_weights_dtype: {stored} applies to method lora or dora only "
                              f"(method is '{method}'; set frozen_weights_dtype: float32)")
-        if stored != "float32" and method == "dora" and self.model.lora_dropout > 0:
-            # peft's DoRA then recomputes the base output from a float32 copy of each weight and
-            # keeps that copy for backward: more memory, not less.
-            raise ValueError(f"frozen_weights_dtype: {stored} with method dora needs lora_dropout: 0 "
-                             "(set lora_dropout: 0 or frozen_weights_dtype: float32)")
-        if stored != "float32" and self.parallel.parallelism == "fsdp":
-            raise ValueError(f"frozen_weights_dtype: {stored} does not work with parallelism: fsdp, which shards "
-                             "every weight in one dtype (use parallelism: ddp or frozen_weights_dtype: float32)")
+        for key, value in (("torch_dtype", self.model.torch_dtype), ("frozen_weights_dtype", stored)):
+            if value not in ("auto", "float32") and (why := stored_dtype_conflict(self)):
+                raise ValueError(f"{key}: {value} {why}")
         return self
 
     def flat(self) -> dict:
@@ -429,6 +432,18 @@ class RunConfig(BaseModel):
     def with_overrides(self, **changes) -> "RunConfig":
         """A new config with some flat keys changed (validated again); this one stays as it is."""
         return build_config({**self.flat(), **changes}, "overrides")
+
+
+def stored_dtype_conflict(cfg: "RunConfig") -> str | None:
+    """Why frozen weights kept in a lower dtype cannot go with the rest of the config, or None."""
+    if cfg.parallel.parallelism == "fsdp":
+        return "does not work with parallelism: fsdp, which shards every weight in one dtype (use ddp or float32)"
+    if cfg.model.method == "dora" and cfg.model.lora_dropout > 0:  # peft's DoRA would keep float32 copies
+        return "with method dora needs lora_dropout: 0 (set lora_dropout: 0, or float32)"
+    if cfg.memory.frozen_weights_dtype != "float32" and cfg.model.torch_dtype not in ("auto", "float32"):
+        return "keeps frozen weights in that dtype already; frozen_weights_dtype (which lowers float32 weights " \
+            "while training) goes with torch_dtype: float32 only (delete frozen_weights_dtype)"
+    return None
 
 
 def default(key: str):
@@ -446,21 +461,10 @@ def eval_args(origin: str, **values) -> EvalArgs:
         raise UserError(format_validation_error(err, origin)) from None
 
 
-def check_keys(keys, origin: str | None) -> None:
-    """Every key must be one of ours: a removed one says what became of it, a typo gets a did-you-mean.
-    `origin` None: the keys are command-line overrides."""
-    for key in keys:
-        where = f"{origin}: key '{key}'" if origin else f"override '{key}'"
-        if key in REMOVED_KEYS:
-            raise UserError(f"{where}: {REMOVED_KEYS[key]}")
-        if key not in KEY_GROUP:
-            where = f"{origin}: unknown key '{key}'" if origin else f"override '{key}': unknown key"
-            raise UserError(f"{where}{did_you_mean(key, KEY_GROUP)}")
-
-
 def build_config(raw: dict, origin: str) -> RunConfig:
     """Validate a flat mapping into a RunConfig, with errors that name the key."""
-    check_keys(raw, origin)
+    raw = with_our_names(raw, origin)
+    check_keys(raw, origin, KEY_GROUP)
     task = raw.get("task", "sft")
     if "model" not in raw and task in DEFAULT_MODEL:
         raw = {**raw, "model": DEFAULT_MODEL[task]}
@@ -484,10 +488,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         path = Path(path)
         origin = str(path)
         raw = read_mapping(path)
-        check_keys(raw, str(path))
+        check_keys(raw, str(path), KEY_GROUP)
         raw = rebase_paths(raw, path.parent)
     cli = parse_overrides(list(overrides))
-    check_keys(cli, None)
+    check_keys(cli, None, KEY_GROUP)
     return build_config({**raw, **cli}, origin)
 
 

@@ -11,6 +11,11 @@ from pydantic import ValidationError
 
 from deltatune.errors import UserError
 
+REMOVED_KEYS = {
+    "cpu_heap_trim": "it was removed (a glibc heap knob that slowed training by about 30%); delete the line",
+}
+SYNONYMS = {"dtype": "torch_dtype"}  # another tool's (here transformers 5's) name for one of our keys
+
 
 def did_you_mean(key: str, choices) -> str:
     """A " (did you mean 'x'?)" hint for a mistyped key, or nothing."""
@@ -78,3 +83,23 @@ def read_mapping(path: Path) -> dict:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a config must be a mapping of key: value lines")
     return raw
+
+
+def check_keys(keys, origin: str | None, known: dict) -> None:
+    """Every key must be one of ours (`known`): a removed one says what became of it, a typo gets a
+    did-you-mean. `origin` None: the keys are command-line overrides."""
+    for key in keys:
+        where = f"{origin}: key '{key}'" if origin else f"override '{key}'"
+        if key in REMOVED_KEYS:
+            raise UserError(f"{where}: {REMOVED_KEYS[key]}")
+        if key not in known and key not in SYNONYMS:
+            where = f"{origin}: unknown key '{key}'" if origin else f"override '{key}': unknown key"
+            raise UserError(f"{where}{did_you_mean(key, known)}")
+
+
+def with_our_names(raw: dict, origin: str) -> dict:
+    """The keys another tool names differently (SYNONYMS) under our names; both names at once is an error."""
+    for other, ours in SYNONYMS.items():
+        if other in raw and ours in raw:
+            raise UserError(f"{origin}: keys '{other}' and '{ours}' name the same setting; keep one")
+    return {SYNONYMS.get(k, k): v for k, v in raw.items()}

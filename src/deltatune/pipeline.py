@@ -32,6 +32,7 @@ from deltatune.delta.summary import print_comparison, write_summary
 from deltatune.errors import UserError, where
 from deltatune.evaluate.metrics import load_check
 from deltatune.files import FolderLock, has_content, lock_folder, writing
+from deltatune.model.load import weights_dtype
 from deltatune.model.methods import apply_method, trainable_summary
 from deltatune.progress import note, stage
 from deltatune.runtime import distributed
@@ -344,6 +345,8 @@ def without_predictions(result: dict) -> dict:
 def run(cfg: RunConfig) -> RunResult:
     """One training run, as `deltatune train` does it."""
     task = TASKS[cfg.task]
+    if cfg.model.torch_dtype == "auto":  # what it became is in config.yaml: a resume loads the same
+        cfg = cfg.with_overrides(torch_dtype=weights_dtype(cfg.model))
     with preflight(cfg) as checked:  # the output folder is this run's until the run ends
         device, bf16, resume = checked.device, checked.bf16, checked.resume
         splits = read_splits(cfg, task)

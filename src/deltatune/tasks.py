@@ -38,6 +38,7 @@ from deltatune.model.load import (
     save_labels_if_adapter,
     saved_task_type,
     stop_at_end_of_turn,
+    weights_dtype,
 )
 from deltatune.model.methods import add_token_rows, quantization_config
 from deltatune.model.parts import accepts_token_types
@@ -99,7 +100,7 @@ class Task:
 
 def _load_opts(cfg: RunConfig) -> dict:
     return dict(allow_pickle=cfg.model.allow_pickle, trust_remote_code=cfg.model.trust_remote_code,
-                quantization_config=quantization_config(cfg.model.method))
+                quantization_config=quantization_config(cfg.model.method), dtype=weights_dtype(cfg.model))
 
 
 def _load_causal(cfg: RunConfig, splits: Splits):

@@ -14,6 +14,7 @@ from deltatune.cli import main
 from deltatune.config import build_config
 from deltatune.errors import UserError
 from deltatune.model.methods import apply_method
+from deltatune.model.stored import DTYPES
 from deltatune.train import frozen_weights as lowp
 
 from conftest import chat, make_tiny_llama, make_tokenizer, run_cli, write_jsonl
@@ -55,7 +56,7 @@ def test_stored_weights_give_float32_logits_and_gradients_within_rounding(method
     reference, ids = adapted_tiny_llama(method)
     stored = copy.deepcopy(reference)
     assert lowp.store_frozen_weights(stored, dtype_name) == 14  # 7 linears in each of 2 blocks
-    dtype = lowp.DTYPES[dtype_name]
+    dtype = DTYPES[dtype_name]
     assert {linear.weight.dtype for linear in lowp.adapter_base_linears(stored).values()} == {dtype}
     # Nothing else changed dtype: embeddings, norms, head and the adapters stay float32.
     others = {p.dtype for n, p in stored.named_parameters() if ".base_layer." not in n}

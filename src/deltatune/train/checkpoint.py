@@ -34,7 +34,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from deltatune.config import REMOVED_KEYS, default
+from deltatune.config import default
+from deltatune.config_text import REMOVED_KEYS
 from deltatune.data.cache import ExampleTable
 from deltatune.data.stream import ExampleStream
 from deltatune.errors import UserError
@@ -234,12 +235,16 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return None
 
 
+BEFORE_THE_KEY = {"torch_dtype": "float32"}  # what runs from before a key computed, where not its default
+
+
 def _config_differences(saved: dict, cfg) -> list[str]:
     now = cfg.flat()
     # A key since removed was stored by older runs; left off (falsy), it computed what runs without it compute.
     # A key added since is missing from theirs; at its default, it computes what they computed.
     saved = {k: v for k, v in saved.items() if not (k in REMOVED_KEYS and not v)}
-    saved = {**{k: v for k, v in now.items() if k not in saved and v == default(k)}, **saved}
+    saved = {**{k: v for k, v in now.items() if k not in saved and v in (default(k), BEFORE_THE_KEY.get(k))},
+             **saved}
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
             if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k)]
 

@@ -1,19 +1,14 @@
 """Frozen weights in a cheaper storage dtype while an adapter trains (config `frozen_weights_dtype`).
 
 LoRA/DoRA leave the base weights of the blocks' linear layers untouched, so those weights need
-no float32 master copy while training: stored in float16 they take half the memory. Only the
-*storage* changes: every matmul still runs in the activation dtype (float32 on a CPU without
-fast half-precision matmuls), on a copy of the weight upcast for that one call.
-
-The upcast happens inside `StoredLinear`, an autograd Function that saves the low-precision
-weight itself for backward and upcasts it again there. `F.linear(x, w.float())` would look the
-same but let autograd keep each upcast float32 copy until backward: every layer's, the whole
-model's worth, more memory than before instead of less.
+no float32 master copy while training: stored in float16 they take half the memory, computed
+through `model.stored.StoredLinear` (which says why it is an autograd Function).
 
 Rounding: float16 keeps 11 significant bits (relative error <= 2^-11 per weight), bfloat16 8.
 After training, `restore_frozen_weights` puts the original float32 values back, bit for bit,
 by re-reading them from the model source: the tuned model is then evaluated and compared with
-the base model on exactly the base weights it was evaluated with before training.
+the base model on exactly the base weights it was evaluated with before training. (`torch_dtype`
+instead keeps a bfloat16 checkpoint in bfloat16 from loading to saving: model/stored.py.)
 """
 
 from __future__ import annotations
@@ -21,38 +16,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
 from deltatune.errors import UserError
+from deltatune.model import host_memory
 from deltatune.model.parts import find_blocks, without_adapters
-from deltatune.runtime import distributed, host_memory
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class StoredLinear(torch.autograd.Function):
-    """y = x @ W^T + b for a frozen W (and b) kept in a storage dtype; computes in x's dtype
-    (or the autocast dtype). Saves only W, the parameter itself, for backward: no copy."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        device = x.device.type
-        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        ctx.compute_dtype = compute
-        ctx.save_for_backward(weight)
-        # Grad mode is off inside forward: the upcast copies are freed when this call returns.
-        return F.linear(x.to(compute), weight.to(compute), None if bias is None else bias.to(compute))
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (weight,) = ctx.saved_tensors
-        compute = ctx.compute_dtype
-        grad_x = grad_out.to(compute) @ weight.to(compute)  # dL/dx = dL/dy · W; W and b are frozen
-        return grad_x, None, None
-
-
-def _stored_forward(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return StoredLinear.apply(x, linear.weight, linear.bias)
+from deltatune.model.stored import DTYPES, stored_forward
+from deltatune.runtime import distributed
 
 
 def adapter_base_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -95,7 +64,7 @@ def store_frozen_weights(model: torch.nn.Module, dtype_name: str) -> int:
             original = linear.weight.data
             linear.weight.data = original.to(dtype)  # the same Parameter, new storage
             host_memory.page_out([original])
-            linear.forward = _stored_forward.__get__(linear)  # this instance only
+            linear.forward = stored_forward.__get__(linear)  # this instance only
         for p in distributed.unwrap(model).parameters():
             if not p.requires_grad and p.dtype == torch.float32:
                 original = p.data
@@ -117,7 +86,7 @@ def restore_frozen_weights(model: torch.nn.Module, load_base) -> int:
     layers were restored; `load_base` is not called when none was changed."""
     inner = distributed.unwrap(model)
     stored = {name: m for name, m in inner.named_modules()
-              if getattr(vars(m).get("forward"), "__func__", None) is _stored_forward}
+              if getattr(vars(m).get("forward"), "__func__", None) is stored_forward}
     if not stored:  # float32, the default: nothing to undo
         return 0
     fresh = without_adapters(load_base())
@@ -138,6 +107,7 @@ def frozen_weights(model: torch.nn.Module, dtype_name: str, load_base):
     """While inside, the frozen base linears are stored in `dtype_name`; on the way out (normal
     exit only: after an error the model is not evaluated or saved) their float32 weights come
     back, bit for bit, from `load_base()`. float32, the default, changes nothing."""
-    store_frozen_weights(model, dtype_name)
+    changed = store_frozen_weights(model, dtype_name)
     yield model
-    restore_frozen_weights(model, load_base)
+    if changed:  # only what it stored: weights kept in torch_dtype are the model's own, as loaded
+        restore_frozen_weights(model, load_base)

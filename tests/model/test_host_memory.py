@@ -8,7 +8,7 @@ it advises on.
 import torch
 from safetensors.torch import load_file, save_file
 
-from deltatune.runtime import host_memory
+from deltatune.model import host_memory
 
 MB = 1 << 20
 

@@ -1,0 +1,128 @@
+"""torch_dtype: a bfloat16 checkpoint loads in bfloat16 and its frozen block weights stay there, computed in
+float32 (trainable weights are float32); `auto` is recorded as what it became; against float32 loading the
+run is the same (bf16 -> float32 is exact), only smaller."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from deltatune.cli import main
+from deltatune.config import build_config
+from deltatune.model.load import checkpoint_dtype, load_causal_lm
+from deltatune.model.methods import apply_method
+
+from conftest import chat, make_tiny_llama, make_tokenizer, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def bf16_model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama-bf16")
+    tokenizer = make_tokenizer()
+    make_tiny_llama(tokenizer).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_auto_is_the_checkpoints_own_dtype(bf16_model_dir, tiny_model_dir, tmp_path):
+    assert checkpoint_dtype(str(bf16_model_dir)) == "bfloat16"
+    assert checkpoint_dtype(str(tiny_model_dir)) == "float32"
+    assert checkpoint_dtype("smollm2-135m-instruct") == "float32"  # a GGUF is dequantised to float32
+    assert checkpoint_dtype(str(tmp_path / "nowhere")) == "float32"
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_frozen_block_weights_stay_bfloat16_and_trainable_ones_are_float32(bf16_model_dir, method):
+    model, _ = load_causal_lm(str(bf16_model_dir), dtype="bfloat16")
+    args = build_config({"train_file": "t", "model": str(bf16_model_dir), "method": method}, "test").model
+    model = apply_method(model, args)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(dtypes[name] == torch.float32 for name in trainable)
+    frozen_linears = [n for n in dtypes if n not in trainable and n.endswith("proj.base_layer.weight")]
+    assert (len(frozen_linears) == 14) == (method == "lora")  # 7 linears x 2 blocks under the adapters
+    kept_low = frozen_linears + [n for n in dtypes if n not in trainable and ("embed" in n or "lm_head" in n)]
+    assert all(dtypes[n] == torch.bfloat16 for n in kept_low) and (len(kept_low) == 16) == (method == "lora")
+    assert all(dtypes[n] == torch.float32 for n in dtypes if n not in kept_low)  # trainable ones, norms
+    ids = torch.tensor([[1, 5, 9, 3]])
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.float32
+    out.loss.backward()
+    assert all(p.grad is not None for name, p in model.named_parameters() if p.requires_grad and "lora_A" in name)
+
+
+def test_a_bfloat16_checkpoint_trains_as_float32_loading_does(bf16_model_dir, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [chat(f"say {w}", f"{w} {w}") for w in ["fox", "dog", "cat", "sun"] * 2])
+
+    def run(name: str, extra: str = "") -> list[float]:
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(f"model: {bf16_model_dir}\nmethod: lora\ntrain_file: train.jsonl\noutput_dir: {name}\n"
+                          "max_steps: 3\nper_device_train_batch_size: 2\nlearning_rate: 1.0e-2\nlogging_steps: 1\n"
+                          "validation_split: 0.25\nbf16: false\nreport_to: none\nmetric: none\n" + extra)
+        assert main(["train", str(config)]) == 0
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r and "event" not in r]
+
+    stored = run("auto")
+    assert yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["torch_dtype"] == "bfloat16"
+    upcast = run("float32", "dtype: float32\n")  # transformers 5's name for the key
+    assert yaml.safe_load((tmp_path / "float32" / "config.yaml").read_text())["torch_dtype"] == "float32"
+    # The first loss is the same forward (B = 0); later ones differ by the adapters' start, which peft draws in
+    # the base's dtype (rounded to bfloat16 here), as AdamW amplifies it.
+    assert stored[0] == upcast[0] and stored == pytest.approx(upcast, rel=1e-3) and stored[-1] < stored[0]
+
+
+def test_stored_weights_give_the_gradients_float32_weights_give(bf16_model_dir):
+    grads, adapters = [], None
+    for dtype in ("bfloat16", "float32"):
+        model, _ = load_causal_lm(str(bf16_model_dir), dtype=dtype)
+        model = apply_method(model, build_config({"train_file": "t", "method": "lora"}, "test").model)
+        with torch.no_grad():
+            # The same adapters on both (peft draws them in the base's dtype, so a bfloat16 base's start rounded),
+            # B not 0: it would hide the frozen weights from A's gradient.
+            torch.manual_seed(0)
+            adapters = adapters or {n: 0.1 * torch.randn_like(p) for n, p in model.named_parameters()
+                                    if p.requires_grad}
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(adapters[name])
+        ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"torch_dtype": "bfloat16", "parallelism": "fsdp"}, "torch_dtype: bfloat16 does not work with parallelism: fsdp"),
+    ({"torch_dtype": "bfloat16", "method": "lora", "frozen_weights_dtype": "float16"},
+     "torch_dtype: bfloat16 keeps frozen weights in that dtype already"),
+    ({"torch_dtype": "float16", "method": "qlora"}, "does not apply to method qlora"),
+    ({"torch_dtype": "bfloat16", "dtype": "float32"}, "keys 'dtype' and 'torch_dtype' name the same setting"),
+])
+def test_what_stored_weights_cannot_go_with_is_one_line(extra, message):
+    from deltatune.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        build_config({"train_file": "t", **extra}, "test")
+
+
+def test_a_big_stored_weight_is_upcast_a_slice_at_a_time_with_the_same_result(monkeypatch):
+    from deltatune.model import stored
+
+    torch.manual_seed(0)
+    weight = torch.randn(10, 6).to(torch.bfloat16)
+    bias = torch.randn(10).to(torch.bfloat16)
+    x = torch.randn(3, 6, requires_grad=True)
+    want = torch.nn.functional.linear(x, weight.float(), bias.float())
+    want.square().sum().backward()
+    want_grad = x.grad.clone()
+    monkeypatch.setattr(stored, "CHUNK_BYTES", 3 * 6 * 4)  # three rows at a time: four slices
+    assert len(stored.row_chunks(weight, torch.float32)) == 4
+    x.grad = None
+    got = stored.StoredLinear.apply(x, weight, bias)
+    got.square().sum().backward()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(x.grad, want_grad, rtol=1e-5, atol=1e-5)  # summed a slice at a time
