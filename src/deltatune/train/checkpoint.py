@@ -40,6 +40,7 @@ from deltatune.data.cache import ExampleTable
 from deltatune.data.stream import ExampleStream
 from deltatune.errors import UserError
 from deltatune.files import check_space, fsync_path, has_content, inject_write_fault, sha256_file, writing
+from deltatune.model.load import weights_dtype
 from deltatune.runtime import distributed
 from deltatune.runtime.faults import crash_point
 
@@ -240,6 +241,8 @@ BEFORE_THE_KEY = {"torch_dtype": "float32"}  # what runs from before a key compu
 
 def _config_differences(saved: dict, cfg) -> list[str]:
     now = cfg.flat()
+    if now.get("torch_dtype") == "auto":  # a config not yet resolved (the launcher's) says what it will load
+        now["torch_dtype"] = weights_dtype(cfg.model)
     # A key since removed was stored by older runs; left off (falsy), it computed what runs without it compute.
     # A key added since is missing from theirs; at its default, it computes what they computed.
     saved = {k: v for k, v in saved.items() if not (k in REMOVED_KEYS and not v)}
