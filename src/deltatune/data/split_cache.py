@@ -31,7 +31,7 @@ def records_digest(records: Sequence[Record]) -> str:
         return records.digest
     digest = hashlib.sha256()
     for r in records:
-        digest.update(json.dumps([r.messages, r.text, r.text_pair, r.label, r.source, r.tools],
+        digest.update(json.dumps([r.messages, r.text, r.text_pair, r.label, r.source, r.tools, r.chosen, r.rejected],
                                  ensure_ascii=False).encode())
     return digest.hexdigest()
 
