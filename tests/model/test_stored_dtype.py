@@ -126,3 +126,20 @@ def test_a_big_stored_weight_is_upcast_a_slice_at_a_time_with_the_same_result(mo
     got.square().sum().backward()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     torch.testing.assert_close(x.grad, want_grad, rtol=1e-5, atol=1e-5)  # summed a slice at a time
+
+
+def test_rows_of_added_tokens_train_beside_a_bfloat16_base(bf16_model_dir):
+    """peft trains added tokens' rows in its own layer, which reads the weight it wraps: that one is float32."""
+    from deltatune.data.templates import use_template
+    from deltatune.model.methods import add_token_rows
+
+    model, tokenizer = load_causal_lm(str(bf16_model_dir), dtype="bfloat16")
+    add_token_rows(model, tokenizer, use_template(tokenizer, "llama3", None, add_missing=True))
+    args = build_config({"train_file": "t", "method": "lora", "add_special_tokens": True, "chat_template": "llama3"},
+                        "test").model
+    model = apply_method(model, args)
+    ids = torch.tensor([[1, 5, 9, len(tokenizer) - 1]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "embed_tokens" in n or "lm_head" in n)
+    assert any(d == torch.bfloat16 for n, d in dtypes.items() if "q_proj.base_layer" in n)

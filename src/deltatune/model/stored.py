@@ -83,21 +83,24 @@ def keep_frozen_stored(model: torch.nn.Module) -> int:
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
     inner = without_adapters(model)
-    # Added tokens' rows train inside peft's own embedding layer, which reads the weight itself: float32 there.
-    rows_train = any(isinstance(m, TrainableTokensLayer) for m in inner.modules())
+    # Added tokens' rows train inside peft's own layer, which reads the weight it wraps itself: that weight (and
+    # a head tied to it) is float32.
+    wrapped = {id(p) for m in inner.modules() if isinstance(m, TrainableTokensLayer)
+               for p in m.base_layer.parameters()}
     kept, stored = 0, set()
     for module in inner.modules():
         low = getattr(module, "weight", None) is not None and module.weight.dtype in (torch.bfloat16, torch.float16)
-        if not low or any(p.requires_grad for p in module.parameters(recurse=False)):
+        own = list(module.parameters(recurse=False))
+        if not low or any(p.requires_grad or id(p) in wrapped for p in own):
             continue
         if type(module) is torch.nn.Linear:
             module.forward = stored_forward.__get__(module)  # this instance only
-        elif type(module) is torch.nn.Embedding and not rows_train:
+        elif type(module) is torch.nn.Embedding:
             module.forward = stored_lookup.__get__(module)
         else:
             continue
         kept += 1
-        stored.update(id(p) for p in module.parameters(recurse=False))
+        stored.update(id(p) for p in own)
     with torch.no_grad():
         for p in model.parameters():
             if p.is_floating_point() and p.dtype != torch.float32 and id(p) not in stored:
