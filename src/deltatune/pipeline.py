@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from deltatune.config import DataSource, RunConfig, dump_config
+from deltatune.config import RunConfig, dump_config
 from deltatune.data.cache import ExampleTable, cache_dir, tokenizer_digest
 from deltatune.data.examples import Example, split_records
 from deltatune.data.formats import known_format, load_records, read_raw, stream_records
-from deltatune.data.sources import SourceShare, draw_mix, seeded_sample
+from deltatune.data.sources import SourceShare, draw_mix, seeded_sample, training_sources
 from deltatune.data.split_cache import DeferredRecords, load_reading, reading_key, save_reading
 from deltatune.data.stream import SHUFFLE_BUFFER, ExampleStream
 from deltatune.data.templates import read_template
@@ -168,8 +168,7 @@ def read_splits(cfg: RunConfig, task: Task) -> Splits:
 
 def reading_files(data) -> list[str | None]:
     """Every file a run reads its records from, in a fixed order."""
-    sources = [s.path for s in data.datasets] if data.datasets else [data.train_file]
-    return [*sources, data.validation_file, data.test_file]
+    return [*(source.path for source in training_sources(data)), data.validation_file, data.test_file]
 
 
 def reading_settings(cfg: RunConfig, task: Task) -> dict:
@@ -182,7 +181,7 @@ def reading_settings(cfg: RunConfig, task: Task) -> dict:
 
 def read_records(cfg: RunConfig, task: Task) -> Splits:
     data = cfg.data
-    sources = data.datasets or [DataSource(path=data.train_file, format=data.format, columns=data.columns)]
+    sources = training_sources(data)
     trains, val = [], []
     for source in sources:
         with stage(f"reading {source.path}") as advance:

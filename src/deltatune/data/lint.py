@@ -28,7 +28,7 @@ from deltatune.data.examples import (
     truncate_pair,
 )
 from deltatune.data.formats import CHAT_FORMATS, Record, detect_format, parse_records, read_raw
-from deltatune.data.sources import is_dataset_source, mix_draws, seeded_sample
+from deltatune.data.sources import is_dataset_source, mix_draws, seeded_sample, training_sources
 from deltatune.errors import UserError
 
 SHORT_RESPONSE_WORDS = 3  # responses with fewer words are listed (fine for labels, suspicious for prose)
@@ -149,13 +149,12 @@ def lint(data: str, tokenizer, *, max_seq_length: int = 1024, validation: str | 
 def lint_run_data(data, tokenizer, sample: int | None = SAMPLE) -> tuple[list[dict], list[dict]]:
     """(a report per training source of a run config's DataArgs, each read with its own format, columns and split,
     and the mix's rows when there are several)."""
-    sources = [(s.path, s.format, s.columns, s.split, s.weight) for s in data.datasets or []] or \
-        [(data.train_file, data.format, data.columns, None, 1.0)]
-    reports = [lint(path, tokenizer, max_seq_length=data.max_seq_length, validation=data.validation_file, fmt=fmt,
-                    train_on_inputs=data.train_on_inputs, sample=sample, columns=columns, split=split)
-               for path, fmt, columns, split, _ in sources]
+    sources = training_sources(data)
+    reports = [lint(s.path, tokenizer, max_seq_length=data.max_seq_length, validation=data.validation_file,
+                    fmt=s.format, train_on_inputs=data.train_on_inputs, sample=sample, columns=s.columns, split=s.split)
+               for s in sources]
     held_out = 0.0 if data.validation_file else data.validation_split
-    mix = mix_report(reports, [weight for *_, weight in sources], held_out) if len(sources) > 1 else []
+    mix = mix_report(reports, [s.weight for s in sources], held_out) if len(sources) > 1 else []
     return reports, mix
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from deltatune.config import DataArgs, DataSource
 from deltatune.errors import UserError
 
 HUB = "hf://"
@@ -134,3 +135,8 @@ def seeded_sample(records: list, limit: int | None, seed: int) -> list:
         return records
     keep = sorted(random.Random(seed).sample(range(len(records)), limit))
     return [records[i] for i in keep]
+
+
+def training_sources(data: DataArgs) -> list[DataSource]:
+    """The run's training sources: the `datasets:` mix, or `train_file` as a source of weight 1."""
+    return data.datasets or [DataSource(path=data.train_file, format=data.format, columns=data.columns)]
