@@ -47,8 +47,8 @@ LEAN = {  # `--ours lean`: deltatune's least-memory settings for the method, cli
     # also trimmed glibc's heap between blocks (`cpu_heap_trim`, since removed), so their lean
     # peaks in RESULTS.md are lower than these settings give.
     "full": {"optimizer_state_dtype": "bfloat16"},
-    # The frozen block weights stored in float16, computed in float32; checkpointing on.
-    "lora": {"frozen_weights_dtype": "float16", "gradient_checkpointing": True},
+    # The frozen weights loaded and kept in float16 (torch_dtype), computed in float32; checkpointing on.
+    "lora": {"torch_dtype": "float16", "gradient_checkpointing": True},
 }
 TRL_SETTINGS = {  # name -> (bf16, gradient_checkpointing)
     "defaults": (True, True), "fastest": (True, False),
@@ -79,11 +79,13 @@ def run_deltatune(args) -> dict:
     from deltatune.model.load import load_causal_lm
     from deltatune.model.methods import apply_method
     from deltatune.pipeline import fit_run
-    from deltatune.train import frozen_weights as lowp
     from deltatune.train.loop import fit
     from deltatune.train.metrics_log import MetricsLog
 
     model, tokenizer, train_records, val = load_data(args)
+    ours = LEAN[args.method] if args.setting == "lean" else OUR_SETTINGS[args.setting]
+    if ours.get("torch_dtype", "float32") != "float32":  # loaded as the run would load it
+        model = load_causal_lm(MODEL, dtype=ours["torch_dtype"])[0]
     train, _ = build_sft_examples(train_records, tokenizer, max_seq_length=args.max_seq_length)
     out = Path(tempfile.mkdtemp(prefix="bench-deltatune-"))
     settings = dict(train_file="unused", output_dir=str(out), learning_rate=args.learning_rate,
@@ -92,17 +94,14 @@ def run_deltatune(args) -> dict:
                     gradient_accumulation_steps=1, warmup_steps=0, lr_scheduler_type="linear",
                     max_grad_norm=1.0, weight_decay=0.0, seed=args.seed, logging_steps=10**6,
                     max_seq_length=args.max_seq_length)
-    ours = LEAN[args.method] if args.setting == "lean" else OUR_SETTINGS[args.setting]
     cfg = build_config({**settings, **ours}, "bench")
     model = apply_method(model, cfg.model)  # LoRA: r, alpha 2r, all linear layers of the blocks, like TRL's below
-    lowp.store_frozen_weights(model, cfg.memory.frozen_weights_dtype)
     log = MetricsLog(out)
     start = time.perf_counter()
     fit(model, tokenizer, train, [], cfg.train, cfg.memory, fit_run(cfg, out, log, torch.device("cpu")))
     wall = time.perf_counter() - start
     train_peak = peak_rss_gb()
     log.close()
-    lowp.restore_frozen_weights(model, lambda: load_causal_lm(MODEL)[0])  # scored like TRL's: float32 weights
     val_loss, _ = mean_loss(model, val, 8, tokenizer.pad_token_id, torch.device("cpu"))
     real = sum(len(e.input_ids) for e in train) * args.epochs
     trained = sum(sum(label != -100 for label in e.labels[1:]) for e in train) * args.epochs

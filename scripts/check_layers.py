@@ -64,8 +64,8 @@ LAYOUT = {
     "model": ["load", "parts", "host_memory", "stored", "methods", "gguf_vocab", "export"],
     "runtime": ["distributed", "precision", "faults"],
     "evaluate": ["loss", "generate", "metrics", "evaluate", "probes", "data_files", "preference"],
-    "train": ["loop", "optim", "checkpoint", "dist_checkpoint", "frozen_weights", "metrics_log", "trackers"],
-    "delta": ["measures", "causal", "classifier", "preference", "render", "summary", "benchmarks"],
+    "train": ["loop", "optim", "checkpoint", "dist_checkpoint", "metrics_log", "trackers"],
+    "delta": ["measures", "weights", "causal", "classifier", "preference", "render", "summary", "benchmarks"],
     "docs": ["documents", "prepare"],
     "demo": ["orders", "routing", "preferences"],
 }

@@ -98,6 +98,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def bf16_model_dir(tmp_path_factory) -> Path:
+    """The same tiny Llama saved in bfloat16 (config.json says so): `torch_dtype: auto` keeps it there."""
+    folder = tmp_path_factory.mktemp("tiny-llama-bf16")
+    tokenizer = make_tokenizer()
+    make_tiny_llama(tokenizer).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def chat(user: str, answer: str, system: str | None = None) -> dict:
     messages = [{"role": "system", "content": system}] if system else []
     return {"messages": messages + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}

@@ -1,6 +1,7 @@
 """`deltatune` command line: thin wrappers over the pipeline stages.
 
-    deltatune train CONFIG.yaml [key=value ...]
+    deltatune train CONFIG.yaml [key=value ...] [--force]
+    deltatune plan CONFIG.yaml [key=value ...]
     deltatune eval --model DIR --data FILE [--metric exact_match]
     deltatune predict --model CLASSIFIER --data FILE --out FILE.jsonl
     deltatune generate --model DIR "prompt"
@@ -28,7 +29,7 @@ from deltatune.config import default
 from deltatune.errors import UserError
 
 
-def _run_until_stopped(cfg, again: str | None) -> int:
+def _run_until_stopped(cfg, again: str | None, force: bool = False) -> int:
     """Run the pipeline; a SIGINT/SIGTERM that ended it with a checkpoint exits 130/143 saying how to go on."""
     from deltatune.pipeline import run
     from deltatune.runtime.distributed import is_main, peer_failures_explained, shutdown
@@ -36,7 +37,7 @@ def _run_until_stopped(cfg, again: str | None) -> int:
 
     try:
         with peer_failures_explained(cfg.parallel.ddp_timeout):
-            run(cfg)
+            run(cfg, force)
     except StopRequested as stop:
         if is_main():  # under torchrun every rank stopped at the same step; one says so
             print(f"stopped: {stop}" + (f"; continue with: {again}" if again else ""), file=sys.stderr)
@@ -47,23 +48,23 @@ def _run_until_stopped(cfg, again: str | None) -> int:
 
 def cmd_train(args) -> int:
     from deltatune.config import load_config
+    from deltatune.runtime.distributed import exec_torchrun, launcher
 
     overrides = list(args.overrides) + (["resume_from_checkpoint=latest"] if args.resume else [])
     cfg = load_config(args.config, overrides)  # a bad config fails here, once, before any process starts
     if args.nproc > 1:
         check_resume_before_launch(cfg, args.nproc)
-        exec_torchrun(args)
-    return _run_until_stopped(cfg, again=" ".join([*_launcher(), args.config, *args.overrides, "--resume"]))
+        exec_torchrun(args.nproc, [*(["--debug"] if args.debug else []), "train", args.config, *args.overrides,
+                                   *(["--resume"] if args.resume else []), *(["--force"] if args.force else [])])
+    return _run_until_stopped(cfg, " ".join([*launcher(), args.config, *args.overrides, "--resume"]), args.force)
 
 
-def _launcher() -> list[str]:
-    """How this run was started, for the command that continues it (which needs as many processes)."""
-    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if world == 1:
-        return ["deltatune", "train"]
-    if world == local:  # one machine: what --nproc runs
-        return ["deltatune", "train", "--nproc", str(world)]
-    return ["torchrun", "...", "-m", "deltatune", "train"]  # several machines: the user's own torchrun line
+def cmd_plan(args) -> int:
+    from deltatune.config import load_config
+    from deltatune.pipeline import memory_plan
+
+    print("\n".join(memory_plan(load_config(args.config, args.overrides))))
+    return 0
 
 
 def check_resume_before_launch(cfg, nproc: int) -> None:
@@ -76,17 +77,6 @@ def check_resume_before_launch(cfg, nproc: int) -> None:
 
     with contextlib.redirect_stdout(io.StringIO()):
         find_resume_checkpoint(cfg, world_size=nproc)
-
-
-def exec_torchrun(args) -> None:
-    """Replace this process with torchrun starting `nproc` copies of this same command."""
-    if "LOCAL_RANK" in os.environ:
-        raise UserError("--nproc: already running under torchrun (drop --nproc, or launch without torchrun)")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
-               "-m", "deltatune", *(["--debug"] if args.debug else []), "train", args.config, *args.overrides,
-               *(["--resume"] if args.resume else [])]
-    sys.stdout.flush()
-    os.execv(sys.executable, command)
 
 
 def cmd_demo(args) -> int:
@@ -324,7 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the newest complete checkpoint in output_dir (resume_from_checkpoint=latest)")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="train on N processes of this machine (one per GPU) via torchrun")
+    p.add_argument("--force", action="store_true", help="run even where the memory plan says it will not fit")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="what a run will need in memory (from config.json alone), without running it")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="key=value settings that override the file")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("demo", help="fine-tune the embedded SmolLM2 on the bundled task and compare")
     p.add_argument("--out", default="runs/demo", help="folder for the demo data and run (default runs/demo)")

@@ -200,7 +200,7 @@ class MemoryArgs(BaseModel):
     bf16: Literal["auto"] | bool = "auto"
     """bfloat16 autocast with float32 master weights; `auto` uses it where the hardware runs it natively."""
     packing: bool = True
-    """Pack each step's examples into rows (block-diagonal mask, per-example positions): no padding, same steps."""
+    """Pack each step's examples into rows (per-example positions, which isolate them): no padding, same steps."""
     max_tokens_per_batch: int | None = Field(16384, ge=1)
     """Cap on padded tokens (examples x longest) in an evaluation batch or an unpacked training micro-batch: long
     examples go in smaller batches, so memory is bounded by tokens. null = examples only."""
@@ -216,10 +216,6 @@ class MemoryArgs(BaseModel):
     """Store AdamW's two moments in this dtype: bfloat16 halves the optimizer's memory (4 bytes a trainable parameter,
     not 8). Each step computes in float32 (fused AdamW); the moments are written back with stochastic rounding, exact
     in expectation (round-to-nearest would stall the second moment). Not with parallelism: fsdp."""
-    frozen_weights_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """method lora/dora: store the frozen weights of the blocks' linear layers in this dtype while training (half the
-    memory of float32; matmuls still compute in the activation dtype). Rounding during training only: the float32
-    weights are restored, bit for bit, before the tuned model is evaluated and saved."""
 
 
 class PreferenceArgs(BaseModel):
@@ -357,7 +353,7 @@ FLAT_ORDER = [
     "gradient_accumulation_steps", "warmup_ratio", "warmup_steps", "lr_scheduler_type", "max_grad_norm", "seed",
     "bf16", "early_stopping_patience", "parallelism", "fsdp_cpu_offload", "ddp_timeout", "packing",
     "gradient_checkpointing", "torch_compile", "optimizer_in_backward", "optimizer_state_dtype",
-    "frozen_weights_dtype", "output_dir", "overwrite_output_dir", "logging_steps", "eval_steps", "save_steps",
+    "output_dir", "overwrite_output_dir", "logging_steps", "eval_steps", "save_steps",
     "save_total_limit", "resume_from_checkpoint", "max_nonfinite_steps", "metric", "metric_pattern",
     "metric_schema", "max_new_tokens", "delta_report", "general_text_file", "probe_files", "side_by_side_prompts",
     "kl_samples", "allow_pickle", "trust_remote_code", "report_to", "forgetting_benchmarks", "benchmark_limit",
@@ -413,13 +409,8 @@ class RunConfig(BaseModel):
                              "optimizer_state_dtype: float32)")
         if self.model.torch_dtype not in ("auto", "float32") and method == "qlora":
             raise ValueError(f"torch_dtype: {self.model.torch_dtype} does not apply to method qlora (4-bit base)")
-        stored = memory.frozen_weights_dtype
-        if stored != "float32" and method not in ("lora", "dora"):
-            raise ValueError(f"frozen_weights_dtype: {stored} applies to method lora or dora only "
-                             f"(method is '{method}'; set frozen_weights_dtype: float32)")
-        for key, value in (("torch_dtype", self.model.torch_dtype), ("frozen_weights_dtype", stored)):
-            if value not in ("auto", "float32") and (why := stored_dtype_conflict(self)):
-                raise ValueError(f"{key}: {value} {why}")
+        if self.model.torch_dtype not in ("auto", "float32") and (why := stored_dtype_conflict(self)):
+            raise ValueError(f"torch_dtype: {self.model.torch_dtype} {why}")
         return self
 
     def flat(self) -> dict:
@@ -440,9 +431,6 @@ def stored_dtype_conflict(cfg: "RunConfig") -> str | None:
         return "does not work with parallelism: fsdp, which shards every weight in one dtype (use ddp or float32)"
     if cfg.model.method == "dora" and cfg.model.lora_dropout > 0:  # peft's DoRA would keep float32 copies
         return "with method dora needs lora_dropout: 0 (set lora_dropout: 0, or float32)"
-    if cfg.memory.frozen_weights_dtype != "float32" and cfg.model.torch_dtype not in ("auto", "float32"):
-        return "keeps frozen weights in that dtype already; frozen_weights_dtype (which lowers float32 weights " \
-            "while training) goes with torch_dtype: float32 only (delete frozen_weights_dtype)"
     return None
 
 

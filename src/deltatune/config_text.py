@@ -4,6 +4,7 @@ keys and values (config.py holds the typed groups these feed)."""
 from __future__ import annotations
 
 import difflib
+import sys
 from pathlib import Path
 
 import yaml
@@ -15,6 +16,7 @@ REMOVED_KEYS = {
     "cpu_heap_trim": "it was removed (a glibc heap knob that slowed training by about 30%); delete the line",
 }
 SYNONYMS = {"dtype": "torch_dtype"}  # another tool's (here transformers 5's) name for one of our keys
+FOLDED = {"frozen_weights_dtype": "torch_dtype"}  # an old key now part of another (its default, float32, is dropped)
 
 
 def did_you_mean(key: str, choices) -> str:
@@ -92,7 +94,7 @@ def check_keys(keys, origin: str | None, known: dict) -> None:
         where = f"{origin}: key '{key}'" if origin else f"override '{key}'"
         if key in REMOVED_KEYS:
             raise UserError(f"{where}: {REMOVED_KEYS[key]}")
-        if key not in known and key not in SYNONYMS:
+        if key not in known and key not in SYNONYMS and key not in FOLDED:
             where = f"{origin}: unknown key '{key}'" if origin else f"override '{key}': unknown key"
             raise UserError(f"{where}{did_you_mean(key, known)}")
 
@@ -102,4 +104,24 @@ def with_our_names(raw: dict, origin: str) -> dict:
     for other, ours in SYNONYMS.items():
         if other in raw and ours in raw:
             raise UserError(f"{origin}: keys '{other}' and '{ours}' name the same setting; keep one")
-    return {SYNONYMS.get(k, k): v for k, v in raw.items()}
+    return fold_old_keys({SYNONYMS.get(k, k): v for k, v in raw.items()}, origin)
+
+
+def fold_old_keys(raw: dict, origin: str) -> dict:
+    """`frozen_weights_dtype: X` (frozen adapter-run weights stored in X while training) is `torch_dtype: X` now,
+    which keeps them in X for the whole run: read so, with a one-line note; float32 (its default) says nothing."""
+    if "frozen_weights_dtype" not in raw:
+        return raw
+    raw = dict(raw)
+    value = raw.pop("frozen_weights_dtype")
+    if value in (None, "float32"):
+        return raw
+    where = f"{origin}: key 'frozen_weights_dtype'"
+    if raw.get("method", "full") not in ("lora", "dora"):
+        raise UserError(f"{where}: {value} applies to method lora or dora only (delete the line)")
+    if raw.get("torch_dtype", "auto") not in ("auto", "float32", value):
+        raise UserError(f"{where}: {value} is torch_dtype: {value} now, and torch_dtype is "
+                        f"{raw['torch_dtype']}; keep torch_dtype only")
+    print(f"{where}: read as torch_dtype: {value} (frozen weights now stay in {value} for the whole run, "
+          "evaluation included); rename the key", file=sys.stderr, flush=True)
+    return {**raw, "torch_dtype": value}

@@ -32,14 +32,15 @@ from deltatune.delta.summary import print_comparison, write_summary
 from deltatune.errors import UserError, where
 from deltatune.evaluate.metrics import load_check
 from deltatune.files import FolderLock, has_content, lock_folder, writing
+from deltatune.model.host_memory import trim_heap
 from deltatune.model.load import weights_dtype
 from deltatune.model.methods import apply_method, trainable_summary
 from deltatune.progress import note, stage
 from deltatune.runtime import distributed
-from deltatune.runtime.precision import resolve_bf16
+from deltatune.runtime.plan import GB, MemoryPlan, plan_lines, plan_memory, refuse_unless_fits
+from deltatune.runtime.precision import pick_device, resolve_bf16
 from deltatune.tasks import TASKS, Datasets, Splits, Task, check_task_settings
 from deltatune.train.checkpoint import find_resume_checkpoint, restore_run_files
-from deltatune.train.frozen_weights import frozen_weights
 from deltatune.train.loop import FitResult, FitRun, fit
 from deltatune.train.metrics_log import MetricsLog, NullLog
 from deltatune.train.trackers import check_available as check_trackers
@@ -72,14 +73,14 @@ class Preflight:
             self.lock.release()
 
 
-def preflight(cfg: RunConfig) -> Preflight:
+def preflight(cfg: RunConfig, force: bool = False) -> Preflight:
     """Every refusal that needs no model: another run in the same output folder, what this machine
-    and launch can run, the cache, the report's and the metric's own files, and the resume;
-    before any model is loaded or anything is written."""
+    and launch can run, its memory (unless `force`), the cache, the report's and the metric's own
+    files, and the resume; before any model is loaded or anything is written."""
     device = distributed.init(cfg.parallel.ddp_timeout)  # under torchrun: this rank's device
     lock = lock_output_dir(cfg)
     try:
-        return Preflight(device, *checks_before_loading(cfg, device), lock)
+        return Preflight(device, *checks_before_loading(cfg, device, force), lock)
     except BaseException:
         if lock is not None:
             lock.release()  # nothing was written: the folder is left as it was found
@@ -111,7 +112,7 @@ def check_cache_writable() -> None:
                         "set DELTATUNE_CACHE to a writable folder") from None
 
 
-def checks_before_loading(cfg: RunConfig, device: torch.device) -> tuple[bool, Path | None]:
+def checks_before_loading(cfg: RunConfig, device: torch.device, force: bool = False) -> tuple[bool, Path | None]:
     """(bf16, the checkpoint to resume or None), or the one-line refusal."""
     world = distributed.world_size()
     check_task_settings(cfg)
@@ -132,6 +133,7 @@ def checks_before_loading(cfg: RunConfig, device: torch.device) -> tuple[bool, P
         raise UserError("fsdp_cpu_offload: true needs CUDA devices (on CPU the shards are in CPU memory already; "
                         "set it to false)")
     bf16 = resolve_bf16(cfg.memory.bf16, device)  # bf16: true where the device has no fast bf16 is refused
+    check_memory(cfg, device, bf16, force)
     check_trackers(cfg.output.report_to)
     check_benchmarks(cfg.delta.forgetting_benchmarks, cfg.delta.benchmark_tasks_dir)
     check_cache_writable()
@@ -140,6 +142,22 @@ def checks_before_loading(cfg: RunConfig, device: torch.device) -> tuple[bool, P
     resume = find_resume_checkpoint(cfg, world)  # None: start at step 0
     distributed.barrier()  # every rank has read output_dir before rank 0 rewrites config.yaml and tidies it
     return bf16, resume
+
+
+def check_memory(cfg: RunConfig, device: torch.device, bf16: bool, force: bool) -> MemoryPlan:
+    """The memory plan in one line; a run that would not fit its device is refused (on every rank) unless `force`."""
+    plan = plan_memory(cfg, TASKS[cfg.task], device, bf16, distributed.world_size())
+    if distributed.is_main():
+        print(f"memory plan: peak {plan.peak / GB:.1f} GB of {plan.where}"
+              + (f" ({plan.total / GB:.1f} GB)" if plan.total else "") + "; deltatune plan shows the parts", flush=True)
+    refuse_unless_fits(cfg, plan, force)
+    return plan
+
+
+def memory_plan(cfg: RunConfig) -> list[str]:
+    """`deltatune plan`: the run's memory plan on this machine's device, without running it."""
+    device = pick_device()
+    return plan_lines(cfg, plan_memory(cfg, TASKS[cfg.task], device, resolve_bf16(cfg.memory.bf16, device)))
 
 
 def read_splits(cfg: RunConfig, task: Task) -> Splits:
@@ -341,12 +359,12 @@ def without_predictions(result: dict) -> dict:
     return {k: v for k, v in result.items() if k != "predictions"}
 
 
-def run(cfg: RunConfig) -> RunResult:
-    """One training run, as `deltatune train` does it."""
+def run(cfg: RunConfig, force: bool = False) -> RunResult:
+    """One training run, as `deltatune train` does it (`force`: even where the memory plan says it will not fit)."""
     task = TASKS[cfg.task]
     if cfg.model.torch_dtype == "auto":  # what it became is in config.yaml: a resume loads the same
         cfg = cfg.with_overrides(torch_dtype=weights_dtype(cfg.model))
-    with preflight(cfg) as checked:  # the output folder is this run's until the run ends
+    with preflight(cfg, force) as checked:  # the output folder is this run's until the run ends
         device, bf16, resume = checked.device, checked.bf16, checked.resume
         splits = read_splits(cfg, task)
         model, tokenizer = task.load(cfg, splits)
@@ -365,11 +383,8 @@ def run(cfg: RunConfig) -> RunResult:
                 log.write({"step": 0, "event": "base_eval", **without_predictions(before)})
                 if data.mix:  # the delta report names the mix from here
                     log.write({"step": 0, "event": "data_mix", "sources": data.mix})
-            # Frozen weights in a lower dtype only while training: the base evaluation saw float32, and
-            # the float32 weights are back, bit for bit, before the tuned model is evaluated and saved.
-            with frozen_weights(model, cfg.memory.frozen_weights_dtype, lambda: task.load(cfg, splits)[0]):
-                result = fit(model, tokenizer, data.train, data.val, cfg.train, cfg.memory,
-                             fit_run(cfg, out, log, device, resume, task))
+            result = fit(model, tokenizer, data.train, data.val, cfg.train, cfg.memory,
+                         fit_run(cfg, out, log, device, resume, task))
             after = evaluate_model(task, model, tokenizer, data, cfg, device, bf16, "the tuned model")
             log.write({"step": result.steps, "event": "tuned_eval", **without_predictions(after)})
             save_final(model, tokenizer, result, out)
@@ -424,6 +439,7 @@ def report(cfg: RunConfig, task: Task, model, tokenizer, data: Datasets, before:
     print(f"tuned model: {out / 'final'}\nsummary: {out / 'summary.md'}")
     if not cfg.delta.delta_report:
         return None
+    trim_heap()  # the optimizer's and gradients' freed memory goes back before the report measures
     if distributed.world_size() > 1:
         # The other ranks have left; rank 0 measures alone, on final/ loaded as a plain model
         # (FSDP's weights are shards, and no rank must wait on another for the report's length).

@@ -90,6 +90,7 @@ class Task:
     compares: bool = True  # `deltatune compare` can score two models on its records
     packs: bool = True  # its examples may share a packed row
     new_head: bool = False  # the model gets a freshly initialised head, trained (and saved with an adapter)
+    rows_per_example: int = 1  # model rows an example takes (a preference pair: its chosen and rejected sides)
     test_file_hint: str | None = None  # why it takes no test_file (None: it takes one)
     stream_maker: Callable | None = None  # streaming: (cfg, tokenizer) -> make(records, stats) -> examples
     cached_examples: bool = False  # its examples are cached by content: a warm start need not read its records
@@ -234,7 +235,7 @@ TASKS: dict[str, Task] = {
         loss=lambda cfg: loss_function(_objective(cfg)), load=_load_causal, load_tuned=load_causal_lm,
         example_builder=_preference_builder, evaluate=_evaluate_preference, delta_report=_preference_report,
         units=pairs_in, before_training=_reference_before_training, own_settings="preference", packs=False,
-        test_file_hint="task 'preference' is scored on held-out pairs"),
+        rows_per_example=2, test_file_hint="task 'preference' is scored on held-out pairs"),
 }
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from deltatune.config import build_config
-from deltatune.data.batching import collate, collate_packed, model_mask, pack_rows, packed_micro_batches
+from deltatune.data.batching import collate, collate_packed, pack_rows, packed_micro_batches
 from deltatune.data.examples import IGNORE_INDEX, build_sft_examples
 from deltatune.data.formats import Record
 from deltatune.evaluate.loss import causal_lm_loss, linear_cross_entropy
@@ -44,22 +44,21 @@ def test_rows_hold_every_example_once_within_capacity(examples):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("use_cache", [False, True])
-def test_packed_logits_equal_per_example_logits(tiny_tokenizer, examples, attn, use_cache):
+def test_packed_logits_equal_per_example_logits(tiny_tokenizer, examples, attn):
     model = make_tiny_llama(tiny_tokenizer).eval()
     model.config._attn_implementation = attn
     capacity = 2 * max(len(e.input_ids) for e in examples)
     rows = pack_rows(list(range(len(examples))), examples, capacity)
     batch = collate_packed([[examples[i] for i in row] for row in rows], tiny_tokenizer.pad_token_id)
-    with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=use_cache,
-                       attention_mask=model_mask(model, batch["attention_mask"], torch.float32)).logits
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no [rows, L, L] mask is built here
+    with torch.no_grad():  # as training runs: the positions alone isolate the examples
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         checked = 0
         for r, row in enumerate(rows):
             start = 0
             for i in row:
                 ids = torch.tensor([examples[i].input_ids])
-                alone = model(input_ids=ids, use_cache=use_cache).logits[0]
+                alone = model(input_ids=ids, use_cache=False).logits[0]
                 torch.testing.assert_close(packed[r, start: start + ids.shape[1]], alone, atol=1e-5, rtol=0)
                 start += ids.shape[1]
                 checked += 1
@@ -106,6 +105,27 @@ def test_chunked_head_loss_frozen_head_gives_hidden_gradient_only(chunk_elements
     (F.cross_entropy(hidden @ weight.t(), targets, reduction="sum") * 0.37).backward()
     torch.testing.assert_close(ours, hidden.grad)
     assert weight.grad is None
+
+
+def test_chunked_head_loss_upcasts_a_bf16_head_a_slice_of_rows_at_a_time(monkeypatch):
+    # torch_dtype: a frozen 128k-token head kept in bfloat16 is never upcast whole (a GB in float32).
+    from deltatune.model import stored
+
+    monkeypatch.setattr(stored, "CHUNK_BYTES", 64 * 16 * 4)  # 64 rows of 16 float32 at a time: 7 slices of 400
+    torch.manual_seed(2)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    weight = torch.randn(400, 16).to(torch.bfloat16)
+    targets = torch.randint(0, 400, (23,))
+    seen = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda parts, **kw: seen.append(len(parts)) or real_cat(parts, **kw))
+    (linear_cross_entropy(hidden, weight, targets, max_chunk_elements=400 * 7) * 0.37).backward()
+    assert seen and set(seen) == {7}  # every chunk's logits came from 7 upcast slices
+    ours = hidden.grad.clone()
+    hidden.grad = None
+    reference = F.cross_entropy(hidden @ weight.float().t(), targets, reduction="sum")
+    (reference * 0.37).backward()
+    torch.testing.assert_close(ours, hidden.grad)
 
 
 def test_chunked_head_loss_of_no_rows_is_zero_with_zero_gradients():

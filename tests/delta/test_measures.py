@@ -10,6 +10,7 @@ import torch
 from deltatune.data.examples import build_sft_examples
 from deltatune.data.formats import Record
 from deltatune.delta import measures as delta
+from deltatune.delta import weights as weight_change
 from deltatune.evaluate import probes
 
 from conftest import chat, make_tiny_llama, run_cli, write_jsonl
@@ -36,7 +37,7 @@ def _val_examples(tok):
 
 def test_identical_models_have_zero_delta_and_zero_kl(tok, base):
     twin = copy.deepcopy(base)
-    weights = delta.weight_delta(base, twin)
+    weights = weight_change.weight_delta(base, twin)
     assert weights["changed_matrices"] == 0 and weights["relative_norm"] == 0.0
     assert all(m["relative_norm"] == 0 and m["effective_rank"] == 0 and m["intruders"] == 0
                for m in weights["matrices"])
@@ -66,7 +67,7 @@ def test_known_low_rank_perturbation_ranks_first_with_its_norm_rank_and_intruder
         target.add_(dw)
         q = tuned.model.layers[0].self_attn.q_proj.weight
         q.add_(1e-3 * torch.randn(q.shape, generator=gen))  # a small change elsewhere, to be outranked
-    weights = delta.weight_delta(base, tuned)
+    weights = weight_change.weight_delta(base, tuned)
     top = {m["name"]: m for m in weights["matrices"]}[weights["top"][0]]
     assert top["name"] == "model.layers.1.mlp.down_proj.weight"
     assert top["relative_norm"] == pytest.approx(float(dw.norm() / w.norm()), rel=1e-4)
@@ -84,9 +85,9 @@ def test_known_low_rank_perturbation_ranks_first_with_its_norm_rank_and_intruder
 
 def test_effective_rank_counts_energy():
     dw = torch.diag(torch.tensor([10.0, 1.0, 1.0, 0.0]))
-    assert delta.effective_rank(dw) == 1  # 100/102 ≥ 90 %
-    assert delta.effective_rank(torch.eye(5)) == 5  # flat spectrum: 4/5 < 90 %
-    assert delta.effective_rank(torch.zeros(3, 4)) == 0
+    assert weight_change.effective_rank(dw) == 1  # 100/102 ≥ 90 %
+    assert weight_change.effective_rank(torch.eye(5)) == 5  # flat spectrum: 4/5 < 90 %
+    assert weight_change.effective_rank(torch.zeros(3, 4)) == 0
 
 
 def test_lora_delta_is_b_times_a_and_base_weights_stay_untouched(tok, base):
@@ -98,7 +99,7 @@ def test_lora_delta_is_b_times_a_and_base_weights_stay_untouched(tok, base):
             if "lora_B" in name:
                 p.normal_(0, 0.05)  # peft initialises B = 0; make the adapter do something
     before = {n: p.clone() for n, p in model.named_parameters() if "lora_" not in n}
-    weights = delta.weight_delta(base, model)
+    weights = weight_change.weight_delta(base, model)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_" not in n)
     rows = {m["name"]: m for m in weights["matrices"]}
     lora_rows = [m for m in weights["matrices"] if m["lora"]]
@@ -107,7 +108,7 @@ def test_lora_delta_is_b_times_a_and_base_weights_stay_untouched(tok, base):
     assert weights["changed_matrices"] == 4
     # Same numbers as comparing against the merged model's full weights.
     merged = copy.deepcopy(model).merge_and_unload()
-    merged_rows = {m["name"]: m for m in delta.weight_delta(base, merged)["matrices"]}
+    merged_rows = {m["name"]: m for m in weight_change.weight_delta(base, merged)["matrices"]}
     for m in lora_rows:
         assert merged_rows[m["name"]]["relative_norm"] == pytest.approx(m["relative_norm"], rel=1e-4)
         assert merged_rows[m["name"]]["effective_rank"] == m["effective_rank"]
@@ -116,6 +117,30 @@ def test_lora_delta_is_b_times_a_and_base_weights_stay_untouched(tok, base):
                 * layer0_q.scaling["default"])
     assert rows["model.layers.0.self_attn.q_proj.weight"]["delta_norm"] == pytest.approx(float(expected.norm()),
                                                                                         rel=1e-5)
+
+
+def test_an_adapter_runs_base_is_the_tuned_model_with_its_adapters_off(tok, base):
+    """The report of a LoRA run loads no second model: every number equals the one against a separate base."""
+    from peft import LoraConfig, get_peft_model
+
+    from deltatune.delta.causal import measure
+
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    options = delta.ReportOptions(kl_samples=4, batch_size=2)
+
+    def numbers(base_side):
+        report = measure(base_side, model, tok, val_examples=_val_examples(tok), base_predictions=None,
+                         tuned_predictions=None, metric="none", options=options, device=CPU)
+        return json.dumps({k: v for k, v in report.items() if k != "seconds"}, sort_keys=True)
+    alone = numbers(delta.AdaptersOff(model))
+    assert alone == numbers(base)
+    report = json.loads(alone)
+    assert report["forgetting"]["general_text"]["kl_per_token"] > 0  # the adapters were on for the tuned side
+    assert report["weights"]["changed_matrices"] == 4
 
 
 def test_fact_recall_retention_drops_when_the_model_is_damaged(tok, base):

@@ -61,6 +61,21 @@ def test_gguf_export_of_embedded_smollm2(tmp_path):
     assert gguf_tok("Hello, world!")["input_ids"] == tok("Hello, world!")["input_ids"]
 
 
+@pytest.mark.integration
+def test_the_converted_embedded_gguf_has_the_special_tokens_its_file_names():
+    # Some transformers releases gave a llama GGUF's end-of-sequence token its beginning-of-sequence token; the
+    # conversion reads them from the file itself (tokenizer.ggml.*_token_id), as llama.cpp does.
+    from gguf import GGUFReader
+
+    from deltatune.model.load import embedded_path, load_tokenizer, resolve
+
+    tok = load_tokenizer(resolve("smollm2-135m-instruct"))
+    fields = GGUFReader(str(embedded_path("smollm2-135m-instruct"))).fields
+    assert tok.bos_token_id == int(fields["tokenizer.ggml.bos_token_id"].contents())
+    assert tok.eos_token_id == int(fields["tokenizer.ggml.eos_token_id"].contents())
+    assert (tok.bos_token, tok.eos_token) == ("<|im_start|>", "<|im_end|>")
+
+
 # The families transformers' GGUF loader reads back; GPT-NeoX and OLMo 2 are checked with llama.cpp itself
 # (scripts/llama_cpp_check.py) and, here, by the layout of what was written.
 LOADABLE = ["gemma2", "gemma3", "llama3", "mistral", "phi3", "phi4", "qwen2", "qwen3"]

@@ -13,16 +13,7 @@ from deltatune.config import build_config
 from deltatune.model.load import checkpoint_dtype, load_causal_lm
 from deltatune.model.methods import apply_method
 
-from conftest import chat, make_tiny_llama, make_tokenizer, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def bf16_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama-bf16")
-    tokenizer = make_tokenizer()
-    make_tiny_llama(tokenizer).to(torch.bfloat16).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+from conftest import chat, write_jsonl
 
 
 def test_auto_is_the_checkpoints_own_dtype(bf16_model_dir, tiny_model_dir, tmp_path):
@@ -98,7 +89,8 @@ def test_stored_weights_give_the_gradients_float32_weights_give(bf16_model_dir):
 @pytest.mark.parametrize("extra, message", [
     ({"torch_dtype": "bfloat16", "parallelism": "fsdp"}, "torch_dtype: bfloat16 does not work with parallelism: fsdp"),
     ({"torch_dtype": "bfloat16", "method": "lora", "frozen_weights_dtype": "float16"},
-     "torch_dtype: bfloat16 keeps frozen weights in that dtype already"),
+     "frozen_weights_dtype': float16 is torch_dtype: float16 now, and torch_dtype is bfloat16"),
+    ({"method": "full", "frozen_weights_dtype": "float16"}, "float16 applies to method lora or dora only"),
     ({"torch_dtype": "float16", "method": "qlora"}, "does not apply to method qlora"),
     ({"torch_dtype": "bfloat16", "dtype": "float32"}, "keys 'dtype' and 'torch_dtype' name the same setting"),
 ])
@@ -107,6 +99,34 @@ def test_what_stored_weights_cannot_go_with_is_one_line(extra, message):
 
     with pytest.raises(UserError, match=message):
         build_config({"train_file": "t", **extra}, "test")
+
+
+def test_the_old_frozen_weights_dtype_key_is_read_as_torch_dtype_with_a_note(capsys, tmp_path):
+    cfg = build_config({"train_file": "t", "method": "lora", "frozen_weights_dtype": "float16"}, "run.yaml")
+    assert cfg.model.torch_dtype == "float16"
+    assert capsys.readouterr().err.strip() == ("run.yaml: key 'frozen_weights_dtype': read as torch_dtype: float16 "
+                                               "(frozen weights now stay in float16 for the whole run, evaluation "
+                                               "included); rename the key")
+    # Its old default, as every config.yaml before the fold lists it, says nothing and changes nothing.
+    quiet = build_config({"train_file": "t", "method": "full", "frozen_weights_dtype": "float32"}, "config.yaml")
+    assert quiet.model.torch_dtype == "auto" and capsys.readouterr().err == ""
+    assert "frozen_weights_dtype" not in quiet.flat()
+
+
+def test_a_checkpoint_from_before_the_fold_resumes_under_its_new_name(tmp_path):
+    from deltatune.errors import UserError
+    from deltatune.train.checkpoint import find_resume_checkpoint
+
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = build_config({"train_file": "t", "method": "lora", "torch_dtype": "float16", "output_dir": str(out),
+                        "resume_from_checkpoint": "latest"}, "run.yaml")
+    dumped = {**cfg.flat(), "torch_dtype": "float32", "frozen_weights_dtype": "float16"}  # as such a run wrote it
+    (out / "config.yaml").write_text(yaml.safe_dump(dumped))
+    find_resume_checkpoint(cfg)  # the same run: not refused
+    (out / "config.yaml").write_text(yaml.safe_dump({**dumped, "frozen_weights_dtype": "float32"}))
+    with pytest.raises(UserError, match=r"holds a different run \(torch_dtype: 'float32' -> 'float16'\)"):
+        find_resume_checkpoint(cfg)
 
 
 def test_a_big_stored_weight_is_upcast_a_slice_at_a_time_with_the_same_result(monkeypatch):

@@ -12,11 +12,13 @@ that step, with the padding squeezed out. Packing never moves an example to anot
 the loss stays normalised by the label tokens of the whole step, so a packed run takes the same
 optimizer steps as an unpacked one, up to float rounding.
 
-Isolation comes from a 4D block-diagonal causal mask [rows, 1, capacity, capacity] (True =
-may attend), passed to the model as its `attention_mask`, together with position ids that
-restart at 0 for each example. transformers uses a 4D mask as given, so this holds with or
-without a KV cache (position ids alone only isolate examples on some attention paths). The
-first token of each example gets no label: it must not be predicted from the previous example.
+Isolation comes from the position ids alone, which restart at 0 for each example (and for each
+padding token): given position ids and no attention mask, transformers finds the examples of a
+row and builds the mask its attention implementation takes, so the row's memory is linear in its
+length where the kernel takes packed sequences (FlashAttention's varlen path, flex attention's
+block mask) and a dense boolean [rows, 1, L, L] mask only where the kernel needs one (SDPA, eager).
+That holds without a KV cache, as training runs. The first token of each example gets no label:
+it must not be predicted from the previous example.
 """
 
 from __future__ import annotations
@@ -26,10 +28,9 @@ import random
 import torch
 
 from deltatune.data.examples import IGNORE_INDEX, Example
-from deltatune.errors import UserError
 
-# Row length for short examples. Longer rows squeeze out more padding, but the dense block mask
-# makes attention cost grow with the row length squared: for a 576-wide model at 512 tokens the
+# Row length for short examples. Longer rows squeeze out more padding, but a dense attention mask
+# (SDPA, eager) makes attention cost grow with the row length squared: for a 576-wide model at 512 tokens the
 # wasted attention is at most ~7% of a layer's matmuls. Shorter rows cost more: at 256, most
 # steps of 4 short conversations needed a second pass of a few dozen tokens (slower: benchmarks/RESULTS.md).
 ROW_TOKENS = 512
@@ -85,49 +86,22 @@ def packed_micro_batches(indices: list[int], examples: list[Example], batch_size
     return [rows[i: i + per_batch] for i in range(0, len(rows), per_batch)]
 
 
-def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
-    """[rows, 1, L, L] bool mask from per-token segment ids (-1 = padding).
-
-    Token q may attend to token k when both are in the same example and k <= q. A padding
-    token attends to itself only, so no attention row is empty (an empty row gives NaN, and
-    NaN reaches the weight gradients even where no loss is taken).
-    """
-    length = segments.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
-    same = segments[:, :, None] == segments[:, None, :]
-    real = (segments >= 0)[:, :, None]
-    eye = torch.eye(length, dtype=torch.bool, device=segments.device)
-    return ((same & real & causal) | (~real & eye))[:, None]
-
-
 def collate_packed(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
-    """input_ids, labels, position_ids [rows, L] and the block-diagonal attention mask."""
+    """input_ids, labels and position_ids [rows, L]; no attention mask: the positions say where each example
+    starts (a padding token is position 0, an example of its own that nothing attends to)."""
     width = max(sum(len(ex.input_ids) for ex in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
-    segments = torch.full((len(rows), width), -1, dtype=torch.long)
     for r, row in enumerate(rows):
         start = 0
-        for s, ex in enumerate(row):
+        for ex in row:
             n = len(ex.input_ids)
             input_ids[r, start: start + n] = torch.tensor(ex.input_ids)
             labels[r, start + 1: start + n] = torch.tensor(ex.labels[1:])  # never predict across a boundary
             positions[r, start: start + n] = torch.arange(n)
-            segments[r, start: start + n] = s
             start += n
-    return {"input_ids": input_ids, "labels": labels, "position_ids": positions,
-            "attention_mask": block_causal_mask(segments)}
-
-
-def model_mask(model, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The bool mask in the form the model's attention implementation takes."""
-    impl = getattr(model.config, "_attn_implementation", "sdpa")
-    if impl == "sdpa":
-        return mask
-    if impl == "eager":  # eager adds the mask to the scores
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    raise UserError(f"packing needs 'sdpa' or 'eager' attention; this model uses '{impl}' (set packing: false)")
+    return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
 
 
 def step_groups(n_examples: int, examples_per_step: int, seed: int, epoch: int, shuffle: bool = True

@@ -21,7 +21,7 @@ from deltatune.data.examples import build_sft_examples
 from deltatune.data.formats import Record
 from deltatune.delta import benchmarks
 from deltatune.delta import measures as delta
-from deltatune.delta.measures import CompareSettings, ReportOptions, load_probe_sets, timed
+from deltatune.delta.measures import AdaptersOff, CompareSettings, ReportOptions, computing, load_probe_sets, timed
 from deltatune.delta.render import (
     SCHEMA,
     SCHEMA_VERSION,
@@ -35,6 +35,7 @@ from deltatune.delta.render import (
     training_section,
     weight_markdown,
 )
+from deltatune.delta.weights import weight_delta
 from deltatune.errors import UserError
 from deltatune.evaluate import probes
 from deltatune.evaluate.evaluate import references
@@ -73,7 +74,7 @@ def measure(base, tuned, tokenizer, *, val_examples, base_predictions: Predictio
                                               tuned_predictions, metric, options, device)}
     report["forgetting"] = forgetting_measures(base, tuned, tokenizer, options, device, seconds, probe_set)
     with timed(seconds, "weights"):
-        report["weights"] = delta.weight_delta(base, tuned)
+        report["weights"] = weight_delta(base, tuned)
     report["side_by_side"] = []
     if base_predictions and tuned_predictions:
         report["side_by_side"] = [{"prompt": p, "reference": r, "base": b, "tuned": o} for p, r, b, o in zip(
@@ -127,7 +128,8 @@ def forgetting_measures(base, tuned, tokenizer, options: ReportOptions, device, 
 
     with timed(seconds, "fact_recall"):
         items, sources = probe_set or load_probe_sets(options.probe_files)
-        base_ok, base_out = probes.score(base, tokenizer, items, device)
+        with computing(base) as model:
+            base_ok, base_out = probes.score(model, tokenizer, items, device)
         tuned_ok, tuned_out = probes.score(tuned, tokenizer, items, device)
         forgetting["fact_recall"] = {
             "items": len(items), "base_correct": sum(base_ok), "tuned_correct": sum(tuned_ok),
@@ -139,9 +141,12 @@ def forgetting_measures(base, tuned, tokenizer, options: ReportOptions, device, 
 
     if options.benchmarks:  # standard benchmarks through lm-evaluation-harness, base and tuned alike
         with timed(seconds, "benchmarks"):
-            runs = [benchmarks.score(m, tokenizer, options.benchmarks, limit=options.benchmark_limit,
-                                     tasks_dir=options.benchmark_tasks_dir, seed=options.seed,
-                                     batch_size=options.batch_size) for m in (base, tuned)]
+            runs = []
+            for side in (base, tuned):
+                with computing(side) as model:
+                    runs.append(benchmarks.score(model, tokenizer, options.benchmarks, limit=options.benchmark_limit,
+                                                 tasks_dir=options.benchmark_tasks_dir, seed=options.seed,
+                                                 batch_size=options.batch_size))
             forgetting["benchmarks"] = benchmarks.section(*runs, seed=options.seed)
     return forgetting
 
@@ -295,16 +300,15 @@ def build(base, tuned, tokenizer, *, base_model: str, tuned_model: str, val_exam
 
 def after_training(model_args, options: ReportOptions, metric: str, tuned, tokenizer, val_examples, before: dict,
                    after: dict, fit, out_dir: Path, device) -> dict:
-    """The end of every `deltatune train`: compare the tuned model with a fresh copy of the base.
+    """The end of every `deltatune train`: compare the tuned model with the base.
 
-    `model_args`: the run's ModelArgs (which base, loaded how). The base is reloaded from its
-    folder (under a second for a cached model) rather than kept in memory during training; for
-    LoRA the tuned model's own adapters give ΔW.
+    `model_args`: the run's ModelArgs (which base, loaded how). An adapter run's base is the tuned
+    model with its adapters off (no second copy; its adapters give ΔW); any other method's base is
+    reloaded from its folder, its block weights in the run's torch_dtype.
     """
     print("measuring what fine-tuning changed (delta report)...", flush=True)
     start = time.perf_counter()
-    base = load_frozen_base(model_args)
-    base.to(device).eval()
+    base = base_side(model_args, tuned, device)
     report = build(base, tuned, tokenizer, base_model=model_args.name, tuned_model=str(out_dir / "final"),
                    val_examples=val_examples, base_predictions=Predictions.from_eval(before),
                    tuned_predictions=Predictions.from_eval(after), metric=metric,
@@ -313,6 +317,14 @@ def after_training(model_args, options: ReportOptions, metric: str, tuned, token
     del base
     publish(out_dir, report, markdown, summary_rows(report), took=f" ({report['seconds']['total']:.0f} s)")
     return report
+
+
+def base_side(model_args, tuned, device):
+    """What the report compares the tuned model with: AdaptersOff(tuned) for an adapter run, else the
+    base reloaded (frozen, in eval mode on the device)."""
+    if hasattr(tuned, "disable_adapter"):  # a peft model
+        return AdaptersOff(tuned)
+    return load_frozen_base(model_args).to(device).eval()
 
 
 def load_pair(base_name: str, tuned_name: str, settings: CompareSettings):

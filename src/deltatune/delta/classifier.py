@@ -11,7 +11,7 @@ representation of general text drifted. The parts:
   the tuned backbone (mean of the last hidden state over real tokens); per-sentence cosine
   similarity and linear CKA (Kornblith et al. 2019) between the two embedding sets, streamed
   batch by batch so memory does not grow with the number of sentences;
-- weight delta of the backbone (`measures.weight_delta`); the new head has no pre-trained
+- weight delta of the backbone (`weights.weight_delta`); the new head has no pre-trained
   counterpart, so it is listed apart ("new") with its change from its initialisation;
 - side by side: true label, base and tuned prediction for held-out texts.
 
@@ -53,6 +53,7 @@ from deltatune.delta.render import (
     training_section,
     weight_markdown,
 )
+from deltatune.delta.weights import canonical_name, weight_delta
 from deltatune.errors import UserError
 from deltatune.evaluate.loss import class_targets, classifier_inputs
 from deltatune.model.load import load_classifier
@@ -222,7 +223,7 @@ def representation_drift(base, tuned, examples: list[Example], pad_id: int, devi
 
 def _head_name(name: str) -> str | None:
     """Canonical head parameter name; None for peft's frozen copy of the original head."""
-    name = delta.canonical_name(name)
+    name = canonical_name(name)
     if ".original_module." in name:
         return None
     return re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
@@ -231,7 +232,7 @@ def _head_name(name: str) -> str | None:
 @torch.no_grad()
 def new_parameters(base, tuned, prefixes: tuple[str, ...]) -> list[dict]:
     """The head's parameters: norm, and change from the initialisation the base model holds."""
-    init = {delta.canonical_name(n): p for n, p in base.named_parameters()}
+    init = {canonical_name(n): p for n, p in base.named_parameters()}
     rows = []
     for name, p in tuned.named_parameters():
         cname = _head_name(name)
@@ -296,7 +297,7 @@ def measure(base, tuned, tokenizer, *, val_examples: list[Example], metric_examp
 
     with timed(seconds, "weights"):
         prefixes = head_prefixes(base)
-        report["weights"] = delta.weight_delta(base, tuned, exclude=prefixes)
+        report["weights"] = weight_delta(base, tuned, exclude=prefixes)
         report["weights"]["new"] = new_parameters(base, tuned, prefixes)
     report["side_by_side"] = side
     report["seconds"] = seconds

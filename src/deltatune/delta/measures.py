@@ -5,11 +5,11 @@ Four kinds of numbers, each a plain function:
 - task gain: per-example losses and metric hits, with (paired) bootstrap confidence intervals;
 - forgetting: perplexity and per-token KL(base ‖ tuned) on general text, KL on continuations
   sampled from the base model itself, and fact-recall retention (`probes.py`);
-- weight delta: per matrix ‖ΔW‖_F/‖W_base‖_F, effective rank of ΔW, intruder dimensions;
+- weight delta: per matrix ‖ΔW‖_F/‖W_base‖_F, effective rank of ΔW, intruder dimensions (weights.py);
 - side-by-side generations (taken from the pipeline's predictions).
 
 Memory stays bounded: the decoder runs one batch at a time and the vocabulary projection
-runs on `HEAD_CHUNK` positions at a time, so no full [batch, length, vocab] logits tensor
+runs on `HEAD_CHUNK_ELEMENTS` logits at a time, so no full [batch, length, vocab] logits tensor
 of a whole dataset (or even of a whole batch) is ever held.
 """
 
@@ -32,14 +32,10 @@ from deltatune.evaluate import probes
 from deltatune.evaluate.metrics import Check
 from deltatune.progress import stage
 
-HEAD_CHUNK = 256          # positions projected onto the vocabulary at once
+HEAD_CHUNK_ELEMENTS = 1 << 23  # logits at once (a few positions of a 128k vocabulary, more of a small one)
 GENERAL_CHUNKS = 16       # general-text passages in the fixed sample
 GENERAL_TOKENS = 128      # tokens per passage
 SAMPLE_TOKENS = 32        # tokens per continuation sampled from the base model
-EFFECTIVE_RANK_ENERGY = 0.90
-INTRUDER_TOP_K = 10       # top singular vectors of W_tuned that are checked ...
-INTRUDER_BASE_K = 20      # ... against this many top singular vectors of W_base
-INTRUDER_COSINE = 0.5
 
 
 # --- statistics ------------------------------------------------------------------------------
@@ -110,6 +106,27 @@ def paired_statistic_gain(statistic, base, tuned, *, higher_is_better: bool = Tr
             "significant": bool(lo > 0 or hi < 0), "examples": int(n)}
 
 
+# --- the two sides --------------------------------------------------------------------------
+
+class AdaptersOff:
+    """The base side of an adapter run's report without a second copy in memory: the tuned peft model
+    with its adapters (and trainable token rows) switched off, which computes exactly as the base."""
+
+    def __init__(self, tuned):
+        self.tuned = tuned
+
+
+@contextmanager
+def computing(side):
+    """`with computing(side) as model:` the module to call for one side of the comparison (a plain
+    model, or the tuned peft model with its adapters off for as long as the block runs)."""
+    if isinstance(side, AdaptersOff):
+        with side.tuned.disable_adapter():
+            yield side.tuned
+    else:
+        yield side
+
+
 # --- paired forward passes -------------------------------------------------------------------
 
 @dataclass
@@ -145,8 +162,9 @@ def paired_pass(base, tuned, examples: list[Example], pad_id: int, device, batch
     labelled ones only with `kl_on_labels`: a preference pair's responses)."""
     n = len(examples)
     sums = {k: np.zeros(n) for k in ("nll_base", "nll_tuned", "label_tokens", "kl", "kl_tokens")}
-    for model in (base, tuned):
-        model.eval()
+    for side in (base, tuned):
+        with computing(side) as model:
+            model.eval()
     for idx in length_batches(examples, batch_size):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
         mask = batch["attention_mask"]
@@ -154,11 +172,16 @@ def paired_pass(base, tuned, examples: list[Example], pad_id: int, device, batch
         targets = batch["input_ids"][:, 1:][predicted]
         labelled = (batch["labels"][:, 1:] != IGNORE_INDEX)[predicted]
         rows = torch.arange(len(idx), device=device)[:, None].expand_as(predicted)[predicted]
-        hidden = [m.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
-                  .last_hidden_state[:, :-1][predicted] for m in (base, tuned)]
-        for start in range(0, len(targets), HEAD_CHUNK):
-            sl = slice(start, start + HEAD_CHUNK)
-            lp_base = F.log_softmax(_head(base, hidden[0][sl]), -1)
+        hidden = []
+        for side in (base, tuned):
+            with computing(side) as model:
+                hidden.append(model.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask,
+                                                  use_cache=False).last_hidden_state[:, :-1][predicted])
+        chunk = max(1, HEAD_CHUNK_ELEMENTS // tuned.get_output_embeddings().weight.shape[0])
+        for start in range(0, len(targets), chunk):
+            sl = slice(start, start + chunk)
+            with computing(base) as model:
+                lp_base = F.log_softmax(_head(model, hidden[0][sl]), -1)
             lp_tuned = F.log_softmax(_head(tuned, hidden[1][sl]), -1)
             kl = (lp_base.exp() * (lp_base - lp_tuned)).sum(-1).clamp(min=0.0)
             nll_b = -lp_base.gather(1, targets[sl, None])[:, 0]
@@ -225,6 +248,11 @@ def sample_from_base(base, tokenizer, n: int, *, max_new_tokens: int = SAMPLE_TO
 
     Labels cover the sampled tokens only (through the first end-of-sequence token).
     """
+    with computing(base) as model:
+        return _sample(model, tokenizer, n, max_new_tokens=max_new_tokens, seed=seed, device=device)
+
+
+def _sample(base, tokenizer, n: int, *, max_new_tokens: int, seed: int, device) -> list[Example]:
     device = device or next(base.parameters()).device
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     base.eval()
@@ -241,151 +269,6 @@ def sample_from_base(base, tokenizer, n: int, *, max_new_tokens: int = SAMPLE_TO
         ids = [start] + new[: stop + 1]
         examples.append(Example(ids, [IGNORE_INDEX] + ids[1:]))
     return examples
-
-
-# --- weight delta -------------------------------------------------------------------------------
-
-def canonical_name(name: str) -> str:
-    """Parameter name without peft's wrappers, so base and tuned (or adapter) names match."""
-    name = name.removeprefix("base_model.model.")
-    return name.replace(".base_layer.", ".")
-
-
-GENERIC_LEAVES = {"dense", "linear", "fc", "proj"}  # leaf names that say nothing alone (BERT has three `dense`)
-
-
-def _module_type(name: str) -> str:
-    parts = name.removesuffix(".weight").split(".")
-    if parts[-1] not in GENERIC_LEAVES:
-        return parts[-1]
-    # The path inside the block (`attention.output.dense` vs `output.dense`), or the parent outside blocks.
-    digits = [i for i, p in enumerate(parts) if p.isdigit()]
-    return ".".join(parts[digits[-1] + 1:] if digits else parts[-2:])
-
-
-def _layer(name: str) -> int | None:
-    m = re.search(r"\.layers?\.(\d+)\.", name) or re.search(r"\.h\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
-
-
-def lora_deltas(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{canonical weight name: (W_base, ΔW)} for every LoRA layer, ΔW = B·A·scaling from peft.
-
-    The base weights are only read: adapters are not merged and nothing is written.
-    """
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return {}
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and getattr(module, "active_adapters", None):
-            delta = None
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    d = module.get_delta_weight(adapter).detach()
-                    delta = d if delta is None else delta + d
-            if delta is not None:
-                out[canonical_name(name) + ".weight"] = (module.get_base_layer().weight.detach(), delta)
-    return out
-
-
-def effective_rank(delta: torch.Tensor, energy: float = EFFECTIVE_RANK_ENERGY) -> int:
-    """Smallest k whose top-k singular values hold `energy` of ‖ΔW‖_F² (0 for ΔW = 0).
-
-    Squared singular values are the eigenvalues of the smaller Gram matrix, computed in
-    float64: several times faster than an SVD on CPU and exact enough for a 90 % cut.
-    """
-    d = delta.double()
-    gram = d.T @ d if d.shape[0] >= d.shape[1] else d @ d.T
-    s2 = torch.linalg.eigvalsh(gram).clamp(min=0).flip(0)
-    total = s2.sum()
-    if total <= 0:
-        return 0
-    return int((torch.cumsum(s2, 0) / total < energy - 1e-12).sum().item()) + 1
-
-
-def _top_left_singular(w: torch.Tensor, k: int) -> torch.Tensor:
-    k = min(k, *w.shape)
-    if min(w.shape) <= 4 * k:
-        return torch.linalg.svd(w, full_matrices=False)[0][:, :k]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # the same random projection for base and tuned
-        u, _, _ = torch.svd_lowrank(w, q=min(k + 10, min(w.shape)), niter=4)
-    return u[:, :k]
-
-
-def intruder_dimensions(w_base: torch.Tensor, w_tuned: torch.Tensor, top_k: int = INTRUDER_TOP_K,
-                        base_k: int = INTRUDER_BASE_K, threshold: float = INTRUDER_COSINE) -> int:
-    """Top-`top_k` left singular vectors of W_tuned with |cos| < threshold to each of the top-`base_k` of W_base.
-
-    Shuttleworth et al. 2024 ("LoRA vs Full Fine-tuning: An Illusion of Equivalence"): new
-    high-ranking directions that the pre-trained matrix did not have.
-    """
-    u_t = _top_left_singular(w_tuned.float(), top_k)
-    u_b = _top_left_singular(w_base.float(), base_k)
-    cos = (u_t.T @ u_b).abs()
-    return int((cos.max(dim=1).values < threshold).sum().item())
-
-
-@torch.no_grad()
-def weight_delta(base, tuned, *, top_n: int = 10, exclude: tuple[str, ...] = ()) -> dict:
-    """Per weight matrix: ‖ΔW‖_F/‖W_base‖_F, effective rank of ΔW, intruder dimensions.
-
-    `tuned` may be a peft model: its LoRA layers give ΔW = B·A·scaling without merging; its
-    other matrices are compared with `base` by name. Matrices that did not change at all are
-    counted but cost no SVD. Names starting with an `exclude` prefix are left out (a new
-    classification head has no pre-trained counterpart).
-    """
-    lora = lora_deltas(tuned)
-    base_params = {canonical_name(n): p for n, p in base.named_parameters()}
-    matrices = []
-    seen = set()
-    for name, p in tuned.named_parameters():
-        cname = canonical_name(name)
-        if p.ndim != 2 or "lora_" in name or cname in seen or cname.startswith(exclude):
-            continue
-        seen.add(cname)
-        if cname in lora:
-            w_base, delta = lora[cname]
-            w_base, delta = w_base.float().cpu(), delta.float().cpu()
-        elif cname in base_params and base_params[cname].shape == p.shape:
-            w_base = base_params[cname].detach().float().cpu()
-            delta = p.detach().float().cpu() - w_base
-        else:
-            continue
-        delta_norm = float(delta.norm())
-        base_norm = float(w_base.norm())
-        changed = delta_norm > 0
-        matrices.append({
-            "name": cname, "layer": _layer(cname), "module_type": _module_type(cname),
-            "shape": list(delta.shape), "delta_norm": delta_norm, "base_norm": base_norm,
-            "relative_norm": delta_norm / base_norm if base_norm else float("inf") if changed else 0.0,
-            "effective_rank": effective_rank(delta) if changed else 0,
-            "intruders": intruder_dimensions(w_base, w_base + delta) if changed else 0,
-            "lora": cname in lora,
-        })
-    return {"matrices": matrices, "changed_matrices": sum(m["delta_norm"] > 0 for m in matrices),
-            "relative_norm": _aggregate_norm(matrices),
-            "by_layer": _aggregate(matrices, "layer"), "by_module_type": _aggregate(matrices, "module_type"),
-            "top": [m["name"] for m in sorted(matrices, key=lambda m: -m["relative_norm"])[:top_n]]}
-
-
-def _aggregate_norm(matrices: list[dict]) -> float:
-    base = sum(m["base_norm"] ** 2 for m in matrices)
-    return (sum(m["delta_norm"] ** 2 for m in matrices) / base) ** 0.5 if base else 0.0
-
-
-def _aggregate(matrices: list[dict], key: str) -> list[dict]:
-    """Group matrices; relative norm of a group is ‖ΔW‖_F/‖W‖_F over the group's matrices together."""
-    groups: dict = {}
-    for m in matrices:
-        groups.setdefault(m[key], []).append(m)
-    rows = [{key: k, "matrices": len(ms), "relative_norm": _aggregate_norm(ms),
-             "mean_effective_rank": float(np.mean([m["effective_rank"] for m in ms])),
-             "intruders": sum(m["intruders"] for m in ms)} for k, ms in groups.items()]
-    return sorted(rows, key=lambda r: (r[key] is None, r[key] if r[key] is not None else 0)) \
-        if key == "layer" else sorted(rows, key=lambda r: -r["relative_norm"])
 
 
 @dataclass(frozen=True)

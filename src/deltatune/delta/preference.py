@@ -30,6 +30,7 @@ from deltatune.data.examples import Example, build_preference_examples
 from deltatune.data.formats import Record
 from deltatune.delta import measures as delta
 from deltatune.delta.causal import (
+    base_side,
     forgetting_markdown,
     forgetting_measures,
     forgetting_point,
@@ -51,9 +52,9 @@ from deltatune.delta.render import (
     training_markdown,
     training_section,
 )
+from deltatune.delta.weights import weight_delta
 from deltatune.errors import UserError
 from deltatune.evaluate.preference import Objective, evaluate_pairs
-from deltatune.model.load import load_frozen_base
 
 TASK_TYPE = "preference"
 
@@ -91,7 +92,7 @@ def build(base, tuned, tokenizer, *, base_model: str, tuned_model: str, pairs: l
         report["task"] = task_measures(base, tuned, tokenizer, pairs, before, after, objective, options, device)
     report["forgetting"] = forgetting_measures(base, tuned, tokenizer, options, device, seconds)
     with timed(seconds, "weights"):
-        report["weights"] = delta.weight_delta(base, tuned)
+        report["weights"] = weight_delta(base, tuned)
     base_out = [p.get("output") for p in before["predictions"]]
     report["side_by_side"] = [{"prompt": p["prompt"], "reference": p["reference"], "base": b, "tuned": p["output"]}
                               for p, b in zip(after["predictions"], base_out)
@@ -103,15 +104,14 @@ def build(base, tuned, tokenizer, *, base_model: str, tuned_model: str, pairs: l
 
 def after_training(model_args, options: ReportOptions, objective: Objective, tuned, tokenizer,
                    pairs: list[Example], before: dict, after: dict, fit, out_dir: Path, device) -> dict:
-    """The end of a preference `deltatune train`: the reference (the base, reloaded) against the tuned model,
-    on the run's held-out pairs and its own base/tuned evaluations."""
+    """The end of a preference `deltatune train`: the reference (the base: the tuned model with its adapters off,
+    or reloaded) against the tuned model, on the run's held-out pairs and its own base/tuned evaluations."""
     if not pairs:
         raise UserError("the delta report of a preference run needs held-out pairs (set validation_split > 0 or "
                         "validation_file, or delta_report: false)")
     print("measuring what preference tuning changed (delta report)...", flush=True)
     start = time.perf_counter()
-    base = load_frozen_base(model_args)
-    base.to(device).eval()
+    base = base_side(model_args, tuned, device)
     report = build(base, tuned, tokenizer, base_model=model_args.name, tuned_model=str(out_dir / "final"),
                    pairs=pairs, before=before, after=after, objective=objective, options=options, device=device,
                    metrics_path=out_dir / "metrics.jsonl", fit=fit)

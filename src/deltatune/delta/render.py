@@ -68,7 +68,7 @@ from typing import Callable
 
 import numpy as np
 
-from deltatune.delta import measures
+from deltatune.delta import weights
 from deltatune.files import inject_write_fault, writing
 
 SCHEMA = "deltatune.delta"
@@ -180,9 +180,9 @@ def weight_markdown(w: dict) -> list[str]:
     lines = ["", "## Weight change", "",
               f"{w['changed_matrices']} of {len(w['matrices'])} weight matrices changed; overall ‖ΔW‖_F/‖W‖_F = "
               f"{fmt(w['relative_norm'])}. Effective rank: smallest k holding 90 % of ΔW's squared singular values. "
-              f"Intruders: top-{measures.INTRUDER_TOP_K} singular vectors of W_tuned with "
-              f"|cos| < {measures.INTRUDER_COSINE} "
-              f"to all top-{measures.INTRUDER_BASE_K} of W_base.", "", "Most changed matrices:", ""]
+              f"Intruders: top-{weights.INTRUDER_TOP_K} singular vectors of W_tuned with "
+              f"|cos| < {weights.INTRUDER_COSINE} "
+              f"to all top-{weights.INTRUDER_BASE_K} of W_base.", "", "Most changed matrices:", ""]
     lines += md_table(["matrix", "shape", "‖ΔW‖/‖W‖", "effective rank", "intruders"],
                        [[n, "×".join(map(str, by_name[n]["shape"])), fmt(by_name[n]["relative_norm"]),
                          by_name[n]["effective_rank"], by_name[n]["intruders"]] for n in w["top"]])

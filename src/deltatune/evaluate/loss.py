@@ -23,8 +23,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from deltatune.data.batching import collate, length_batches, model_mask
+from deltatune.data.batching import collate, length_batches
 from deltatune.data.examples import IGNORE_INDEX, Example
+from deltatune.model.stored import row_chunks
 from deltatune.runtime import distributed
 from deltatune.runtime.precision import autocast
 
@@ -42,11 +43,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = None
-        w = weight.to(hidden.dtype)
+        # A frozen head kept in bfloat16 (torch_dtype) is upcast a slice of vocabulary rows at a time, for each
+        # chunk: a whole float32 copy of a 128k-token head would be a GB.
+        slices = row_chunks(weight, hidden.dtype) if weight.dtype != hidden.dtype else [slice(None)]
+        w = weight.to(hidden.dtype) if len(slices) == 1 else None
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start: start + chunk_rows]
             t = targets[start: start + chunk_rows]
-            logits = (h @ w.t()).to(acc)
+            logits = (h @ w.t() if w is not None else
+                      torch.cat([h @ weight[rows].to(h.dtype).t() for rows in slices], dim=1)).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if want_hidden or want_weight:
@@ -54,8 +59,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 probs = probs.to(h.dtype)
-            if want_hidden:
+            if want_hidden and w is not None:
                 torch.matmul(probs, w, out=grad_hidden[start: start + chunk_rows])
+            elif want_hidden:
+                part = grad_hidden[start: start + chunk_rows].zero_()
+                for rows in slices:
+                    part.addmm_(probs[:, rows], weight[rows].to(h.dtype))
             if want_weight:
                 chunk_grad = probs.t().matmul(h).to(acc)
                 grad_weight = chunk_grad if grad_weight is None else grad_weight.add_(chunk_grad)
@@ -117,16 +126,13 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     The output head runs only at positions that carry a label: prompts and padding are never
     projected onto the vocabulary, which is most of the head's cost in SFT; and it runs in
     chunks with the cross-entropy (linear_cross_entropy), so the full logits never exist at once.
-    A packed batch (data/batching.py) brings `position_ids` and a 4D block-diagonal mask.
+    A packed batch (data/batching.py) brings `position_ids` and no mask: transformers isolates its examples.
     """
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    mask = batch["attention_mask"]
-    extra = {}
-    if "position_ids" in batch:  # a packed batch: per-example positions and a 4D block mask
-        mask = model_mask(model, mask, next(model.parameters()).dtype)
-        extra["position_ids"] = batch["position_ids"]
-    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **extra)
+    inputs = {"position_ids": batch["position_ids"]} if "position_ids" in batch else \
+        {"attention_mask": batch["attention_mask"]}
+    out = model.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **inputs)
     hidden = out.last_hidden_state[:, :-1][keep]
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)

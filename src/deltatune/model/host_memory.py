@@ -2,7 +2,7 @@
 
 Reading a safetensors-mapped weight faults its pages into the process, and they stay counted
 as resident until the whole mapping goes, even after the weight was copied elsewhere (as
-`frozen_weights` does when it stores a weight in float16). `page_out` asks the kernel to
+`keep_frozen_stored` does when it upcasts a weight to float32). `page_out` asks the kernel to
 drop them (MADV_PAGEOUT): a hint that never changes contents, so a page that was written, or
 anonymous memory, stays (or at most goes to swap, where there is one). Elsewhere (another OS,
 no libc) it does nothing.
@@ -48,3 +48,12 @@ def page_out(tensors) -> None:
         first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # pages wholly inside
         if last > first:
             libc.madvise(first, last - first, _MADV_PAGEOUT)
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free memory back to the kernel (glibc's malloc_trim), once, between stages: what training
+    freed (its gradients and optimizer state) then stops counting as resident before the next stage allocates.
+    Elsewhere (no glibc) it does nothing."""
+    libc = _libc()
+    if sys.platform.startswith("linux") and libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

@@ -56,7 +56,9 @@ def _check_gguf(path: Path) -> None:
 def convert_gguf(path: Path) -> Path:
     """Dequantise a GGUF file once into a cached safetensors folder; return the folder."""
     _check_gguf(path)
-    target = cache_dir() / "gguf" / f"{path.stem}-{sha256_file(path)[:20]}"
+    # "-v2": conversions before the special tokens were read from the file itself (some transformers releases
+    # gave a llama GGUF's end-of-sequence token its beginning-of-sequence token) are not reused.
+    target = cache_dir() / "gguf" / f"{path.stem}-{sha256_file(path)[:20]}-v2"
     if (target / "config.json").is_file():
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -64,6 +66,7 @@ def convert_gguf(path: Path) -> Path:
     print(f"converting {path.name} to safetensors (once; cached in {target})", flush=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        set_special_tokens_from_gguf(tokenizer, path)
         gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except Exception as err:  # the gguf reader raises many types on a damaged file
         raise UserError(f"{path}: cannot read this GGUF file ({type(err).__name__}: {err}); "
@@ -86,6 +89,21 @@ def convert_gguf(path: Path) -> Path:
         if not (target / "config.json").is_file():
             raise
     return target
+
+
+GGUF_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                       "pad_token": "padding_token_id"}
+
+
+def set_special_tokens_from_gguf(tokenizer, path: Path) -> None:
+    """The special tokens the file names by id (`tokenizer.ggml.*_token_id`), as llama.cpp reads them."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    for attribute, key in GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(f"tokenizer.ggml.{key}")
+        if field is not None and 0 <= int(field.contents()) < len(tokenizer):
+            setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(int(field.contents())))
 
 
 def resolve(name: str) -> Path | str:
@@ -204,6 +222,31 @@ def checkpoint_dtype(name: str) -> str:
         return "float32"
     dtype = config.get("dtype") or config.get("torch_dtype")
     return dtype if dtype in ("bfloat16", "float16") else "float32"
+
+
+def model_config(name: str, *, trust_remote_code: bool = False):
+    """A model's transformers config from its config.json alone (an adapter's: its base's; a GGUF file is
+    converted first, once, as loading would)."""
+    from transformers import AutoConfig
+
+    folder = resolve(name)
+    if is_adapter_dir(folder):
+        return model_config(adapter_info(folder)["base_model_name_or_path"], trust_remote_code=trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise load_error(name, err) from None
+
+
+def meta_model(args, classifier: bool, dtype: str) -> torch.nn.Module:
+    """The model `args` (ModelArgs) names, built on the meta device in `dtype`: every parameter's shape, no memory;
+    with a classification head for a task that adds one."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = model_config(args.name, trust_remote_code=args.trust_remote_code)
+    auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config, dtype=getattr(torch, dtype), trust_remote_code=args.trust_remote_code)
 
 
 def weights_dtype(args) -> str:

@@ -80,27 +80,11 @@ def keep_frozen_stored(model: torch.nn.Module) -> int:
     loaded in a lower dtype compute through StoredLinear / stored_lookup (a tied head and its embeddings stay
     one tensor), every other weight is made float32. Returns how many modules are kept low; a float32 model
     is left as it is (0)."""
-    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
-
-    inner = without_adapters(model)
-    # Added tokens' rows train inside peft's own layer, which reads the weight it wraps itself: that weight (and
-    # a head tied to it) is float32.
-    wrapped = {id(p) for m in inner.modules() if isinstance(m, TrainableTokensLayer)
-               for p in m.base_layer.parameters()}
-    kept, stored = 0, set()
-    for module in inner.modules():
-        low = getattr(module, "weight", None) is not None and module.weight.dtype in (torch.bfloat16, torch.float16)
-        own = list(module.parameters(recurse=False))
-        if not low or any(p.requires_grad or id(p) in wrapped for p in own):
-            continue
-        if type(module) is torch.nn.Linear:
-            module.forward = stored_forward.__get__(module)  # this instance only
-        elif type(module) is torch.nn.Embedding:
-            module.forward = stored_lookup.__get__(module)
-        else:
-            continue
-        kept += 1
-        stored.update(id(p) for p in own)
+    modules = modules_kept_stored(model)
+    for module in modules:
+        kept = stored_forward if type(module) is torch.nn.Linear else stored_lookup
+        module.forward = kept.__get__(module)  # this instance only
+    stored = {id(p) for module in modules for p in module.parameters(recurse=False)}
     with torch.no_grad():
         for p in model.parameters():
             if p.is_floating_point() and p.dtype != torch.float32 and id(p) not in stored:
@@ -110,4 +94,24 @@ def keep_frozen_stored(model: torch.nn.Module) -> int:
         for b in model.buffers():
             if b.is_floating_point() and b.dtype != torch.float32:
                 b.data = b.data.float()
+    return len(modules)
+
+
+def modules_kept_stored(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose weights the rule keeps in their lower dtype: frozen nn.Linear and nn.Embedding loaded
+    in bfloat16 or float16 (the memory plan counts them on a model built on the meta device)."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    inner = without_adapters(model)
+    # Added tokens' rows train inside peft's own layer, which reads the weight it wraps itself: that weight (and
+    # a head tied to it) is float32.
+    wrapped = {id(p) for m in inner.modules() if isinstance(m, TrainableTokensLayer)
+               for p in m.base_layer.parameters()}
+    kept = []
+    for module in inner.modules():
+        low = getattr(module, "weight", None) is not None and module.weight.dtype in (torch.bfloat16, torch.float16)
+        own = list(module.parameters(recurse=False))
+        if low and type(module) in (torch.nn.Linear, torch.nn.Embedding) and \
+                not any(p.requires_grad or id(p) in wrapped for p in own):
+            kept.append(module)
     return kept

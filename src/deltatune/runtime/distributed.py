@@ -266,10 +266,15 @@ def save_model(model, tokenizer, out: Path) -> None:
     barrier()  # nobody reads or overwrites the folder before it is complete
 
 
+FINITE_CHUNK = 1 << 24  # elements checked at once: isfinite's temporaries of a 128k-token table would be a GB
+
+
 def all_finite(model: torch.nn.Module) -> bool:
-    """Every weight finite on every process (each checks its own shards)."""
-    local = all(torch.isfinite(getattr(p, "_local_tensor", p)).all() for p in model.parameters())
-    return all_true(bool(local))
+    """Every trained weight finite on every process (each checks its own shards); a frozen weight is as loaded."""
+    def finite(p) -> bool:
+        flat = getattr(p, "_local_tensor", p).detach().reshape(-1)
+        return all(bool(torch.isfinite(flat[i: i + FINITE_CHUNK]).all()) for i in range(0, flat.numel(), FINITE_CHUNK))
+    return all_true(all(finite(p) for p in model.parameters() if p.requires_grad))
 
 
 @contextmanager
@@ -291,3 +296,23 @@ def peer_failures_explained(timeout_seconds: float):
         raise UserError(f"rank {rank()}: another process crashed or did not answer within ddp_timeout="
                         f"{timeout_seconds:g}s, so this one stopped too ({first}); the failing rank's own error "
                         "is printed above") from err
+
+
+def launcher() -> list[str]:
+    """How this run was started, for the command that continues it (which needs as many processes)."""
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if world == 1:
+        return ["deltatune", "train"]
+    if world == local:  # one machine: what --nproc runs
+        return ["deltatune", "train", "--nproc", str(world)]
+    return ["torchrun", "...", "-m", "deltatune", "train"]  # several machines: the user's own torchrun line
+
+
+def exec_torchrun(nproc: int, deltatune_args: list[str]) -> None:
+    """Replace this process with torchrun starting `nproc` copies of `python -m deltatune ARGS`."""
+    if "LOCAL_RANK" in os.environ:
+        raise UserError("--nproc: already running under torchrun (drop --nproc, or launch without torchrun)")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "deltatune", *deltatune_args]
+    sys.stdout.flush()
+    os.execv(sys.executable, command)

@@ -35,7 +35,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from deltatune.config import default
-from deltatune.config_text import REMOVED_KEYS
+from deltatune.config_text import REMOVED_KEYS, fold_old_keys
 from deltatune.data.cache import ExampleTable
 from deltatune.data.stream import ExampleStream
 from deltatune.errors import UserError
@@ -245,7 +245,8 @@ def _config_differences(saved: dict, cfg) -> list[str]:
         now["torch_dtype"] = weights_dtype(cfg.model)
     # A key since removed was stored by older runs; left off (falsy), it computed what runs without it compute.
     # A key added since is missing from theirs; at its default, it computes what they computed.
-    saved = {k: v for k, v in saved.items() if not (k in REMOVED_KEYS and not v)}
+    saved = {k: v for k, v in fold_old_keys(saved, "the checkpoint's config.yaml").items()
+             if not (k in REMOVED_KEYS and not v)}
     saved = {**{k: v for k, v in now.items() if k not in saved and v in (default(k), BEFORE_THE_KEY.get(k))},
              **saved}
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))

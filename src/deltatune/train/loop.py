@@ -164,8 +164,9 @@ class LoopState:
 def prepare_for_training(model, memory) -> None:
     """The model-level switches of MemoryArgs (`gradient_checkpointing`, `torch_compile`)."""
     if memory.gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs and keyword arguments.
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant checkpointing works with frozen inputs and keyword arguments. The name every transformers 5
+        # release has (5.24 also calls it activation_checkpointing_enable).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if memory.torch_compile and not getattr(model.get_decoder(), "_compiled_call_impl", None):
         # Packed batches change shape every step: dynamic shapes avoid one recompile per shape.
         model.get_decoder().compile(dynamic=True)
