@@ -40,16 +40,19 @@ SHAPES = {  # Llama-family shapes: SmolLM2-135M, SmolLM2-360M, Llama-3.2-1B
 }
 
 
-def build_model(size: str, folder: Path) -> float:
-    """A seeded random-init model of the shape, saved in bfloat16 with SmolLM2's tokenizer; seconds taken."""
+def build_model(size: str, folder: Path, tokenizer_dir: Path | None = None) -> float:
+    """A seeded random-init model of the shape, saved in bfloat16 with SmolLM2's tokenizer (the embedded model's,
+    or the one in `tokenizer_dir`); seconds taken."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    sys.path.insert(0, str(HERE.parent / "src"))
-    from deltatune.model.load import resolve
-
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2-135m-instruct"))
+    if tokenizer_dir is None:
+        sys.path.insert(0, str(HERE.parent / "src"))
+        from deltatune.model.load import resolve
+
+        tokenizer_dir = resolve("smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(**SHAPES[size], max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
@@ -70,11 +73,11 @@ def weight_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def conversations(path: Path, n: int = 64) -> None:
+def conversations(path: Path, n: int = 64, words_per_turn: int = 12) -> None:
     words = "apple river stone cloud lamp paper garden silver window music bridge forest".split()
     with path.open("w") as fh:
         for i in range(n):
-            picked = [words[(i * 7 + k * 3) % len(words)] for k in range(12)]
+            picked = [words[(i * 7 + k * 3) % len(words)] for k in range(words_per_turn)]
             fh.write(json.dumps({"messages": [
                 {"role": "user", "content": "Repeat these words in order: " + " ".join(picked)},
                 {"role": "assistant", "content": " ".join(picked)}]}) + "\n")
@@ -173,7 +176,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--models", help="folder for the built models (default: a temp folder; reused if there)")
     parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--delta", action="store_true", help="with the delta report (and a 10 % validation split)")
+    parser.add_argument("--delta", action="store_true",
+                        help="with the delta report (and a tenth of the records held out for validation)")
     parser.add_argument("--json", help="also write every number here")
     args = parser.parse_args()
     import torch

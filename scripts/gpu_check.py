@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-             num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from scale import build_model, conversations, planned_peak  # noqa: E402  (the same models and data as scale.py)
 
 
 def tokenizer_folder(carry: Path) -> Path | None:
@@ -41,29 +41,6 @@ def tokenizer_folder(carry: Path) -> Path | None:
         return Path(resolve("smollm2-135m-instruct"))
     except Exception:  # not installed here
         return None
-
-
-def build_model(folder: Path, tokenizer_dir: Path) -> None:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(**SHAPE, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
-def conversations(path: Path, n: int, words_per_turn: int) -> None:
-    words = "apple river stone cloud lamp paper garden silver window music bridge forest".split()
-    with path.open("w") as fh:
-        for i in range(n):
-            picked = [words[(i * 7 + k * 3) % len(words)] for k in range(words_per_turn)]
-            fh.write(json.dumps({"messages": [
-                {"role": "user", "content": "Repeat these words in order: " + " ".join(picked)},
-                {"role": "assistant", "content": " ".join(picked)}]}) + "\n")
 
 
 def gpu_memory_used() -> int | None:
@@ -80,9 +57,7 @@ def run_case(name: str, command: list[str], config: dict, work: Path, env: dict,
 
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    plan = subprocess.run([sys.executable, "-m", "deltatune", "plan", str(path)], env=env, capture_output=True,
-                          text=True)
-    planned = next((line for line in reversed(plan.stdout.splitlines()) if line.startswith("peak:")), None)
+    planned = planned_peak(path, env)
     idle = gpu_memory_used() or 0
     peak = [0]
     start = time.perf_counter()
@@ -102,7 +77,7 @@ def run_case(name: str, command: list[str], config: dict, work: Path, env: dict,
             rc = "timeout"
         sampler.join(timeout=2)
     result = {"case": name, "rc": rc, "wall_s": round(time.perf_counter() - start, 1),
-              "gpu_peak_gb": round((peak[0] - idle) / 1e9, 2), "planned": planned}
+              "gpu_peak_gb": round((peak[0] - idle) / 1e9, 2), "planned_gb": planned}
     rows = []
     metrics = Path(config["output_dir"]) / "metrics.jsonl"
     if metrics.is_file():
@@ -142,7 +117,7 @@ def main() -> None:
         raise SystemExit(1)
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     model = work / "smollm2-135m-shape-bf16"
-    build_model(model, tokenizer_dir)
+    build_model("135m", model, tokenizer_dir)
     short, long = work / "short.jsonl", work / "long.jsonl"
     conversations(short, 256, 12)
     conversations(long, 256, 300)  # ~700-token conversations: rows of 2048 hold two or three
@@ -173,7 +148,8 @@ def main() -> None:
         r = run_case(name, command, config, work, env, args.timeout)
         results.append(r)
         print(f"{name}: rc {r['rc']}, {r['wall_s']} s, {r.get('tokens_per_second') or 0:.0f} tok/s, GPU peak "
-              f"{r['gpu_peak_gb']} GB (plan: {r['planned']}), loss {r.get('first_loss')} -> {r.get('final_loss')}"
+              f"{r['gpu_peak_gb']} GB (planned {r['planned_gb']} GB), "
+              f"loss {r.get('first_loss')} -> {r.get('final_loss')}"
               + (f", error: {r['error']}" if "error" in r else ""), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

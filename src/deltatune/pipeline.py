@@ -37,7 +37,7 @@ from deltatune.model.load import weights_dtype
 from deltatune.model.methods import apply_method, trainable_summary
 from deltatune.progress import note, stage
 from deltatune.runtime import distributed
-from deltatune.runtime.plan import GB, MemoryPlan, plan_lines, plan_memory, refuse_unless_fits
+from deltatune.runtime.plan import GB, plan_lines, plan_memory, refuse_unless_fits
 from deltatune.runtime.precision import pick_device, resolve_bf16
 from deltatune.tasks import TASKS, Datasets, Splits, Task, check_task_settings
 from deltatune.train.checkpoint import find_resume_checkpoint, restore_run_files
@@ -144,14 +144,13 @@ def checks_before_loading(cfg: RunConfig, device: torch.device, force: bool = Fa
     return bf16, resume
 
 
-def check_memory(cfg: RunConfig, device: torch.device, bf16: bool, force: bool) -> MemoryPlan:
+def check_memory(cfg: RunConfig, device: torch.device, bf16: bool, force: bool) -> None:
     """The memory plan in one line; a run that would not fit its device is refused (on every rank) unless `force`."""
     plan = plan_memory(cfg, TASKS[cfg.task], device, bf16, distributed.world_size())
     if distributed.is_main():
         print(f"memory plan: peak {plan.peak / GB:.1f} GB of {plan.where}"
               + (f" ({plan.total / GB:.1f} GB)" if plan.total else "") + "; deltatune plan shows the parts", flush=True)
     refuse_unless_fits(cfg, plan, force)
-    return plan
 
 
 def memory_plan(cfg: RunConfig) -> list[str]:

@@ -248,20 +248,17 @@ def sample_from_base(base, tokenizer, n: int, *, max_new_tokens: int = SAMPLE_TO
 
     Labels cover the sampled tokens only (through the first end-of-sequence token).
     """
-    with computing(base) as model:
-        return _sample(model, tokenizer, n, max_new_tokens=max_new_tokens, seed=seed, device=device)
-
-
-def _sample(base, tokenizer, n: int, *, max_new_tokens: int, seed: int, device) -> list[Example]:
-    device = device or next(base.parameters()).device
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    base.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = base.generate(input_ids=torch.full((n, 1), start, dtype=torch.long, device=device),
-                            attention_mask=torch.ones((n, 1), dtype=torch.long, device=device),
-                            do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    with computing(base) as model:  # an adapter run's base: its adapters off while it samples
+        device = device or next(model.parameters()).device
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        model.eval()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=torch.full((n, 1), start, dtype=torch.long, device=device),
+                                 attention_mask=torch.ones((n, 1), dtype=torch.long, device=device),
+                                 do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
     examples = []
     for row in out.tolist():
         new = row[1:]

@@ -52,12 +52,12 @@ def lora_layers(model) -> dict[str, object]:
     except ImportError:
         return {}
     return {canonical_name(name) + ".weight": module for name, module in model.named_modules()
-            if isinstance(module, LoraLayer) and [a for a in getattr(module, "active_adapters", []) or []
-                                                  if a in module.lora_A]}
+            if isinstance(module, LoraLayer) and _adapters(module)}
 
 
 def _adapters(module) -> list[str]:
-    return [a for a in module.active_adapters if a in module.lora_A]
+    """The layer's active adapters that are LoRA adapters."""
+    return [a for a in getattr(module, "active_adapters", None) or [] if a in module.lora_A]
 
 
 def adapter_delta(module) -> torch.Tensor:

@@ -76,11 +76,8 @@ def count_parameters(cfg, task) -> Counts:
     with torch.device("meta"):
         model = set_trainable(model, counted, task.peft_task_type, task.new_head)
     stored = {id(p) for m in modules_kept_stored(model) for p in m.parameters(recurse=False)}
-    seen, weight_bytes, trainable, total = set(), 0, 0, 0
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
+    weight_bytes, trainable, total = 0, 0, 0
+    for name, p in model.named_parameters():  # a tied weight is listed once
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
@@ -155,13 +152,12 @@ def plan_memory(cfg, task, device: torch.device, bf16: bool, world: int = 1) -> 
 
 def what_would_fit(cfg, plan: MemoryPlan) -> list[str]:
     """Settings that lower the peak the most, each said once."""
-    names = dict(plan.parts)
     advice = []
     if cfg.model.method in ("full", "freeze"):
         advice.append("method: lora (gradients and moments for the adapters only)")
     if not cfg.memory.gradient_checkpointing:
         advice.append("gradient_checkpointing: true")
-    if cfg.memory.optimizer_state_dtype == "float32" and any(k.startswith("AdamW") and v for k, v in names.items()):
+    if cfg.memory.optimizer_state_dtype == "float32" and cfg.parallel.parallelism != "fsdp":  # fsdp refuses it
         advice.append("optimizer_state_dtype: bfloat16")
     if cfg.train.per_device_train_batch_size > 1:
         advice.append("a smaller per_device_train_batch_size with more gradient_accumulation_steps")
